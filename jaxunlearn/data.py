@@ -1,0 +1,487 @@
+"""CIFAR-10 sources: local binary/python layouts, tensorflow-datasets, and a bundled sample.
+
+Every source yields the same `Dataset`: uint8 NHWC images and int32 labels for the train and
+test splits, in the official file order, so an example's id (its position in the training set)
+means the same thing whichever source produced it. Data failures raise `DataError` with a
+message that says what to do.
+
+Bundled sample (`jaxunlearn/_data/cifar10_sample.npz`, built by `experiments/make_sample.py`):
+the first 100 training and first 30 test images of each class, in file order (1,000 + 300).
+Arrays: `train_labels`, `test_labels` (int32), `train_source_ids`, `test_source_ids` (int64,
+positions in the full CIFAR-10 splits), `encoding` (a string), and `train_images`,
+`test_images` (uint8 [n, 32, 32, 3]) stored filtered, which deflate compresses to 2.5 MB
+instead of 3.7 MB for the raw pixels. Encoding "delta-w-h-rgb-v1", all arithmetic mod 256 in uint8:
+horizontal byte deltas along W (first column kept), then vertical deltas along H (first row
+kept), then R -= G and B -= G. `load_sample` undoes it exactly: R += G, B += G, then a uint8
+cumsum along H and along W.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import importlib.util
+import io
+import os
+import pickle
+import socket
+import tarfile
+import threading
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer",
+               "dog", "frog", "horse", "ship", "truck")
+CIFAR10_MEAN = (0.49139968, 0.48215841, 0.44653091)
+CIFAR10_STD = (0.24703223, 0.24348513, 0.26158784)
+ENV_VAR = "JAXUNLEARN_DATA"
+
+SAMPLE_ENCODING = "delta-w-h-rgb-v1"
+_RECORDS, _RECORD_BYTES = 10_000, 1 + 3 * 32 * 32
+_BATCH_BYTES = _RECORDS * _RECORD_BYTES  # 30,730,000
+_BIN_DIR, _PY_DIR = "cifar-10-batches-bin", "cifar-10-batches-py"
+_BIN_ARCHIVE, _PY_ARCHIVE = "cifar-10-binary.tar.gz", "cifar-10-python.tar.gz"
+_BIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6)) + ("test_batch.bin",)
+_PY_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+_DOWNLOAD_HOST = ("www.cs.toronto.edu", 443)  # the tfds cifar10 builder downloads from here
+_HOW_TO_PROVIDE = (
+    "Ways to provide CIFAR-10:\n"
+    f"  --data PATH           a '{_BIN_DIR}/' or '{_PY_DIR}/' folder, a folder\n"
+    f"                        holding one, or the official '{_BIN_ARCHIVE}' or\n"
+    f"                        '{_PY_ARCHIVE}' archive\n"
+    f"  {ENV_VAR}=PATH  the same, through the environment\n"
+    "  --data tfds           tensorflow-datasets: pip install 'jaxunlearn[tfds]' (downloads once)\n"
+    "  --data sample         the bundled 1,000/300-image sample (offline demos and tests)")
+
+
+class DataError(Exception):
+    """A dataset could not be found or read; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """CIFAR-10 splits as host numpy arrays (uint8 NHWC images, int32 labels)."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    source: str
+    kind: str
+
+    def __post_init__(self):
+        for split in ("train", "test"):
+            images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
+            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+                raise ValueError(f"{split}_images must be uint8 [n, 32, 32, 3], got "
+                                 f"{images.dtype} {images.shape}")
+            if labels.dtype != np.int32 or labels.shape != images.shape[:1]:
+                raise ValueError(f"{split}_labels must be int32 [{len(images)}], got "
+                                 f"{labels.dtype} {labels.shape}")
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_labels)
+
+    @property
+    def n_test(self) -> int:
+        return len(self.test_labels)
+
+    @property
+    def train_ids(self) -> np.ndarray:
+        """Example ids: an example's id is its position in the training set."""
+        return np.arange(self.n_train)
+
+    def limit(self, n_train: int | None, n_test: int | None) -> Dataset:
+        """Returns the first `n_train` / `n_test` examples of each split (None keeps all)."""
+        if (n_train is not None and n_train < 0) or (n_test is not None and n_test < 0):
+            raise ValueError(f"limits must be >= 0, got n_train={n_train}, n_test={n_test}")
+        ltr, lte = self.train_labels[:n_train], self.test_labels[:n_test]
+        return dataclasses.replace(
+            self, train_images=self.train_images[:n_train], train_labels=ltr,
+            test_images=self.test_images[:n_test], test_labels=lte,
+            source=f"{self.source} (first {len(ltr):,} train / {len(lte):,} test)")
+
+
+def _check_labels(name: str, labels: np.ndarray) -> np.ndarray:
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"{name}: labels must be 0..9, found {labels.min()}..{labels.max()}; "
+                        "this is not a CIFAR-10 file: re-download it")
+    return labels.astype(np.int32)
+
+
+def _planes_to_nhwc(pixels: np.ndarray) -> np.ndarray:
+    """[n, 3072] rows of R, G, B planes (each 32x32 row-major) -> a view [n, 32, 32, 3]."""
+    return pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+def _check_size(name: str, size: int) -> None:
+    if size != _BATCH_BYTES:
+        raise DataError(
+            f"{name}: {size:,} bytes, expected {_BATCH_BYTES:,} ({_RECORDS:,} records of "
+            f"{_RECORD_BYTES:,} bytes); the file is truncated or corrupt: re-download "
+            f"{_BIN_ARCHIVE}")
+
+
+def _decode_binary(name: str, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    _check_size(name, raw.size)
+    records = raw.reshape(_RECORDS, _RECORD_BYTES)
+    return _planes_to_nhwc(records[:, 1:]), _check_labels(name, records[:, 0])
+
+
+def _stack(arrays: list[np.ndarray]) -> np.ndarray:
+    """Concatenates (possibly strided) arrays into one C-contiguous array with a single copy."""
+    out = np.empty((sum(len(a) for a in arrays),) + arrays[0].shape[1:], arrays[0].dtype)
+    start = 0
+    for a in arrays:
+        out[start:start + len(a)] = a
+        start += len(a)
+    return out
+
+
+def _assemble(parts: list[tuple[np.ndarray, np.ndarray]], source: str, kind: str) -> Dataset:
+    """(images, labels) per file, the test file last -> a `Dataset`."""
+    train, test = parts[:-1], parts[-1:]
+    return Dataset(_stack([p[0] for p in train]), _stack([p[1] for p in train]),
+                   _stack([p[0] for p in test]), _stack([p[1] for p in test]), source, kind)
+
+
+def _read_archive(path: Path, names: tuple[str, ...], layout: str) -> dict[str, bytes]:
+    """Reads the members called `names` (by base name) from a tar stream, without extracting."""
+    found: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                base = member.name.rsplit("/", 1)[-1]
+                if member.isfile() and base in names and base not in found:
+                    found[base] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: cannot read the archive ({e}); it is corrupt or truncated: "
+                        "re-download it") from e
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise DataError(f"{path}: the archive lacks {', '.join(missing)} (expected the official "
+                        f"'{layout}/' members); re-download it")
+    return found
+
+
+def _missing_files(folder: Path, names: tuple[str, ...]) -> None:
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise DataError(f"{folder}: missing {', '.join(missing)}; a complete CIFAR-10 folder has "
+                        f"{', '.join(names)}. Re-download and unpack the official archive.")
+
+
+def load_binary(path) -> Dataset:
+    """Loads the CIFAR-10 binary version: a `cifar-10-batches-bin/` folder or its `.tar.gz`.
+
+    Args:
+      path: the folder holding `data_batch_{1..5}.bin` and `test_batch.bin`, or the official
+        `cifar-10-binary.tar.gz` (read as a stream, nothing is extracted to disk).
+    Returns:
+      A `Dataset` with 50,000 train and 10,000 test examples in file order.
+    """
+    path = Path(path)
+    if path.is_file():
+        members = _read_archive(path, _BIN_FILES, _BIN_DIR)
+        parts = [_decode_binary(f"{path}:{n}", np.frombuffer(members[n], np.uint8))
+                 for n in _BIN_FILES]
+        return _assemble(parts, f"CIFAR-10 binary archive {path}", "binary-archive")
+    _missing_files(path, _BIN_FILES)
+    for name in _BIN_FILES:  # sizes first: fail before reading anything
+        _check_size(str(path / name), (path / name).stat().st_size)
+    parts = [_decode_binary(str(path / n), np.fromfile(path / n, np.uint8)) for n in _BIN_FILES]
+    return _assemble(parts, f"CIFAR-10 binary folder {path}", "binary")
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    # Python 3 writes bytes at protocol 2 as _codecs.encode(str, 'latin1'); allow only that.
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refused _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, lists, dicts, numbers and strings; refuses every other global."""
+
+    ALLOWED = frozenset({
+        ("numpy.core.multiarray", "_reconstruct"),  # arrays, Python 2 / numpy 1 (official files)
+        ("numpy._core.multiarray", "_reconstruct"),  # arrays, numpy 2
+        ("numpy.core.numeric", "_frombuffer"),  # arrays at pickle protocol 5, numpy 1
+        ("numpy._core.numeric", "_frombuffer"),  # arrays at pickle protocol 5, numpy 2
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes at pickle protocol 2 written by Python 3
+    })
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"contains a disallowed global {module}.{name} and was refused (only numpy "
+                "arrays are accepted); it is not an official CIFAR-10 file")
+        if module == "_codecs":
+            return _latin1_encode
+        if module == "numpy":
+            return getattr(np, name)
+        core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core to _core
+        return getattr(getattr(core, module.rsplit(".", 1)[1]), name)
+
+
+def _decode_pickle(name: str, payload: bytes) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        batch = _RestrictedUnpickler(io.BytesIO(payload), encoding="bytes").load()
+    except Exception as e:  # any failure of an untrusted pickle is a data error
+        raise DataError(f"{name}: {e}; re-download {_PY_ARCHIVE}") from e
+    if not isinstance(batch, dict):
+        raise DataError(f"{name}: expected a dict, got {type(batch).__name__}")
+    fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    data, labels = fields.get("data"), fields.get("labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.shape != (
+            _RECORDS, 3072):
+        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else repr(type(data))
+        raise DataError(f"{name}: 'data' must be uint8 [10000, 3072], got {got}; re-download "
+                        f"{_PY_ARCHIVE}")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{name}: 'labels' is not a list of integers ({e})") from e
+    if labels.shape != (_RECORDS,):
+        raise DataError(f"{name}: expected 10000 labels, got shape {labels.shape}")
+    return _planes_to_nhwc(data), _check_labels(name, labels)
+
+
+def load_python(path) -> Dataset:
+    """Loads the CIFAR-10 python version: a `cifar-10-batches-py/` folder or its `.tar.gz`.
+
+    The pickles are read with a restricted unpickler that accepts numpy arrays only, so a
+    tampered file cannot run code.
+    """
+    path = Path(path)
+    if path.is_file():
+        members = _read_archive(path, _PY_FILES, _PY_DIR)
+        parts = [_decode_pickle(f"{path}:{n}", members[n]) for n in _PY_FILES]
+        return _assemble(parts, f"CIFAR-10 python archive {path}", "python-archive")
+    _missing_files(path, _PY_FILES)
+    parts = [_decode_pickle(str(path / n), (path / n).read_bytes()) for n in _PY_FILES]
+    return _assemble(parts, f"CIFAR-10 python folder {path}", "python")
+
+
+def _host_reachable(address: tuple[str, int], timeout: float = 3.0) -> bool:
+    """Whether a TCP connection opens within `timeout` seconds (DNS included)."""
+    result: list[bool] = []
+
+    def connect():
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def _has_tensorflow() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def _tfds_arrays(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
+    try:  # random access (array_record) works without TensorFlow
+        source = builder.as_data_source(split=split)
+        rows = source.__getitems__(list(range(len(source))))
+        ids = [r.get("id", b"") for r in rows]
+        images = np.stack([r["image"] for r in rows]) if rows else np.empty((0, 32, 32, 3))
+        labels = np.array([r["label"] for r in rows])
+    except NotImplementedError:  # tfrecord: needs TensorFlow
+        import tensorflow_datasets as tfds
+        batch = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+        images, labels, ids = batch["image"], batch["label"], list(batch.get("id", []))
+    try:  # tfds shuffles on write; its ids ("train_00042") give back the file order
+        keys = [int((i.decode() if isinstance(i, bytes) else str(i)).rsplit("_", 1)[-1])
+                for i in ids]
+        order = np.argsort(keys, kind="stable") if len(keys) == len(labels) else slice(None)
+    except ValueError:
+        order = slice(None)
+    return (np.ascontiguousarray(images[order], dtype=np.uint8),
+            _check_labels(f"tfds cifar10 {split}", labels[order]))
+
+
+def load_tfds(data_dir: str | None = None, download: bool = False) -> Dataset:
+    """Loads CIFAR-10 through tensorflow-datasets (optional extra `jaxunlearn[tfds]`).
+
+    Args:
+      data_dir: tfds data folder (None: tfds's default, `~/tensorflow_datasets`).
+      download: download and prepare it when it is not prepared yet (needs the network and
+        TensorFlow); fails within seconds when the download host is unreachable.
+    """
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise DataError("tensorflow-datasets is not installed: pip install 'jaxunlearn[tfds]', "
+                        "or use a local CIFAR-10 layout or the bundled sample.\n"
+                        + _HOW_TO_PROVIDE) from e
+    try:
+        builder = tfds.builder("cifar10", data_dir=None if data_dir is None else str(data_dir))
+        where = builder.data_dir
+        if not builder.is_prepared():
+            if not download:
+                raise DataError(f"tensorflow-datasets has no prepared cifar10 in {where} (and "
+                                "download is off).\n" + _HOW_TO_PROVIDE)
+            if not _has_tensorflow():
+                raise DataError(f"tensorflow-datasets has no prepared cifar10 in {where}, and "
+                                "preparing it needs TensorFlow: pip install tensorflow.\n"
+                                + _HOW_TO_PROVIDE)
+            if not _host_reachable(_DOWNLOAD_HOST):
+                raise DataError(f"cannot reach {_DOWNLOAD_HOST[0]} to download CIFAR-10 (offline?)."
+                                "\n" + _HOW_TO_PROVIDE)
+            builder.download_and_prepare(file_format="array_record")
+        train, test = _tfds_arrays(builder, "train"), _tfds_arrays(builder, "test")
+    except DataError:
+        raise
+    except Exception as e:  # tfds raises many types (ImportError for TensorFlow, IO errors...)
+        raise DataError(f"tensorflow-datasets failed to provide cifar10 ({type(e).__name__}: "
+                        f"{e}). Preparing it needs TensorFlow (pip install tensorflow); or use "
+                        "another source.\n" + _HOW_TO_PROVIDE) from e
+    return _assemble([train, test], f"tensorflow-datasets cifar10 in {where}", "tfds")
+
+
+def load_sample() -> Dataset:
+    """Loads the bundled class-balanced sample (1,000 train / 300 test), fully offline."""
+    resource = importlib.resources.files("jaxunlearn").joinpath("_data", "cifar10_sample.npz")
+    try:
+        with resource.open("rb") as f, np.load(f) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zlib.error) as e:
+        raise DataError(f"the bundled sample {resource} is missing or corrupt ({e}); reinstall "
+                        "jaxunlearn") from e
+    if str(arrays.get("encoding")) != SAMPLE_ENCODING:
+        raise DataError(f"the bundled sample has encoding {arrays.get('encoding')}, expected "
+                        f"{SAMPLE_ENCODING}; reinstall jaxunlearn")
+    try:
+        return Dataset(decode_sample_images(arrays["train_images"]), arrays["train_labels"],
+                       decode_sample_images(arrays["test_images"]), arrays["test_labels"],
+                       f"bundled CIFAR-10 sample {resource}", "sample")
+    except (KeyError, ValueError) as e:
+        raise DataError(f"the bundled sample {resource} is malformed ({e}); reinstall "
+                        "jaxunlearn") from e
+
+
+def encode_sample_images(images: np.ndarray) -> np.ndarray:
+    """uint8 [n, 32, 32, 3] -> filtered bytes (see the module docstring), same shape."""
+    x = np.diff(images, axis=2, prepend=np.uint8(0))
+    x = np.diff(x, axis=1, prepend=np.uint8(0))
+    x[..., 0] -= x[..., 1]
+    x[..., 2] -= x[..., 1]
+    return x
+
+
+def decode_sample_images(encoded: np.ndarray) -> np.ndarray:
+    """Exact inverse of `encode_sample_images`."""
+    x = encoded.copy()
+    x[..., 0] += x[..., 1]
+    x[..., 2] += x[..., 1]
+    return np.cumsum(np.cumsum(x, axis=1, dtype=np.uint8), axis=2, dtype=np.uint8)
+
+
+def find_local(path) -> tuple[str, Path]:
+    """Resolves a local path to (kind, path): the layout folder, its parent, or an archive.
+
+    Kinds: "binary", "python" (folders), "binary-archive", "python-archive".
+    """
+    path = Path(path).expanduser()
+    if path.is_file():
+        try:
+            with tarfile.open(path, mode="r|*") as tar:
+                first = next(iter(tar), None)
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: not a readable tar archive ({e}); expected "
+                            f"{_BIN_ARCHIVE} or {_PY_ARCHIVE}") from e
+        member = first.name if first else ""
+        for name, (binary, python) in ((member, (_BIN_DIR, _PY_DIR)),
+                                       (path.name, ("binary", "python"))):
+            if binary in name or python in name:
+                return ("binary-archive" if binary in name else "python-archive"), path
+        raise DataError(f"{path}: a tar archive, but not a CIFAR-10 one (expected members under "
+                        f"'{_BIN_DIR}/' or '{_PY_DIR}/')")
+    if path.is_dir():
+        for names, kind in ((_BIN_FILES, "binary"), (_PY_FILES, "python")):
+            if any((path / n).is_file() for n in names):
+                return kind, path
+        for child, kind in ((_BIN_DIR, "binary"), (_PY_DIR, "python"),
+                            (_BIN_ARCHIVE, "binary-archive"), (_PY_ARCHIVE, "python-archive")):
+            if (path / child).exists():
+                return kind, path / child
+    looked = (f"{path} as a folder with {_BIN_FILES[0]}.. or {_PY_FILES[0]}.., or holding "
+              f"{_BIN_DIR}/, {_PY_DIR}/, {_BIN_ARCHIVE} or {_PY_ARCHIVE}")
+    state = "is an empty or unrelated folder" if path.is_dir() else "does not exist"
+    raise DataError(f"No CIFAR-10 data at {path} (it {state}). Looked for {looked}.\n"
+                    + _HOW_TO_PROVIDE)
+
+
+def _load_local(path) -> Dataset:
+    kind, resolved = find_local(path)
+    return load_binary(resolved) if kind.startswith("binary") else load_python(resolved)
+
+
+def _tfds_prepared_default() -> tuple[bool, str]:
+    """(prepared?, what was looked at) for tfds's default data_dir; never downloads."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        return False, "tensorflow-datasets is not installed"
+    try:
+        builder = tfds.builder("cifar10")
+        return builder.is_prepared(), f"tensorflow-datasets has no prepared cifar10 in " \
+                                      f"{builder.data_dir}"
+    except Exception as e:  # a broken tfds install should not hide the other sources
+        return False, f"tensorflow-datasets failed ({type(e).__name__}: {e})"
+
+
+def load_dataset(spec: str | None) -> Dataset:
+    """Loads CIFAR-10 from `spec`: "sample", "tfds", "tfds:DATA_DIR", a local path, or auto.
+
+    "tfds" downloads and prepares the dataset when needed. Auto (None, "" or "cifar10"): the
+    path in $JAXUNLEARN_DATA if set, else tensorflow-datasets when installed and already
+    prepared in its default folder (never downloads), else `DataError` naming what was looked
+    for and how to provide data.
+    """
+    if spec == "sample":
+        return load_sample()
+    if spec == "tfds" or (spec or "").startswith("tfds:"):
+        return load_tfds(data_dir=os.path.expanduser(spec[5:]) or None, download=True)
+    if spec and spec != "cifar10":
+        return _load_local(spec)
+    env = os.environ.get(ENV_VAR)
+    if env:
+        try:
+            return _load_local(env)
+        except DataError as e:
+            raise DataError(f"${ENV_VAR}={env}: {e}") from e
+    prepared, looked = _tfds_prepared_default()
+    if prepared:
+        return load_tfds(download=False)
+    raise DataError(f"No CIFAR-10 data found: ${ENV_VAR} is not set, and {looked}.\n"
+                    + _HOW_TO_PROVIDE)
+
+
+def describe(spec: str | None) -> str:
+    """A multi-line report of the source `spec` resolves to (for `jaxunlearn data`).
+
+    Raises `DataError` (saying exactly what is missing) when nothing is found.
+    """
+    ds = load_dataset(spec)
+    train_counts = np.bincount(ds.train_labels, minlength=10)
+    test_counts = np.bincount(ds.test_labels, minlength=10)
+    lines = [f"source: {ds.source}", f"kind:   {ds.kind}",
+             f"train:  {ds.n_train:,} images   test: {ds.n_test:,} images", "",
+             f"{'class':<12}{'train':>8}{'test':>8}"]
+    lines += [f"{name:<12}{a:>8,}{b:>8,}" for name, a, b in
+              zip(CLASS_NAMES, train_counts, test_counts, strict=True)]
+    if ds.n_train:
+        mean = ds.train_images.reshape(-1, 3).mean(axis=0) / 255.0
+        lines += ["", "train pixel mean (R, G, B) / 255: " + ", ".join(f"{m:.4f}" for m in mean)
+                  + "   (full CIFAR-10: " + ", ".join(f"{m:.4f}" for m in CIFAR10_MEAN) + ")"]
+    return "\n".join(lines)
