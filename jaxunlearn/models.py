@@ -1,0 +1,186 @@
+"""ResNets (torchvision layout) in Flax Linen, with two stems and an example-weighted BatchNorm.
+
+Every model maps uint8-derived float images ``[b, 32, 32, 3]`` to logits ``[b, classes]`` and
+takes an optional ``weight: float[b]``: examples with weight 0 are padding. BatchNorm in training
+mode computes its statistics over the weighted examples only, so a padded last batch trains
+exactly like a smaller batch while every step keeps one static shape (no recompilation when a
+sample size changes).
+
+Stems:
+  ``imagenet``: 7x7 stride-2 convolution + 3x3 stride-2 max-pool (torchvision, and the original
+  study, on 32x32 inputs).
+  ``cifar``: 3x3 stride-1 convolution, no pool (the usual CIFAR ResNet).
+
+With 10 classes and the ImageNet stem, ResNet-18 has 11,181,642 parameters and ResNet-152
+58,164,298, as in torchvision (BatchNorm scale and bias counted, running statistics not).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu") for convolutions.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+STEMS = ("imagenet", "cifar")
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm over all but the channel axis, with optional per-example weights.
+
+    Running statistics follow PyTorch: ``running = momentum * running + (1 - momentum) * batch``
+    with the unbiased batch variance.
+    """
+
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x, train: bool, weight=None):
+        channels = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
+        axes = tuple(range(x.ndim - 1))
+        if train:
+            xf = x.astype(jnp.float32)
+            if weight is None:
+                w = jnp.ones(x.shape[:1] + (1,) * (x.ndim - 1), jnp.float32)
+            else:
+                w = weight.astype(jnp.float32).reshape(x.shape[:1] + (1,) * (x.ndim - 1))
+            per_example = 1
+            for d in x.shape[1:-1]:
+                per_example *= d
+            count = jnp.sum(w) * per_example
+            mean = jnp.sum(xf * w, axis=axes) / jnp.maximum(count, 1.0)
+            var = jnp.sum(jnp.square(xf - mean) * w, axis=axes) / jnp.maximum(count, 1.0)
+            if not self.is_initializing():
+                unbiased = var * count / jnp.maximum(count - 1.0, 1.0)
+                m = self.momentum
+                running_mean.value = m * running_mean.value + (1 - m) * mean
+                running_var.value = m * running_var.value + (1 - m) * unbiased
+        else:
+            mean, var = running_mean.value, running_var.value
+        inv = jax.lax.rsqrt(var + self.epsilon) * scale
+        y = (x - mean.astype(x.dtype)) * inv.astype(x.dtype) + bias.astype(x.dtype)
+        return y.astype(self.dtype or x.dtype)
+
+
+def _pad(k: int):
+    return ((k // 2, k // 2), (k // 2, k // 2))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions (ResNet-18/34)."""
+
+    filters: int
+    strides: int = 1
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool, weight=None):
+        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init)
+        y = conv(self.filters, (3, 3), self.strides, padding=_pad(3))(x)
+        y = nn.relu(BatchNorm()(y, train, weight))
+        y = conv(self.filters, (3, 3), padding=_pad(3))(y)
+        y = BatchNorm()(y, train, weight)
+        if x.shape != y.shape:
+            x = conv(self.filters, (1, 1), self.strides, padding="VALID", name="downsample_conv")(x)
+            x = BatchNorm(name="downsample_bn")(x, train, weight)
+        return nn.relu(x + y)
+
+
+class Bottleneck(nn.Module):
+    """1x1, 3x3 (strided, as torchvision v1.5), 1x1 x4 (ResNet-50/101/152)."""
+
+    filters: int
+    strides: int = 1
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x, train: bool, weight=None):
+        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init)
+        y = conv(self.filters, (1, 1), padding="VALID")(x)
+        y = nn.relu(BatchNorm()(y, train, weight))
+        y = conv(self.filters, (3, 3), self.strides, padding=_pad(3))(y)
+        y = nn.relu(BatchNorm()(y, train, weight))
+        y = conv(self.filters * 4, (1, 1), padding="VALID")(y)
+        y = BatchNorm()(y, train, weight)
+        if x.shape != y.shape:
+            x = conv(self.filters * 4, (1, 1), self.strides, padding="VALID", name="downsample_conv")(x)
+            x = BatchNorm(name="downsample_bn")(x, train, weight)
+        return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+    """A ResNet: stem, stages of residual blocks, global average pool, linear classifier.
+
+    Attributes:
+      stage_sizes: blocks per stage (ResNet-18: (2, 2, 2, 2)).
+      block_cls: `BasicBlock` or `Bottleneck`.
+      num_classes: output logits.
+      width: channels of the first stage (doubles each stage).
+      stem: "imagenet" or "cifar".
+      dtype: compute dtype (parameters stay float32).
+    """
+
+    stage_sizes: Sequence[int]
+    block_cls: Any
+    num_classes: int = 10
+    width: int = 64
+    stem: str = "imagenet"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, weight=None):
+        if self.stem not in STEMS:
+            raise ValueError(f"unknown stem {self.stem!r}; choose one of {STEMS}")
+        x = x.astype(self.dtype)
+        if self.stem == "imagenet":
+            x = nn.Conv(self.width, (7, 7), 2, padding=_pad(7), use_bias=False,
+                        kernel_init=conv_init, dtype=self.dtype, name="stem_conv")(x)
+            x = nn.relu(BatchNorm(name="stem_bn")(x, train, weight))
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        else:
+            x = nn.Conv(self.width, (3, 3), 1, padding=_pad(3), use_bias=False,
+                        kernel_init=conv_init, dtype=self.dtype, name="stem_conv")(x)
+            x = nn.relu(BatchNorm(name="stem_bn")(x, train, weight))
+        for stage, blocks in enumerate(self.stage_sizes):
+            for b in range(blocks):
+                strides = 2 if stage > 0 and b == 0 else 1
+                x = self.block_cls(self.width * 2**stage, strides)(x, train, weight)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x).astype(jnp.float32)
+
+
+ARCHITECTURES = {
+    "resnet18": dict(stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock),
+    "resnet34": dict(stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock),
+    "resnet50": dict(stage_sizes=(3, 4, 6, 3), block_cls=Bottleneck),
+    "resnet101": dict(stage_sizes=(3, 4, 23, 3), block_cls=Bottleneck),
+    "resnet152": dict(stage_sizes=(3, 8, 36, 3), block_cls=Bottleneck),
+    # A two-stage, 8-channel ResNet: compiles in seconds on a CPU, for tests and smoke runs.
+    "tiny": dict(stage_sizes=(1, 1), block_cls=BasicBlock, width=8),
+}
+
+
+def make_model(name: str, stem: str = "imagenet", num_classes: int = 10,
+               dtype: Any = jnp.float32) -> ResNet:
+    """Builds a model by name: resnet18/34/50/101/152 or tiny."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(ARCHITECTURES)}")
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; choose one of {STEMS}")
+    return ResNet(num_classes=num_classes, stem=stem, dtype=dtype, **ARCHITECTURES[name])
+
+
+def count_params(params) -> int:
+    """Number of scalars in a parameter pytree (arrays or ShapeDtypeStructs)."""
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(params))

@@ -1,0 +1,65 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxunlearn.models import count_params, make_model
+
+
+def _param_count(name, stem):
+    model = make_model(name, stem)
+    shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False),
+                            jax.random.PRNGKey(0))
+    return count_params(shapes["params"])
+
+
+@pytest.mark.parametrize("name, stem, expected", [
+    ("resnet18", "imagenet", 11_181_642),  # torchvision resnet18(num_classes=10)
+    ("resnet152", "imagenet", 58_164_298),  # torchvision resnet152(num_classes=10)
+    ("resnet34", "imagenet", 21_289_802),
+    ("resnet50", "imagenet", 23_528_522),
+    # The CIFAR stem swaps the 7x7x3x64 kernel for a 3x3x3x64 one: 9,408 - 1,728 fewer.
+    ("resnet18", "cifar", 11_181_642 - 7680),
+])
+def test_parameter_counts_match_torchvision(name, stem, expected):
+    assert _param_count(name, stem) == expected
+
+
+def test_batch_stats_hold_running_mean_and_var_only():
+    model = make_model("tiny", "cifar")
+    variables = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False),
+                               jax.random.PRNGKey(0))
+    names = {path[-1].key for path, _ in jax.tree_util.tree_flatten_with_path(variables["batch_stats"])[0]}
+    assert names == {"mean", "var"}
+
+
+@pytest.mark.parametrize("stem", ["imagenet", "cifar"])
+def test_forward_shapes(stem):
+    model = make_model("tiny", stem)
+    x = jnp.ones((4, 32, 32, 3))
+    variables = jax.jit(lambda k: model.init(k, x, train=False))(jax.random.PRNGKey(0))
+    logits, updates = jax.jit(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables)
+    assert logits.shape == (4, 10) and logits.dtype == jnp.float32
+    assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(variables["batch_stats"])
+
+
+def test_weighted_batchnorm_ignores_padding():
+    """A padded batch (weight 0 rows) gives the logits and statistics of the unpadded batch."""
+    model = make_model("tiny", "cifar")
+    x = jax.random.normal(jax.random.PRNGKey(1), (6, 32, 32, 3))
+    junk = 100.0 * jax.random.normal(jax.random.PRNGKey(2), (2, 32, 32, 3))
+    variables = jax.jit(lambda k: model.init(k, x, train=False))(jax.random.PRNGKey(0))
+    apply = jax.jit(lambda v, x, w: model.apply(v, x, train=True, weight=w, mutable=["batch_stats"]))
+    ref, ref_stats = apply(variables, x, None)
+    weight = jnp.array([1.0] * 6 + [0.0] * 2)
+    out, stats = apply(variables, jnp.concatenate([x, junk]), weight)
+    np.testing.assert_allclose(out[:6], ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(ref_stats)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_model_and_stem_are_rejected():
+    with pytest.raises(ValueError, match="unknown model"):
+        make_model("resnet19")
+    with pytest.raises(ValueError, match="unknown stem"):
+        make_model("resnet18", "mnist")
