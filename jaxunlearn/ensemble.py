@@ -1,0 +1,108 @@
+"""The stacked ensemble: one `MemberState` pytree with the member axis first on every leaf.
+
+Member-parallel execution is a strategy, not a hard-coded `vmap`:
+
+* ``vmap``: `jax.vmap` over members. Every convolution becomes one grouped convolution.
+* ``map``: `jax.lax.map` (a scan) over members inside the same jit: M dense convolutions one
+  after another. Measured faster on an H100 (and on CPU, see ``benchmarks/``) for ResNets,
+  because XLA's grouped convolutions are slow.
+
+Both run the same pure single-member step on the same stacked state, so they are
+interchangeable and give the same result up to floating-point reassociation.
+The functions returned here are not jitted: the driver jits them (with donated state).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxunlearn import train
+from jaxunlearn.train import MemberState, PRNGKey
+
+STRATEGIES = ("vmap", "map")
+# Default per backend, from benchmarks/member_parallel.py (CPU) and the GPU anchors in the
+# README: the scan over members wins on both for ResNets.
+DEFAULT_STRATEGY = {"cpu": "map", "gpu": "map", "cuda": "map", "rocm": "map", "tpu": "vmap"}
+
+
+def resolve_strategy(name: str, backend: str | None = None) -> str:
+    """``auto`` -> the measured default for ``backend`` (the default backend if None)."""
+    if name == "auto":
+        return DEFAULT_STRATEGY.get(backend or jax.default_backend(), "map")
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown member-parallel strategy {name!r}; choose auto, vmap or map")
+    return name
+
+
+def over_members(strategy: str, fn: Callable, per_member, *shared):
+    """Applies ``fn(member_args..., *shared)`` to every member.
+
+    ``per_member`` is a tuple of pytrees whose leaves have the member axis first; ``shared``
+    arguments are the same for every member (for example the resident dataset).
+    """
+    if strategy == "vmap":
+        return jax.vmap(lambda *a: fn(*a, *shared))(*per_member)
+    if strategy == "map":
+        return jax.lax.map(lambda a: fn(*a, *shared), per_member)
+    raise ValueError(f"unknown member-parallel strategy {strategy!r}")
+
+
+def init_ensemble(model: nn.Module, tx: optax.GradientTransformation, key: PRNGKey,
+                  members: int) -> MemberState:
+    """Initialises ``members`` members by vmapping the single-member init over split keys."""
+    if members < 1:
+        raise ValueError(f"an ensemble needs at least one member, got {members}")
+    keys = jax.random.split(key, members)
+    return jax.vmap(functools.partial(train.init_member, model, tx))(keys)
+
+
+def num_members(state: MemberState) -> int:
+    return int(state.step.shape[0])
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, strategy: str,
+                    use_augment: bool = False) -> Callable:
+    """Returns ``step(state, images, labels, idx, weight, active) -> (state, loss_sums)``.
+
+    Shapes: ``idx`` int32 ``[m, b]``, ``weight`` float32 ``[m, b]``, ``active`` bool ``[m]``;
+    ``images``/``labels`` are the resident training set shared by all members; ``loss_sums`` is
+    float32 ``[m]``, each member's weighted loss sum on its batch.
+    """
+    member_step = functools.partial(train.train_step, model, tx, use_augment)
+
+    def step(state, images, labels, idx, weight, active):
+        def one(s, i, w, a, images, labels):
+            return member_step(s, images, labels, i, w, a)
+        return over_members(strategy, one, (state, idx, weight, active), images, labels)
+
+    return step
+
+
+def make_eval_logits(model: nn.Module, strategy: str) -> Callable:
+    """Returns ``logits(state, images, idx) -> [m, b, classes]``: every member on the same batch."""
+
+    def logits(state, images, idx):
+        return over_members(strategy, lambda s, images, idx: train.eval_logits(model, s, images, idx),
+                            (state,), images, idx)
+
+    return logits
+
+
+def reset_optimizer(tx: optax.GradientTransformation, state: MemberState) -> MemberState:
+    """A fresh optimiser state for every member (the original protocol restarts Adam each phase)."""
+    return state._replace(opt_state=jax.vmap(tx.init)(state.params))
+
+
+def select_members(mask: jax.Array, on_true: MemberState, on_false: MemberState) -> MemberState:
+    """Per-member choice between two stacked states: ``mask`` bool ``[m]``."""
+
+    def pick(a, b):
+        return jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b)
+
+    return jax.tree.map(pick, on_true, on_false)

@@ -1,0 +1,63 @@
+"""Accuracy, true mean cross-entropy, and ensemble aggregation (numpy, on host arrays).
+
+Aggregations over the live members' logits ``[m, n, classes]``:
+
+* ``mean_logits`` (the original study): argmax of the mean logit; loss is the cross-entropy of
+  the mean logits.
+* ``mean_probs``: argmax of the mean softmax; loss is ``-log`` of the mean probability of the
+  true class.
+* ``vote`` (SISA): each member votes for its argmax; ties go to the class with the higher mean
+  probability; it has no loss (reported as None).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+AGGREGATIONS = ("mean_logits", "mean_probs", "vote")
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def mean_cross_entropy(log_probs: np.ndarray, labels: np.ndarray) -> float:
+    """True mean over examples of ``-log p(label)`` from log-probabilities ``[n, classes]``."""
+    return float(-np.take_along_axis(log_probs, labels[:, None], axis=-1).mean())
+
+
+def accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
+    return float((scores.argmax(axis=-1) == labels).mean())
+
+
+def score(logits: np.ndarray, labels: np.ndarray) -> dict:
+    """``{"test_accuracy", "test_loss"}`` of one model's logits ``[n, classes]``."""
+    logits = np.asarray(logits, np.float64)
+    return {"test_accuracy": accuracy(logits, labels),
+            "test_loss": mean_cross_entropy(log_softmax(logits), labels)}
+
+
+def aggregate(member_logits: np.ndarray, labels: np.ndarray, live: np.ndarray | None = None,
+              method: str = "mean_logits") -> dict:
+    """Scores the ensemble of the ``live`` members (bool ``[m]``; all when None)."""
+    if method not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {method!r}; choose one of {AGGREGATIONS}")
+    logits = np.asarray(member_logits, np.float64)
+    if live is not None:
+        logits = logits[np.asarray(live, bool)]
+    if logits.shape[0] == 0:
+        return {"test_accuracy": None, "test_loss": None, "members": 0}
+    if method == "mean_logits":
+        out = score(logits.mean(axis=0), labels)
+    else:
+        probs = np.exp(log_softmax(logits)).mean(axis=0)
+        if method == "mean_probs":
+            out = {"test_accuracy": accuracy(probs, labels),
+                   "test_loss": mean_cross_entropy(np.log(np.maximum(probs, 1e-300)), labels)}
+        else:
+            classes = logits.shape[-1]
+            votes = np.eye(classes)[logits.argmax(axis=-1)].sum(axis=0)  # [n, classes]
+            out = {"test_accuracy": accuracy(votes + probs * 1e-3, labels), "test_loss": None}
+    out["members"] = int(logits.shape[0])
+    return out

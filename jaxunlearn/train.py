@@ -1,0 +1,118 @@
+"""Pure single-member training and evaluation steps, and the optimiser recipes.
+
+Everything here works on ONE member; `jaxunlearn.ensemble` lifts it over the member axis.
+Images stay uint8 on the device; a step gathers its batch by index from the resident arrays,
+so the host only ships small index arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxunlearn.data import CIFAR10_MEAN, CIFAR10_STD
+
+PRNGKey = jax.Array
+Params = Any
+
+
+class MemberState(NamedTuple):
+    """Training state of one member. In an ensemble every leaf gains a leading member axis."""
+
+    params: Params
+    batch_stats: Any
+    opt_state: optax.OptState
+    step: jax.Array  # int32 scalar: training steps since this member's last initialisation
+    key: PRNGKey  # the member's own key (augmentation, dropout-like randomness)
+
+
+def make_optimizer(name: str, learning_rate: float, weight_decay: float = 0.0,
+                   momentum: float = 0.9) -> optax.GradientTransformation:
+    """Optimiser recipes: ``adam`` (the original study: Adam, constant lr), ``adamw``, ``sgd``."""
+    if name == "adam":
+        return optax.adam(learning_rate)
+    if name == "adamw":
+        return optax.adamw(learning_rate, weight_decay=weight_decay)
+    if name == "sgd":
+        chain = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
+        return optax.chain(*chain, optax.sgd(learning_rate, momentum=momentum, nesterov=True))
+    raise ValueError(f"unknown optimizer {name!r}; choose adam, adamw or sgd")
+
+
+def normalize(images_u8: jax.Array) -> jax.Array:
+    """uint8 ``[..., 32, 32, 3]`` -> float32 standardised by the CIFAR-10 channel statistics."""
+    x = images_u8.astype(jnp.float32) / 255.0
+    return (x - jnp.asarray(CIFAR10_MEAN)) / jnp.asarray(CIFAR10_STD)
+
+
+def augment(key: PRNGKey, images: jax.Array, pad: int = 4) -> jax.Array:
+    """Random crop with zero padding and random horizontal flip, per image. ``[b, h, w, c]``."""
+    b, h, w, _ = images.shape
+    k_crop, k_flip = jax.random.split(key)
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    offsets = jax.random.randint(k_crop, (b, 2), 0, 2 * pad + 1)
+    crop = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1])))
+    images = crop(padded, offsets)
+    flip = jax.random.bernoulli(k_flip, 0.5, (b, 1, 1, 1))
+    return jnp.where(flip, images[:, :, ::-1, :], images)
+
+
+def init_member(model: nn.Module, tx: optax.GradientTransformation, key: PRNGKey) -> MemberState:
+    """A freshly initialised member: parameters, batch statistics, optimiser state, step 0."""
+    k_params, k_member = jax.random.split(key)
+    variables = model.init(k_params, jnp.zeros((1, 32, 32, 3), jnp.float32), train=False)
+    params = variables["params"]
+    return MemberState(params=params, batch_stats=variables["batch_stats"],
+                       opt_state=tx.init(params), step=jnp.zeros((), jnp.int32), key=k_member)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example cross-entropy ``[b]`` (natural log)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def train_step(model: nn.Module, tx: optax.GradientTransformation, use_augment: bool,
+               state: MemberState, images: jax.Array, labels: jax.Array, idx: jax.Array,
+               weight: jax.Array, active: jax.Array) -> tuple[MemberState, jax.Array]:
+    """One optimiser step of one member on the examples ``images[idx]``.
+
+    Args:
+      state: the member's state.
+      images, labels: the resident training set, uint8 ``[n, 32, 32, 3]`` and int ``[n]``.
+      idx: int32 ``[b]`` example ids of this batch (padding entries may hold any valid id).
+      weight: float32 ``[b]``, 1 for real examples and 0 for padding.
+      active: bool scalar; an inactive member (or an all-padding batch) is returned unchanged.
+
+    Returns:
+      The new state and the batch's weighted loss sum (so epoch means are exact).
+    """
+    x = images[idx]
+    if use_augment:
+        x = augment(jax.random.fold_in(state.key, state.step), x)
+    x = normalize(x)
+    y = labels[idx]
+
+    def loss_fn(params):
+        logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
+                                      train=True, weight=weight, mutable=["batch_stats"])
+        total = jnp.sum(cross_entropy(logits, y) * weight)
+        return total / jnp.maximum(jnp.sum(weight), 1.0), (updates["batch_stats"], total)
+
+    grads, (batch_stats, total) = jax.grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new = MemberState(params=optax.apply_updates(state.params, updates), batch_stats=batch_stats,
+                      opt_state=opt_state, step=state.step + 1, key=state.key)
+    take = jnp.logical_and(active, jnp.sum(weight) > 0)
+    new = jax.tree.map(lambda n, o: jnp.where(take, n, o), new, state)
+    return new, jnp.where(take, total, 0.0)
+
+
+def eval_logits(model: nn.Module, state: MemberState, images: jax.Array,
+                idx: jax.Array) -> jax.Array:
+    """Logits ``[b, classes]`` of one member (BatchNorm in inference mode) on ``images[idx]``."""
+    x = normalize(images[idx])
+    return model.apply({"params": state.params, "batch_stats": state.batch_stats}, x, train=False)

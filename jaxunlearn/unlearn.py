@@ -1,0 +1,54 @@
+"""Unlearning: reinitialise the members whose lineage holds a deleted example.
+
+`unlearn(key, state, invalid)` is pure: it draws a fresh initialisation for every member from
+``key`` and keeps it only where ``invalid`` is true (`jnp.where` over the member axis). The mask
+is a traced array, so a new deletion request never recompiles, and members outside the mask come
+back bit-identical. Applying it twice with the same key equals applying it once.
+
+Retraining strategies decide what an invalidated member trains on afterwards:
+
+* ``replace`` (the original study): the fresh member joins the next phase and trains on that
+  phase's sample like the others; after the last phase it trains at once on a new draw of the
+  last phase's plan (without the deleted examples).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import optax
+
+from jaxunlearn import train
+from jaxunlearn.ensemble import select_members
+from jaxunlearn.train import MemberState, PRNGKey
+
+RETRAIN_STRATEGIES = ("replace",)
+
+
+def make_unlearn(model: nn.Module, tx: optax.GradientTransformation) -> Callable:
+    """Returns the pure ``unlearn(key, state, invalid) -> state``.
+
+    Args (of the returned function):
+      key: PRNG key for the fresh members (member ``i`` uses ``split(key, m)[i]``).
+      state: stacked `MemberState`, member axis first.
+      invalid: bool ``[m]``; true members get fresh params, batch statistics, optimiser state,
+        step 0 and a new member key.
+    """
+    init = functools.partial(train.init_member, model, tx)
+
+    def unlearn(key: PRNGKey, state: MemberState, invalid: jax.Array) -> MemberState:
+        m = state.step.shape[0]
+        fresh = jax.vmap(init)(jax.random.split(key, m))
+        return select_members(invalid, fresh, state)
+
+    return unlearn
+
+
+def check_strategy(name: str) -> str:
+    if name not in RETRAIN_STRATEGIES:
+        raise ValueError(f"unknown unlearning strategy {name!r}; choose one of {RETRAIN_STRATEGIES}")
+    return name
+
