@@ -1,0 +1,136 @@
+"""Command line: ``jaxunlearn run | presets | data``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import pathlib
+import sys
+
+from jaxunlearn import config as config_lib
+
+EPILOG = """examples:
+  jaxunlearn run                              # the demo preset on the bundled sample
+  jaxunlearn run --preset smoke --out /tmp/runs
+  jaxunlearn run --preset seed --data ~/data/cifar-10-batches-bin
+  jaxunlearn run --preset demo epochs=2 members=3 --deletions deletions.json
+  jaxunlearn data --data ~/data/cifar-10-python.tar.gz
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jaxunlearn", description="Exact machine unlearning with vectorized ensembles.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="train an ensemble in phases, delete, unlearn, report",
+                         description="Train an ensemble and a baseline chunk by chunk, apply "
+                                     "deletions, unlearn exactly, and write a new run folder.")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                     help="override any setting of the preset (see `jaxunlearn presets -v`)")
+    run.add_argument("--preset", default="demo", choices=sorted(config_lib.PRESETS),
+                     help="starting configuration (default: demo)")
+    run.add_argument("--out", default="runs", metavar="DIR",
+                     help="parent folder of run folders; each run gets a new one (default: runs)")
+    run.add_argument("--seed", type=int, help="random seed (default: the preset's, 0)")
+    run.add_argument("--data", metavar="PATH",
+                     help="CIFAR-10 to use: a cifar-10-batches-bin or cifar-10-batches-py folder, "
+                          "their .tar.gz archive, a folder holding one, 'tfds[:DIR]' or 'sample'")
+    run.add_argument("--deletions", metavar="FILE",
+                     help='JSON schedule {"PHASE": [ids...]} applied after each phase '
+                          "(replaces the random schedule)")
+    run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                     help="same as a positional override; may repeat")
+    run.add_argument("--quiet", action="store_true", help="print only the run folder at the end")
+
+    presets = sub.add_parser("presets", help="list the presets")
+    presets.add_argument("-v", "--verbose", action="store_true", help="show every setting")
+
+    data = sub.add_parser("data", help="say which CIFAR-10 source is found, its counts and balance")
+    data.add_argument("--data", metavar="PATH", help="source to inspect (default: auto search)")
+    return parser
+
+
+def resolve_config(args) -> config_lib.Config:
+    cfg = config_lib.get_preset(args.preset)
+    changes = {}
+    if args.seed is not None:
+        changes["seed"] = args.seed
+    if args.data is not None:
+        changes["data"] = args.data
+    if args.deletions is not None:
+        changes["deletions"] = str(pathlib.Path(args.deletions).resolve())
+    cfg = config_lib.apply_overrides(cfg, list(args.overrides) + list(args.sets))
+    return config_lib.apply_overrides(cfg, changes)
+
+
+def new_run_dir(parent, cfg: config_lib.Config) -> pathlib.Path:
+    """A run folder name that does not exist yet: ``PRESET-YYYYmmdd-HHMMSS-seedN[-k]``."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    base = pathlib.Path(parent) / f"{cfg.preset}-{stamp}-seed{cfg.seed}"
+    path, k = base, 1
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
+
+
+def cmd_run(args) -> int:
+    from jaxunlearn import experiment
+
+    cfg = resolve_config(args)
+    out = new_run_dir(args.out, cfg)
+    log = (lambda s: None) if args.quiet else print
+    if not args.quiet:
+        print(f"jaxunlearn run: preset {cfg.preset}, seed {cfg.seed}, data {cfg.data} -> {out}")
+    results = experiment.run(cfg, out, log=log)
+    if not args.quiet:
+        f = results["final"]
+        line = (f"final: ensemble acc {f['ensemble']['test_accuracy']:.4f}"
+                + (f", baseline acc {f['baseline']['test_accuracy']:.4f}" if f["baseline"] else "")
+                + f"; {len(results['deleted_ids'])} ids deleted, {results['replacements']} member "
+                  f"replacements; lineage audit {'ok' if results['lineage_audit']['ok'] else 'FAILED'}"
+                  f"; {results['wall_seconds']:.1f}s")
+        print(line)
+    print(out)
+    return 0 if results["lineage_audit"]["ok"] else 1
+
+
+def cmd_presets(args) -> int:
+    for name, cfg in config_lib.PRESETS.items():
+        print(f"{name:6s} {config_lib.PRESET_HELP[name]}")
+        if args.verbose:
+            for key, value in cfg.to_dict().items():
+                print(f"         {key} = {value}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from jaxunlearn import data as data_lib
+
+    try:
+        print(data_lib.describe(args.data))
+    except data_lib.DataError as e:
+        print(f"no CIFAR-10 found:\n{e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from jaxunlearn.data import DataError
+    from jaxunlearn.deletions import ScheduleError
+
+    try:
+        return {"run": cmd_run, "presets": cmd_presets, "data": cmd_data}[args.command](args)
+    except (DataError, ScheduleError, config_lib.ConfigError) as e:
+        print(f"jaxunlearn: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"jaxunlearn: training diverged: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

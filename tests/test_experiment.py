@@ -1,0 +1,139 @@
+"""End to end: the smoke preset through the CLI, deletion schedules, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxunlearn import cli, data, experiment
+from jaxunlearn.config import ConfigError, apply_overrides, get_preset
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    assert cli.main(["run", "--preset", "smoke", "--out", str(root), "--quiet"]) == 0
+    (run_dir,) = root.iterdir()
+    return run_dir
+
+
+def test_smoke_run_writes_the_run_folder(smoke_run):
+    names = {p.name for p in smoke_run.iterdir()}
+    assert {"config.json", "results.json", "metrics.jsonl", "lineage.npz", "plots"} <= names
+    assert (smoke_run / "plots" / "accuracy_loss.png").stat().st_size > 10_000
+    cfg = json.loads((smoke_run / "config.json").read_text())
+    assert cfg["preset"] == "smoke" and cfg["members"] == 3
+
+
+def test_smoke_results_schema(smoke_run):
+    results = json.loads((smoke_run / "results.json").read_text())
+    assert results["complete"] is True
+    assert len(results["phases"]) == 3
+    for p, record in enumerate(results["phases"], start=1):
+        assert record["phase"] == p
+        for group in ("ensemble", "baseline"):
+            assert 0.0 <= record[group]["test_accuracy"] <= 1.0
+            assert record[group]["test_loss"] > 0.5  # a true mean cross-entropy, not /batch
+        assert len(record["members"]) == 3
+        assert {"test_accuracy", "test_loss", "valid"} <= set(record["members"][0])
+        assert record["seconds"] > 0
+        assert set(record["invalidated"]) <= {0, 1, 2}
+        assert [m["valid"] for m in record["members"]] == [
+            i not in record["invalidated"] for i in range(3)]
+    # The smoke preset deletes int(0.01 * 100) = 1 and int(0.01 * 200) = 2 ids after phases 1, 2.
+    assert [len(r["deleted_ids"]) for r in results["phases"]] == [1, 2, 0]
+    assert results["final"]["phase"] == 3
+    assert results["final"]["ensemble"] == results["phases"][-1]["ensemble"]
+    assert results["lineage_audit"] == {"ok": True, "violations": 0, "members": 3, "deleted": 3}
+
+
+def test_smoke_metrics_log_has_epoch_and_phase_lines(smoke_run):
+    lines = [json.loads(l) for l in (smoke_run / "metrics.jsonl").read_text().splitlines()]
+    kinds = [l["kind"] for l in lines]
+    assert kinds.count("phase") == 3
+    assert kinds.count("epoch") == 3 * 2  # 3 phases x 1 epoch x (ensemble, baseline)
+    epoch = next(l for l in lines if l["kind"] == "epoch" and l["model"] == "ensemble")
+    assert len(epoch["train_loss"]) == 3 and "ensemble" in epoch
+
+
+def test_no_live_lineage_holds_a_deleted_id(smoke_run):
+    saved = np.load(smoke_run / "lineage.npz")
+    assert saved["lineage"].shape == (3, 300) and saved["lineage"].dtype == bool
+    assert len(saved["deleted"]) == 3
+    assert not saved["lineage"][:, saved["deleted"]].any()
+    assert saved["lineage"].any(axis=1).all()  # every live member has a lineage
+
+
+def test_every_run_gets_a_new_folder(tmp_path):
+    for _ in range(2):
+        assert cli.main(["run", "--preset", "smoke", "--out", str(tmp_path), "--quiet",
+                         "epochs=1", "phases=1", "baseline=none"]) == 0
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return data.load_sample()
+
+
+def _tiny(**changes):
+    return apply_overrides(get_preset("smoke"), {"eval_every_epoch": False, **changes})
+
+
+def test_explicit_schedule_is_applied_and_leaves_no_deleted_id_in_a_lineage(tmp_path, sample):
+    schedule = {"1": [0, 5, 17, 42], "2": [150, 7], "3": [250]}  # incl. after the last phase
+    path = tmp_path / "deletions.json"
+    path.write_text(json.dumps(schedule))
+    cfg = _tiny(deletions=str(path), baseline="none", fraction=0.5)
+    results = experiment.run(cfg, tmp_path / "run", dataset=sample, log=lambda s: None)
+    saved = np.load(tmp_path / "run" / "lineage.npz")
+    assert sorted(saved["deleted"].tolist()) == sorted(sum(schedule.values(), []))
+    assert not saved["lineage"][:, saved["deleted"]].any()
+    assert [r["deleted_ids"] for r in results["phases"]] == [[0, 5, 17, 42], [7, 150], [250]]
+    last = results["phases"][-1]
+    if last["invalidated"]:  # deletions after the last phase retrain the fresh members at once
+        assert "members" in last["after_unlearning"]
+        assert results["final"]["members"] == last["after_unlearning"]["members"]
+    assert results["lineage_audit"]["ok"]
+
+
+def test_deterministic_given_seed(tmp_path, sample):
+    cfg = _tiny(baseline="none", phases=2)
+    a = experiment.run(cfg, tmp_path / "a", dataset=sample, log=lambda s: None)
+    b = experiment.run(cfg, tmp_path / "b", dataset=sample, log=lambda s: None)
+    assert a["phases"][-1]["ensemble"] == b["phases"][-1]["ensemble"]
+    np.testing.assert_array_equal(np.load(tmp_path / "a" / "lineage.npz")["lineage"],
+                                  np.load(tmp_path / "b" / "lineage.npz")["lineage"])
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"members": 0}, "members must be at least 1"),
+    ({"fraction": 0.001}, "gives each member no data"),
+    ({"model": "resnet19"}, "unknown model"),
+    ({"strategy": "forget"}, "unknown unlearning strategy"),
+    ({"member_parallel": "pmap"}, "member-parallel"),
+])
+def test_bad_config_fails_before_writing(tmp_path, sample, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        experiment.run(_tiny(**changes), tmp_path / "run", dataset=sample)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_reports_bad_input_without_creating_a_run(tmp_path, capsys):
+    bad = tmp_path / "deletions.json"
+    bad.write_text(json.dumps({"1": [99999]}))
+    out = tmp_path / "runs"
+    assert cli.main(["run", "--preset", "smoke", "--out", str(out), "--deletions", str(bad)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["run", "--preset", "smoke", "--out", str(out), "epochs=two"]) == 2
+    assert "epochs takes an integer" in capsys.readouterr().err
+    assert cli.main(["run", "--preset", "smoke", "--out", str(out), "colour=red"]) == 2
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_presets_and_data_commands(capsys):
+    assert cli.main(["presets"]) == 0
+    text = capsys.readouterr().out
+    assert all(name in text for name in ("smoke", "demo", "seed"))
+    assert cli.main(["data", "--data", "sample"]) == 0
+    assert "airplane" in capsys.readouterr().out
