@@ -33,13 +33,13 @@ def plot_phases(results: dict, path) -> pathlib.Path:
             if r["deleted_ids"]:
                 ax.axvline(r["phase"] + 0.5, color="grey", lw=0.8, ls=":")
                 ax.annotate(f"-{len(r['deleted_ids'])} ids\n{len(r['invalidated'])} reset",
-                            (r["phase"] + 0.5, 0.02), xycoords=("data", "axes fraction"),
-                            ha="center", fontsize=7, color="grey")
+                            (r["phase"] + 0.5, 0.98), xycoords=("data", "axes fraction"),
+                            ha="center", va="top", fontsize=7, color="grey")
         ax.set_xlabel("phase")
         ax.set_ylabel(label)
         ax.set_xticks(phases)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].legend(fontsize=8, loc="best")
     cfg = results["config"]
     fig.suptitle(f"jaxunlearn {cfg['preset']}: {results['n_train']} train / {results['n_test']} "
                  f"test images, seed {cfg['seed']}", fontsize=10)
