@@ -81,7 +81,8 @@ def _tiny(**changes):
 
 
 def test_explicit_schedule_is_applied_and_leaves_no_deleted_id_in_a_lineage(tmp_path, sample):
-    schedule = {"1": [0, 5, 17, 42], "2": [150, 7], "3": [250]}  # incl. after the last phase
+    after_last = list(range(200, 230))  # after the last phase: some member surely saw one
+    schedule = {"1": [0, 5, 17, 42], "2": [150, 7], "3": after_last}
     path = tmp_path / "deletions.json"
     path.write_text(json.dumps(schedule))
     cfg = _tiny(deletions=str(path), baseline="none", fraction=0.5)
@@ -89,11 +90,19 @@ def test_explicit_schedule_is_applied_and_leaves_no_deleted_id_in_a_lineage(tmp_
     saved = np.load(tmp_path / "run" / "lineage.npz")
     assert sorted(saved["deleted"].tolist()) == sorted(sum(schedule.values(), []))
     assert not saved["lineage"][:, saved["deleted"]].any()
-    assert [r["deleted_ids"] for r in results["phases"]] == [[0, 5, 17, 42], [7, 150], [250]]
+    assert [r["deleted_ids"] for r in results["phases"]] == [[0, 5, 17, 42], [7, 150], after_last]
+    # Deletions after the last phase: the fresh members are retrained at once, on data
+    # without the deleted ids, and the final results describe the retrained ensemble.
     last = results["phases"][-1]
-    if last["invalidated"]:  # deletions after the last phase retrain the fresh members at once
-        assert "members" in last["after_unlearning"]
-        assert results["final"]["members"] == last["after_unlearning"]["members"]
+    assert last["invalidated"]
+    retrained = last["invalidated"]
+    assert all(saved["born"][i] == 3 and saved["lineage"][i].any() for i in retrained)
+    assert results["final"]["members"] == last["after_unlearning"]["members"]
+    assert results["final"]["ensemble"]["members"] == 3
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    retrain = [l for l in lines if l["kind"] == "retrain"]
+    assert len(retrain) == cfg.epochs
+    assert [i for i, x in enumerate(retrain[0]["train_loss"]) if x is not None] == retrained
     assert results["lineage_audit"]["ok"]
 
 
