@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import datetime
 import pathlib
 import sys
@@ -81,7 +82,7 @@ def cmd_run(args) -> int:
 
     cfg = resolve_config(args)
     out = new_run_dir(args.out, cfg)
-    log = (lambda s: None) if args.quiet else print
+    log = (lambda s: None) if args.quiet else functools.partial(print, flush=True)
     if not args.quiet:
         print(f"jaxunlearn run: preset {cfg.preset}, seed {cfg.seed}, data {cfg.data} -> {out}")
     results = experiment.run(cfg, out, log=log)

@@ -38,7 +38,8 @@ class Config:
     members: int = 5
     model: str = "resnet18"
     stem: str = "imagenet"
-    member_parallel: str = "auto"  # auto, vmap, map
+    member_parallel: str = "auto"  # auto, vmap, map, hybrid:K (vmap groups of K, map over groups)
+    precision: str = "fp32"  # fp32, or bf16 compute with fp32 parameters and optimizer state
     aggregation: str = "mean_logits"  # mean_logits, mean_probs, vote
     # Phases and sampling
     phases: int = 5

@@ -8,14 +8,13 @@ atomically after every phase, ``"complete": true`` at the end), ``lineage.npz`` 
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import pathlib
 import platform
 import sys
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +24,8 @@ from jaxunlearn import data as data_lib
 from jaxunlearn import deletions as deletions_lib
 from jaxunlearn import ensemble, metrics, plans, unlearn
 from jaxunlearn.config import Config, ConfigError
-from jaxunlearn.lineage import Lineage
-from jaxunlearn.models import ARCHITECTURES, STEMS, make_model
+from jaxunlearn.group import ModelGroup
+from jaxunlearn.models import ARCHITECTURES, PRECISIONS, STEMS
 from jaxunlearn.train import make_optimizer
 
 # Independent host random streams, so that changing one part of a run (say, evaluation) never
@@ -48,6 +47,8 @@ def check_config(cfg: Config, n_train: int) -> None:
     need(cfg.baseline == "none" or cfg.baseline in ARCHITECTURES,
          f"unknown baseline {cfg.baseline!r}; choose none or one of {sorted(ARCHITECTURES)}")
     need(cfg.stem in STEMS, f"unknown stem {cfg.stem!r}; choose one of {STEMS}")
+    need(cfg.precision in PRECISIONS,
+         f"unknown precision {cfg.precision!r}; choose one of {sorted(PRECISIONS)}")
     need(cfg.plan in plans.PLANS, f"unknown plan {cfg.plan!r}; choose one of {plans.PLANS}")
     need(cfg.aggregation in metrics.AGGREGATIONS,
          f"unknown aggregation {cfg.aggregation!r}; choose one of {metrics.AGGREGATIONS}")
@@ -56,10 +57,14 @@ def check_config(cfg: Config, n_train: int) -> None:
     need(n_train >= cfg.phases, f"{n_train} training examples cannot fill {cfg.phases} phases")
     try:
         unlearn.check_strategy(cfg.strategy)
-        ensemble.resolve_strategy(cfg.member_parallel)
+        strategy = ensemble.resolve_strategy(cfg.member_parallel)
         make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if strategy.startswith("hybrid:"):
+        k = int(strategy.partition(":")[2])
+        need(cfg.members % k == 0, f"member_parallel={strategy} needs members divisible by {k}, "
+                                   f"got {cfg.members}; choose K dividing {cfg.members}")
     chunks = plans.make_chunks(n_train, cfg.phases)
     nothing_deleted = np.zeros(n_train, bool)
     for plan, fraction, who in ((cfg.plan, cfg.fraction, "each member"),
@@ -70,86 +75,6 @@ def check_config(cfg: Config, n_train: int) -> None:
             size = plans.sample_size(plan, fraction, chunks, phase, nothing_deleted)
             need(size >= 1, f"plan {plan!r} with fraction {fraction} gives {who} no data in phase "
                             f"{phase} ({n_train} examples in {cfg.phases} phases); raise the fraction")
-
-
-class Compiled(NamedTuple):
-    """A model, its optimiser and their jitted ensemble functions (state buffers donated)."""
-
-    model: Any
-    tx: Any
-    strategy: str
-    init: Callable
-    step: Callable
-    logits: Callable
-    unlearn: Callable
-    reset_optimizer: Callable
-
-
-@functools.lru_cache(maxsize=16)
-def compile_group(arch: str, stem: str, optimizer: str, learning_rate: float, weight_decay: float,
-                  member_parallel: str, augment: bool) -> Compiled:
-    """Builds (once per process and setting) the jitted functions of one model group, so that
-    repeated runs in one process, as in sweeps and tests, reuse their compilations."""
-    model = make_model(arch, stem)
-    tx = make_optimizer(optimizer, learning_rate, weight_decay)
-    strategy = ensemble.resolve_strategy(member_parallel)
-    return Compiled(
-        model=model, tx=tx, strategy=strategy,
-        init=jax.jit(functools.partial(ensemble.init_ensemble, model, tx), static_argnums=1),
-        step=jax.jit(ensemble.make_train_step(model, tx, strategy, augment), donate_argnums=0),
-        logits=jax.jit(ensemble.make_eval_logits(model, strategy)),
-        unlearn=jax.jit(unlearn.make_unlearn(model, tx), donate_argnums=1),
-        reset_optimizer=jax.jit(functools.partial(ensemble.reset_optimizer, tx), donate_argnums=0))
-
-
-class ModelGroup:
-    """One stacked group of members (the ensemble, or the baseline as a group of one), with its
-    jitted steps, its lineage and its host random stream. Driver-side: it owns mutable state."""
-
-    def __init__(self, name: str, arch: str, members: int, cfg: Config, key, n_train: int,
-                 rng: np.random.Generator):
-        self.name = name
-        fns = compile_group(arch, cfg.stem, cfg.optimizer, cfg.learning_rate, cfg.weight_decay,
-                            cfg.member_parallel, cfg.augment)
-        self.strategy = fns.strategy
-        self.step, self.logits = fns.step, fns.logits
-        self.unlearn, self.reset_optimizer = fns.unlearn, fns.reset_optimizer
-        self.state = fns.init(key, members)
-        self.lineage = Lineage.empty(members, n_train)
-        self.rng = rng
-        self.members = members
-
-    def train(self, arrays, samples: np.ndarray, epochs: int, batch_size: int,
-              active: np.ndarray, on_epoch: Callable[[int, np.ndarray], None]) -> None:
-        """Trains the ``active`` members for ``epochs`` on their ``samples`` (int ``[m, s]``)."""
-        images, labels = arrays
-        active_dev = jnp.asarray(active)
-        for epoch in range(1, epochs + 1):
-            idx, weight = plans.epoch_batches(self.rng, samples, batch_size)
-            idx_dev, weight_dev = jnp.asarray(idx), jnp.asarray(weight)
-            loss_sum = jnp.zeros(self.members, jnp.float32)
-            for s in range(idx.shape[0]):
-                self.state, loss = self.step(self.state, images, labels, idx_dev[s],
-                                             weight_dev[s], active_dev)
-                loss_sum = loss_sum + loss
-            self.lineage.record(idx, weight, active)
-            check_finite(np.asarray(loss_sum), self.name, epoch)
-            on_epoch(epoch, np.asarray(loss_sum) / samples.shape[1])
-
-    def member_logits(self, images, n: int, batch_size: int) -> np.ndarray:
-        """Logits of every member on the first ``n`` resident images: ``[m, n, classes]``."""
-        out = []
-        for start in range(0, n, batch_size):
-            idx = np.arange(start, start + batch_size) % n  # pad the last batch by wrapping
-            out.append(np.asarray(self.logits(self.state, images, jnp.asarray(idx, jnp.int32))))
-        return np.concatenate(out, axis=1)[:, :n]
-
-
-def check_finite(loss_sums: np.ndarray, name: str, epoch: int) -> None:
-    bad = np.flatnonzero(~np.isfinite(loss_sums))
-    if bad.size:
-        raise FloatingPointError(f"{name} member(s) {bad.tolist()} reached a non-finite loss in "
-                                 f"epoch {epoch}; lower the learning rate")
 
 
 def _member_records(logits, labels, valid, born) -> list[dict]:
@@ -163,9 +88,185 @@ def _write_json(path: pathlib.Path, obj) -> None:
     os.replace(tmp, path)
 
 
+class Experiment:
+    """The driver of one run: owns the run folder, the model groups, the deletion state and the
+    results; `run_phase` advances one phase, `finish` writes the end state."""
+
+    def __init__(self, cfg: Config, ds: data_lib.Dataset, out: pathlib.Path,
+                 schedule: dict[int, list[int]] | None, log: Callable[[str], None],
+                 progress: bool):
+        from tqdm.auto import tqdm
+
+        self.cfg, self.out, self.schedule, self.log = cfg, out, schedule, log
+        self.n_train, self.n_test = ds.n_train, ds.n_test
+        self.chunks = plans.make_chunks(ds.n_train, cfg.phases)
+        k_ens, k_base, self.k_unlearn = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
+        rngs = [np.random.default_rng([cfg.seed, s]) for s in range(4)]
+        self.deletion_rng, self.retrain_rng = rngs[_STREAM_DELETIONS], rngs[_STREAM_RETRAIN]
+        self.train_arrays = (jax.device_put(ds.train_images), jax.device_put(ds.train_labels))
+        self.test_images, self.test_labels = jax.device_put(ds.test_images), ds.test_labels
+        self.ens = ModelGroup("ensemble", cfg.model, cfg.members, cfg, k_ens, ds.n_train,
+                              rngs[_STREAM_ENSEMBLE])
+        self.base = (ModelGroup("baseline", cfg.baseline, 1, cfg, k_base, ds.n_train,
+                                rngs[_STREAM_BASELINE]) if cfg.baseline != "none" else None)
+        self.deleted = np.zeros(ds.n_train, bool)
+        self.all_deleted: list[int] = []
+        self.replacements = 0
+        self.results = {
+            "complete": False, "config": cfg.to_dict(), "data_source": ds.source,
+            "n_train": ds.n_train, "n_test": ds.n_test, "member_parallel": self.ens.strategy,
+            "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+            "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                         "flax": _version("flax"), "optax": _version("optax")},
+            "phases": [],
+        }
+        groups = 2 if self.base else 1
+        self.bar = tqdm(total=cfg.phases * cfg.epochs * groups, disable=not progress,
+                        unit="epoch", leave=False, dynamic_ncols=True)
+        self.metrics_file = open(out / "metrics.jsonl", "a", buffering=1)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics_file.close()
+
+    def emit(self, record: dict) -> None:
+        self.metrics_file.write(json.dumps(record) + "\n")
+
+    def logits(self, group: ModelGroup) -> np.ndarray:
+        return group.member_logits(self.test_images, self.n_test, self.cfg.eval_batch_size)
+
+    def train_group(self, group: ModelGroup, phase: int, samples: np.ndarray,
+                    active: np.ndarray, kind: str = "epoch") -> float:
+        """Trains ``active`` members of ``group`` for the configured epochs; returns seconds."""
+        cfg, t0 = self.cfg, time.perf_counter()
+
+        def on_epoch(epoch: int, train_loss: np.ndarray) -> None:
+            self.bar.set_description(f"phase {phase}/{cfg.phases} {group.name}")
+            self.bar.update(1)
+            line = {"kind": kind, "phase": phase, "model": group.name, "epoch": epoch,
+                    "train_loss": [float(x) if a else None for x, a in zip(train_loss, active)],
+                    "seconds": time.perf_counter() - t0}
+            if cfg.eval_every_epoch:
+                logits = self.logits(group)
+                line["members"] = [metrics.score(l, self.test_labels) for l in logits]
+                if group is self.ens:
+                    line["ensemble"] = metrics.aggregate(logits, self.test_labels, None,
+                                                         cfg.aggregation)
+            self.emit(line)
+
+        group.train(self.train_arrays, samples, cfg.epochs, cfg.batch_size, active, on_epoch)
+        return time.perf_counter() - t0
+
+    def deletions_after(self, phase: int) -> np.ndarray:
+        """The ids deleted after ``phase``: from the explicit schedule, or drawn at random."""
+        if self.schedule is not None:
+            return np.asarray(sorted(self.schedule.get(phase, [])), np.int64)
+        if phase == self.cfg.phases:
+            return np.zeros(0, np.int64)
+        return deletions_lib.random_deletions(
+            self.deletion_rng, plans.working_set(self.chunks, phase, self.deleted),
+            self.cfg.deletion_rate, arrived=sum(len(c) for c in self.chunks[:phase]))
+
+    def run_phase(self, phase: int) -> dict:
+        """Trains every group on its sample of ``phase``, evaluates, deletes and unlearns."""
+        cfg, ens, base, labels = self.cfg, self.ens, self.base, self.test_labels
+        t_phase = time.perf_counter()
+        record: dict = {"phase": phase, "working_set": int(len(
+            plans.working_set(self.chunks, phase, self.deleted)))}
+        seconds = {}
+        for group, plan, fraction in ((ens, cfg.plan, cfg.fraction),
+                                      (base, "bootstrap", cfg.baseline_fraction)):
+            if group is None:
+                continue
+            samples = plans.draw_samples(group.rng, plan, fraction, group.members, self.chunks,
+                                         phase, self.deleted)
+            if cfg.reset_optimizer_each_phase:
+                group.state = group.reset_optimizer(group.state)
+            seconds[group.name] = self.train_group(group, phase, samples,
+                                                   np.ones(group.members, bool))
+            if group is ens:
+                record["sample_size"] = int(samples.shape[1])
+
+        member_logits = self.logits(ens)
+        record["ensemble"] = metrics.aggregate(member_logits, labels, None, cfg.aggregation)
+        record["aggregations"] = {a: metrics.aggregate(member_logits, labels, None, a)
+                                  for a in metrics.AGGREGATIONS}
+        record["baseline"] = metrics.score(self.logits(base)[0], labels) if base else None
+
+        ids = self.deletions_after(phase)
+        invalid = ens.lineage.invalid(ids)
+        record["deleted_ids"] = ids.tolist()
+        record["invalidated"] = np.flatnonzero(invalid).tolist()
+        record["members"] = _member_records(member_logits, labels, ~invalid, ens.lineage.born)
+        if ids.size:
+            record["after_unlearning"] = self.unlearn(phase, ids, invalid, member_logits, seconds)
+        record["seconds"] = time.perf_counter() - t_phase
+        record["seconds_by_model"] = seconds
+        self.results["phases"].append(record)
+        self.emit({"kind": "phase", **record})
+        self.log(_phase_line(record, cfg.phases))
+        _write_json(self.out / "results.json", self.results)
+        return record
+
+    def unlearn(self, phase: int, ids: np.ndarray, invalid: np.ndarray,
+                member_logits: np.ndarray, seconds: dict) -> dict:
+        """Marks ``ids`` deleted and reinitialises the ``invalid`` members (strategy
+        ``replace``: they join the next phase; after the last phase they retrain at once)."""
+        cfg, ens, labels = self.cfg, self.ens, self.test_labels
+        self.deleted[ids] = True
+        self.all_deleted.extend(ids.tolist())
+        ens.state = ens.unlearn(jax.random.fold_in(self.k_unlearn, phase), ens.state,
+                                jnp.asarray(invalid))
+        ens.lineage.reset(invalid, phase)
+        self.replacements += int(invalid.sum())
+        after = {"ensemble": metrics.aggregate(member_logits, labels, ~invalid, cfg.aggregation)}
+        if phase == cfg.phases and invalid.any():
+            samples = plans.draw_samples(self.retrain_rng, cfg.plan, cfg.fraction, cfg.members,
+                                         self.chunks, phase, self.deleted)
+            self.bar.total += cfg.epochs
+            seconds["retrain"] = self.train_group(ens, phase, samples, invalid, kind="retrain")
+            logits = self.logits(ens)
+            after["ensemble"] = metrics.aggregate(logits, labels, None, cfg.aggregation)
+            after["members"] = _member_records(logits, labels, np.ones(cfg.members, bool),
+                                               ens.lineage.born)
+        return after
+
+    def finish(self, wall_seconds: float) -> dict:
+        """Writes the end state: ``final``, the lineage audit, ``lineage.npz`` and the plot."""
+        from jaxunlearn import plots
+
+        last = self.results["phases"][-1]
+        final = {k: last[k] for k in ("phase", "deleted_ids", "invalidated", "ensemble",
+                                      "baseline", "members", "seconds")}
+        if "members" in last.get("after_unlearning", {}):
+            final["ensemble"] = last["after_unlearning"]["ensemble"]
+            final["members"] = last["after_unlearning"]["members"]
+        violations = self.ens.lineage.violations(self.all_deleted)
+        self.results.update({
+            "complete": True,
+            "final": final,
+            "deleted_ids": sorted(self.all_deleted),
+            "replacements": self.replacements,
+            "lineage_audit": {"ok": violations == 0, "violations": violations,
+                              "members": self.cfg.members, "deleted": len(self.all_deleted)},
+            # The baseline is a reference model, as in the original study: it never trains on
+            # a deleted id after its deletion but is not unlearned; this counts what it holds.
+            "baseline_deleted_ids_in_lineage": (self.base.lineage.violations(self.all_deleted)
+                                                if self.base else None),
+            "wall_seconds": wall_seconds,
+        })
+        self.ens.lineage.save(self.out / "lineage.npz", self.all_deleted)
+        _write_json(self.out / "results.json", self.results)
+        plots.plot_phases(self.results, self.out / "plots" / "accuracy_loss.png")
+        return self.results
+
+
 def run(cfg: Config, out_dir, dataset: data_lib.Dataset | None = None,
         log: Callable[[str], None] = print, progress: bool | None = None) -> dict:
     """Runs the experiment described by ``cfg`` and writes the run folder ``out_dir`` (new).
+
+    Everything that can be checked (config, data, deletion schedule) is checked before the
+    folder is created.
 
     Args:
       dataset: pre-loaded data (else loaded from ``cfg.data``).
@@ -174,172 +275,27 @@ def run(cfg: Config, out_dir, dataset: data_lib.Dataset | None = None,
     Returns:
       The results dictionary also written to ``results.json``.
     """
-    from tqdm.auto import tqdm
-
     t_start = time.perf_counter()
     ds = dataset if dataset is not None else data_lib.load_dataset(cfg.data)
     ds = ds.limit(cfg.train_limit or None, cfg.test_limit or None)
-    n_train, n_test = ds.n_train, ds.n_test
-    check_config(cfg, n_train)
-    chunks = plans.make_chunks(n_train, cfg.phases)
+    check_config(cfg, ds.n_train)
     schedule = None
     if cfg.deletions:
         schedule = deletions_lib.load_schedule(cfg.deletions)
-        deletions_lib.validate_schedule(schedule, chunks)
+        deletions_lib.validate_schedule(schedule, plans.make_chunks(ds.n_train, cfg.phases))
 
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=False)
     (out / "plots").mkdir()
     (out / "config.json").write_text(cfg.to_json())
-    metrics_file = open(out / "metrics.jsonl", "a", buffering=1)
-
-    key = jax.random.PRNGKey(cfg.seed)
-    k_ens, k_base, k_unlearn = jax.random.split(key, 3)
-    rngs = [np.random.default_rng([cfg.seed, s]) for s in range(4)]
-    train_arrays = (jax.device_put(ds.train_images), jax.device_put(ds.train_labels))
-    test_images = jax.device_put(ds.test_images)
-    test_labels = ds.test_labels
-
-    ens = ModelGroup("ensemble", cfg.model, cfg.members, cfg, k_ens, n_train, rngs[_STREAM_ENSEMBLE])
-    groups = [ens]
-    base = None
-    if cfg.baseline != "none":
-        base = ModelGroup("baseline", cfg.baseline, 1, cfg, k_base, n_train, rngs[_STREAM_BASELINE])
-        groups.append(base)
-
-    deleted = np.zeros(n_train, bool)
-    all_deleted: list[int] = []
-    replacements = 0
-    results = {
-        "complete": False, "config": cfg.to_dict(), "data_source": ds.source,
-        "n_train": n_train, "n_test": n_test, "member_parallel": ens.strategy,
-        "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-        "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                     "flax": _version("flax"), "optax": _version("optax")},
-        "phases": [],
-    }
-    show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(total=cfg.phases * cfg.epochs * len(groups), disable=not show, unit="epoch",
-               leave=False, dynamic_ncols=True)
-
-    def emit(record: dict) -> None:
-        metrics_file.write(json.dumps(record) + "\n")
-
-    def train_group(group: ModelGroup, phase: int, samples: np.ndarray, active: np.ndarray,
-                    kind: str = "epoch") -> float:
-        t0 = time.perf_counter()
-
-        def on_epoch(epoch: int, train_loss: np.ndarray) -> None:
-            bar.set_description(f"phase {phase}/{cfg.phases} {group.name}")
-            bar.update(1)
-            line = {"kind": kind, "phase": phase, "model": group.name, "epoch": epoch,
-                    "train_loss": [float(x) if a else None for x, a in zip(train_loss, active)],
-                    "seconds": time.perf_counter() - t0}
-            if cfg.eval_every_epoch:
-                logits = group.member_logits(test_images, n_test, cfg.eval_batch_size)
-                line["members"] = [metrics.score(l, test_labels) for l in logits]
-                if group is ens:
-                    line["ensemble"] = metrics.aggregate(logits, test_labels, None, cfg.aggregation)
-            emit(line)
-
-        group.train(train_arrays, samples, cfg.epochs, cfg.batch_size, active, on_epoch)
-        return time.perf_counter() - t0
-
+    exp = Experiment(cfg, ds, out, schedule, log,
+                     sys.stderr.isatty() if progress is None else progress)
     try:
         for phase in range(1, cfg.phases + 1):
-            t_phase = time.perf_counter()
-            record: dict = {"phase": phase,
-                            "working_set": int(len(plans.working_set(chunks, phase, deleted)))}
-            seconds = {}
-            for group, plan, fraction in ((ens, cfg.plan, cfg.fraction),
-                                          (base, "bootstrap", cfg.baseline_fraction)):
-                if group is None:
-                    continue
-                samples = plans.draw_samples(group.rng, plan, fraction, group.members, chunks,
-                                             phase, deleted)
-                if cfg.reset_optimizer_each_phase:
-                    group.state = group.reset_optimizer(group.state)
-                seconds[group.name] = train_group(group, phase, samples,
-                                                  np.ones(group.members, bool))
-                if group is ens:
-                    record["sample_size"] = int(samples.shape[1])
-
-            member_logits = ens.member_logits(test_images, n_test, cfg.eval_batch_size)
-            record["ensemble"] = metrics.aggregate(member_logits, test_labels, None, cfg.aggregation)
-            record["aggregations"] = {a: metrics.aggregate(member_logits, test_labels, None, a)
-                                      for a in metrics.AGGREGATIONS}
-            record["baseline"] = (metrics.score(base.member_logits(test_images, n_test,
-                                                                   cfg.eval_batch_size)[0], test_labels)
-                                  if base else None)
-
-            # Deletions after this phase.
-            if schedule is not None:
-                ids = np.asarray(sorted(schedule.get(phase, [])), np.int64)
-            elif phase < cfg.phases:
-                ids = deletions_lib.random_deletions(
-                    rngs[_STREAM_DELETIONS], plans.working_set(chunks, phase, deleted),
-                    cfg.deletion_rate, arrived=sum(len(c) for c in chunks[:phase]))
-            else:
-                ids = np.zeros(0, np.int64)
-            invalid = ens.lineage.invalid(ids)
-            record["deleted_ids"] = ids.tolist()
-            record["invalidated"] = np.flatnonzero(invalid).tolist()
-            record["members"] = _member_records(member_logits, test_labels, ~invalid,
-                                                ens.lineage.born)
-            if ids.size:
-                deleted[ids] = True
-                all_deleted.extend(ids.tolist())
-                k_now = jax.random.fold_in(k_unlearn, phase)
-                ens.state = ens.unlearn(k_now, ens.state, jnp.asarray(invalid))
-                ens.lineage.reset(invalid, phase)
-                replacements += int(invalid.sum())
-                after = {"ensemble": metrics.aggregate(member_logits, test_labels, ~invalid,
-                                                       cfg.aggregation)}
-                if phase == cfg.phases and invalid.any():
-                    # No next phase to join: retrain the fresh members now on a new draw.
-                    samples = plans.draw_samples(rngs[_STREAM_RETRAIN], cfg.plan, cfg.fraction,
-                                                 cfg.members, chunks, phase, deleted)
-                    bar.total += cfg.epochs
-                    seconds["retrain"] = train_group(ens, phase, samples, invalid, kind="retrain")
-                    logits = ens.member_logits(test_images, n_test, cfg.eval_batch_size)
-                    after["ensemble"] = metrics.aggregate(logits, test_labels, None, cfg.aggregation)
-                    after["members"] = _member_records(logits, test_labels, np.ones(cfg.members, bool),
-                                                       ens.lineage.born)
-                record["after_unlearning"] = after
-            record["seconds"] = time.perf_counter() - t_phase
-            record["seconds_by_model"] = seconds
-            results["phases"].append(record)
-            emit({"kind": "phase", **record})
-            log(_phase_line(record, cfg.phases))
-            _write_json(out / "results.json", results)
+            exp.run_phase(phase)
     finally:
-        bar.close()
-        metrics_file.close()
-
-    last = results["phases"][-1]
-    final = {k: last[k] for k in ("phase", "deleted_ids", "invalidated", "ensemble", "baseline",
-                                  "members", "seconds")}
-    if "members" in last.get("after_unlearning", {}):
-        final["ensemble"] = last["after_unlearning"]["ensemble"]
-        final["members"] = last["after_unlearning"]["members"]
-    violations = ens.lineage.violations(all_deleted)
-    results.update({
-        "complete": True,
-        "final": final,
-        "deleted_ids": sorted(all_deleted),
-        "replacements": replacements,
-        "lineage_audit": {"ok": violations == 0, "violations": violations,
-                          "members": cfg.members, "deleted": len(all_deleted)},
-        # The baseline is a reference model, as in the original study: it never trains on a
-        # deleted id after its deletion but is not unlearned; this counts what it still holds.
-        "baseline_deleted_ids_in_lineage": base.lineage.violations(all_deleted) if base else None,
-        "wall_seconds": time.perf_counter() - t_start,
-    })
-    ens.lineage.save(out / "lineage.npz", all_deleted)
-    _write_json(out / "results.json", results)
-    from jaxunlearn import plots
-    plots.plot_phases(results, out / "plots" / "accuracy_loss.png")
-    return results
+        exp.close()
+    return exp.finish(time.perf_counter() - t_start)
 
 
 def _phase_line(r: dict, phases: int) -> str:

@@ -39,7 +39,6 @@ class BatchNorm(nn.Module):
 
     momentum: float = 0.9
     epsilon: float = 1e-5
-    dtype: Any = None
 
     @nn.compact
     def __call__(self, x, train: bool, weight=None):
@@ -69,8 +68,7 @@ class BatchNorm(nn.Module):
         else:
             mean, var = running_mean.value, running_var.value
         inv = jax.lax.rsqrt(var + self.epsilon) * scale
-        y = (x - mean.astype(x.dtype)) * inv.astype(x.dtype) + bias.astype(x.dtype)
-        return y.astype(self.dtype or x.dtype)
+        return (x - mean.astype(x.dtype)) * inv.astype(x.dtype) + bias.astype(x.dtype)
 
 
 def _pad(k: int):
@@ -82,11 +80,12 @@ class BasicBlock(nn.Module):
 
     filters: int
     strides: int = 1
+    dtype: Any = jnp.float32
     expansion = 1
 
     @nn.compact
     def __call__(self, x, train: bool, weight=None):
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init)
+        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
         y = conv(self.filters, (3, 3), self.strides, padding=_pad(3))(x)
         y = nn.relu(BatchNorm()(y, train, weight))
         y = conv(self.filters, (3, 3), padding=_pad(3))(y)
@@ -102,11 +101,12 @@ class Bottleneck(nn.Module):
 
     filters: int
     strides: int = 1
+    dtype: Any = jnp.float32
     expansion = 4
 
     @nn.compact
     def __call__(self, x, train: bool, weight=None):
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init)
+        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
         y = conv(self.filters, (1, 1), padding="VALID")(x)
         y = nn.relu(BatchNorm()(y, train, weight))
         y = conv(self.filters, (3, 3), self.strides, padding=_pad(3))(y)
@@ -128,7 +128,8 @@ class ResNet(nn.Module):
       num_classes: output logits.
       width: channels of the first stage (doubles each stage).
       stem: "imagenet" or "cifar".
-      dtype: compute dtype (parameters stay float32).
+      dtype: compute dtype of convolutions and the classifier (parameters, BatchNorm
+        statistics and logits stay float32).
     """
 
     stage_sizes: Sequence[int]
@@ -155,10 +156,12 @@ class ResNet(nn.Module):
         for stage, blocks in enumerate(self.stage_sizes):
             for b in range(blocks):
                 strides = 2 if stage > 0 and b == 0 else 1
-                x = self.block_cls(self.width * 2**stage, strides)(x, train, weight)
+                x = self.block_cls(self.width * 2**stage, strides, self.dtype)(x, train, weight)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x).astype(jnp.float32)
 
+
+PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 ARCHITECTURES = {
     "resnet18": dict(stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock),

@@ -10,7 +10,7 @@ from jaxunlearn import ensemble, train
 from jaxunlearn.models import make_model
 from jaxunlearn.unlearn import make_unlearn
 
-M, N, B = 3, 64, 8
+M, N, B = 4, 64, 8
 
 
 def _init(model, tx, key):
@@ -63,7 +63,7 @@ def test_strategies_and_python_loop_agree(setup):
     idx, weight = _batch(1, pad=3)
     active = jnp.ones(M, bool)
     outs = {}
-    for strategy in ensemble.STRATEGIES:
+    for strategy in ensemble.STRATEGIES + ("hybrid:2",):
         step = jax.jit(ensemble.make_train_step(model, tx, strategy))
         outs[strategy] = step(state, images, labels, idx, weight, active)
     single = jax.jit(functools.partial(train.train_step, model, tx, False))
@@ -81,7 +81,7 @@ def test_strategies_and_python_loop_agree(setup):
 def test_inactive_member_is_untouched(setup):
     model, tx, state, images, labels = setup
     idx, weight = _batch(2)
-    active = jnp.array([True, False, True])
+    active = jnp.array([True, False, True, True])
     new, loss = jax.jit(ensemble.make_train_step(model, tx, "map"))(state, images, labels, idx,
                                                                    weight, active)
     _assert_trees_equal(jax.tree.map(lambda x: x[1], new), jax.tree.map(lambda x: x[1], state))
@@ -106,10 +106,17 @@ def test_eval_logits_shape_and_strategies_agree(setup):
 
 
 def test_resolve_strategy():
-    assert ensemble.resolve_strategy("auto", "cpu") in ensemble.STRATEGIES
-    assert ensemble.resolve_strategy("vmap") == "vmap"
-    with pytest.raises(ValueError, match="unknown member-parallel"):
-        ensemble.resolve_strategy("pmap")
+    assert ensemble.resolve_strategy("auto", "cpu") == "vmap"
+    assert ensemble.resolve_strategy("auto", "gpu") == "map"
+    assert ensemble.resolve_strategy("hybrid:2") == "hybrid:2"
+    for bad in ("pmap", "hybrid", "hybrid:0", "hybrid:x"):
+        with pytest.raises(ValueError, match="unknown member-parallel"):
+            ensemble.resolve_strategy(bad)
+
+
+def test_hybrid_needs_a_divisible_member_count(setup):
+    with pytest.raises(ValueError, match="divisible by 3"):
+        ensemble.over_members("hybrid:3", lambda x: x, (jnp.zeros((M, 2)),))
 
 
 # --- unlearning ------------------------------------------------------------------------------
@@ -138,9 +145,9 @@ def test_all_false_mask_changes_nothing(trained, unlearn):
 
 def test_unmasked_members_bit_identical_and_masked_fresh(trained, unlearn):
     model, tx, state = trained
-    invalid = jnp.array([False, True, False])
+    invalid = jnp.array([False, True, False, False])
     out = unlearn(jax.random.PRNGKey(7), state, invalid)
-    for i in (0, 2):
+    for i in (0, 2, 3):
         _assert_trees_equal(jax.tree.map(lambda x: x[i], out), jax.tree.map(lambda x: x[i], state))
     # A fresh member from its own key (jit and vmap may round the initialisers differently).
     fresh = jax.jit(train.init_member, static_argnums=(0, 1))(
@@ -151,7 +158,7 @@ def test_unmasked_members_bit_identical_and_masked_fresh(trained, unlearn):
 
 def test_unlearn_twice_equals_once(trained, unlearn):
     _, _, state = trained
-    key, invalid = jax.random.PRNGKey(3), jnp.array([True, False, True])
+    key, invalid = jax.random.PRNGKey(3), jnp.array([True, False, True, False])
     once = unlearn(key, state, invalid)
     _assert_trees_equal(unlearn(key, once, invalid), once)
 
@@ -159,5 +166,5 @@ def test_unlearn_twice_equals_once(trained, unlearn):
 def test_new_mask_does_not_recompile(trained):
     model, tx, state = trained
     unlearn = jax.jit(chex.assert_max_traces(make_unlearn(model, tx), n=1))
-    for k, mask in enumerate(([True, False, False], [False, True, True], [False] * 3)):
+    for k, mask in enumerate(([True, False, False, False], [False, True, True, True], [False] * 4)):
         unlearn(jax.random.PRNGKey(k), state, jnp.array(mask))

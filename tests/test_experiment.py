@@ -1,6 +1,7 @@
 """End to end: the smoke preset through the CLI, deletion schedules, bad input."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -146,3 +147,29 @@ def test_presets_and_data_commands(capsys):
     assert all(name in text for name in ("smoke", "demo", "seed"))
     assert cli.main(["data", "--data", "sample"]) == 0
     assert "airplane" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not os.environ.get(data.ENV_VAR), reason=f"set {data.ENV_VAR} to real CIFAR-10")
+def test_smoke_on_real_cifar10_through_the_environment(tmp_path):
+    assert cli.main(["run", "--preset", "smoke", "--data", "cifar10", "--out", str(tmp_path),
+                     "--quiet", "phases=2"]) == 0
+    (run_dir,) = tmp_path.iterdir()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert "binary folder" in results["data_source"]
+    assert results["n_train"] == 300 and results["n_test"] == 100
+    assert results["lineage_audit"]["ok"]
+
+
+def test_one_compilation_per_function_across_phases_deletions_and_sample_sizes(tmp_path, sample):
+    from jaxunlearn.group import compile_group
+
+    cfg = _tiny(baseline="none", phases=3, deletion_rate=0.02, member_parallel="vmap",
+                stem="cifar", optimizer="sgd")  # a setting no other test compiles
+    results = experiment.run(cfg, tmp_path / "run", dataset=sample, log=lambda s: None)
+    sizes = {r["sample_size"] for r in results["phases"]}
+    assert len(sizes) == 3 and sum(len(r["deleted_ids"]) for r in results["phases"]) == 6
+    fns = compile_group(cfg.model, cfg.stem, cfg.precision, cfg.optimizer, cfg.learning_rate,
+                        cfg.weight_decay, "vmap", cfg.augment)
+    assert fns.step._cache_size() == 1
+    assert fns.logits._cache_size() == 1
+    assert fns.unlearn._cache_size() == 1

@@ -63,3 +63,17 @@ def test_unknown_model_and_stem_are_rejected():
         make_model("resnet19")
     with pytest.raises(ValueError, match="unknown stem"):
         make_model("resnet18", "mnist")
+
+
+def test_bf16_compute_keeps_float32_parameters_and_logits():
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
+    fp32, bf16 = make_model("tiny", "cifar"), make_model("tiny", "cifar", dtype=jnp.bfloat16)
+    variables = jax.jit(lambda k: bf16.init(k, x, train=False))(jax.random.PRNGKey(0))
+    assert {p.dtype for p in jax.tree.leaves(variables)} == {jnp.dtype("float32")}
+    apply = jax.jit(lambda m, v: m.apply(v, x, train=False), static_argnums=0)
+    low, high = apply(bf16, variables), apply(fp32, variables)
+    assert low.dtype == jnp.float32
+    assert not np.array_equal(low, high)  # really computed in bfloat16
+    np.testing.assert_allclose(low, high, rtol=0.1, atol=0.05)
+    hlo = jax.jit(lambda v: bf16.apply(v, x, train=False)).lower(variables).as_text()
+    assert "bf16" in hlo and "convolution" in hlo
