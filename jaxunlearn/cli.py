@@ -15,6 +15,7 @@ EPILOG = """examples:
   jaxunlearn run --preset smoke --out /tmp/runs
   jaxunlearn run --preset seed --data ~/data/cifar-10-batches-bin
   jaxunlearn run --preset demo epochs=2 members=3 --deletions deletions.json
+  jaxunlearn run --preset seed devices=0 members=8         # members sharded over all GPUs
   jaxunlearn data --data ~/data/cifar-10-python.tar.gz
 """
 
@@ -44,6 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                      help="same as a positional override; may repeat")
     run.add_argument("--quiet", action="store_true", help="print only the run folder at the end")
+    multi = run.add_argument_group(
+        "several hosts", "every process runs the same command; the member axis is sharded over "
+                         "all their devices with devices=0; process 0 writes the run folder")
+    multi.add_argument("--distributed", action="store_true",
+                       help="call jax.distributed.initialize() (implied by --coordinator); "
+                            "without the flags below, the cluster environment (e.g. SLURM) "
+                            "supplies the address, process count and id")
+    multi.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+    multi.add_argument("--num-processes", type=int, metavar="N")
+    multi.add_argument("--process-id", type=int, metavar="I")
 
     presets = sub.add_parser("presets", help="list the presets")
     presets.add_argument("-v", "--verbose", action="store_true", help="show every setting")
@@ -77,10 +88,22 @@ def new_run_dir(parent, cfg: config_lib.Config) -> pathlib.Path:
     return path
 
 
+def init_distributed(args) -> None:
+    """Joins a multi-process JAX run before anything touches a device."""
+    import jax
+
+    # CPU hosts gather results through gloo; accelerators use their own collectives.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=args.coordinator,
+                               num_processes=args.num_processes, process_id=args.process_id)
+
+
 def cmd_run(args) -> int:
     from jaxunlearn import experiment
 
     cfg = resolve_config(args)
+    if args.distributed or args.coordinator:
+        init_distributed(args)
     out = new_run_dir(args.out, cfg)
     log = (lambda s: None) if args.quiet else functools.partial(print, flush=True)
     if not args.quiet:

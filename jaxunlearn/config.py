@@ -40,6 +40,7 @@ class Config:
     stem: str = "imagenet"
     member_parallel: str = "auto"  # auto, vmap, map, hybrid:K (vmap groups of K, map over groups)
     precision: str = "fp32"  # fp32, or bf16 compute with fp32 parameters and optimizer state
+    devices: int = 1  # shard the member axis over N devices with shard_map (0: all, 1: none)
     aggregation: str = "mean_logits"  # mean_logits, mean_probs, vote
     # Phases and sampling
     phases: int = 5

@@ -17,12 +17,11 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxunlearn import data as data_lib
 from jaxunlearn import deletions as deletions_lib
-from jaxunlearn import ensemble, metrics, plans, unlearn
+from jaxunlearn import ensemble, metrics, plans, sharding, unlearn
 from jaxunlearn.config import Config, ConfigError
 from jaxunlearn.group import ModelGroup
 from jaxunlearn.models import ARCHITECTURES, PRECISIONS, STEMS
@@ -58,6 +57,8 @@ def check_config(cfg: Config, n_train: int) -> None:
     try:
         unlearn.check_strategy(cfg.strategy)
         strategy = ensemble.resolve_strategy(cfg.member_parallel)
+        if cfg.devices != 1:
+            sharding.check_divisible(cfg.members, sharding.member_mesh(cfg.devices))
         make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -82,12 +83,6 @@ def _member_records(logits, labels, valid, born) -> list[dict]:
                  born=int(born[i])) for i in range(logits.shape[0])]
 
 
-def _write_json(path: pathlib.Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 class Experiment:
     """The driver of one run: owns the run folder, the model groups, the deletion state and the
     results; `run_phase` advances one phase, `finish` writes the end state."""
@@ -103,11 +98,11 @@ class Experiment:
         k_ens, k_base, self.k_unlearn = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
         rngs = [np.random.default_rng([cfg.seed, s]) for s in range(4)]
         self.deletion_rng, self.retrain_rng = rngs[_STREAM_DELETIONS], rngs[_STREAM_RETRAIN]
-        self.train_arrays = (jax.device_put(ds.train_images), jax.device_put(ds.train_labels))
-        self.test_images, self.test_labels = jax.device_put(ds.test_images), ds.test_labels
-        self.ens = ModelGroup("ensemble", cfg.model, cfg.members, cfg, k_ens, ds.n_train,
-                              rngs[_STREAM_ENSEMBLE])
-        self.base = (ModelGroup("baseline", cfg.baseline, 1, cfg, k_base, ds.n_train,
+        self.test_labels = ds.test_labels
+        arrays = (ds.train_images, ds.train_labels, ds.test_images)
+        self.ens = ModelGroup("ensemble", cfg.model, cfg.members, cfg, k_ens, arrays,
+                              rngs[_STREAM_ENSEMBLE], devices=cfg.devices)
+        self.base = (ModelGroup("baseline", cfg.baseline, 1, cfg, k_base, arrays,
                                 rngs[_STREAM_BASELINE]) if cfg.baseline != "none" else None)
         self.deleted = np.zeros(ds.n_train, bool)
         self.all_deleted: list[int] = []
@@ -116,6 +111,8 @@ class Experiment:
             "complete": False, "config": cfg.to_dict(), "data_source": ds.source,
             "n_train": ds.n_train, "n_test": ds.n_test, "member_parallel": self.ens.strategy,
             "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+            "devices": self.ens.mesh.size if self.ens.mesh is not None else 1,
+            "processes": jax.process_count(),
             "versions": {"python": platform.python_version(), "jax": jax.__version__,
                          "flax": _version("flax"), "optax": _version("optax")},
             "phases": [],
@@ -123,17 +120,27 @@ class Experiment:
         groups = 2 if self.base else 1
         self.bar = tqdm(total=cfg.phases * cfg.epochs * groups, disable=not progress,
                         unit="epoch", leave=False, dynamic_ncols=True)
-        self.metrics_file = open(out / "metrics.jsonl", "a", buffering=1)
+        # With several processes (hosts), every process computes everything; the first writes.
+        self.primary = jax.process_index() == 0
+        self.metrics_file = open(out / "metrics.jsonl" if self.primary else os.devnull, "a",
+                                 buffering=1)
 
     def close(self) -> None:
         self.bar.close()
         self.metrics_file.close()
 
+    def save_results(self) -> None:
+        """Rewrites ``results.json`` atomically (a reader never sees a half-written file)."""
+        if self.primary:
+            tmp = self.out / "results.json.tmp"
+            tmp.write_text(json.dumps(self.results, indent=2))
+            os.replace(tmp, self.out / "results.json")
+
     def emit(self, record: dict) -> None:
         self.metrics_file.write(json.dumps(record) + "\n")
 
     def logits(self, group: ModelGroup) -> np.ndarray:
-        return group.member_logits(self.test_images, self.n_test, self.cfg.eval_batch_size)
+        return group.member_logits(self.cfg.eval_batch_size)
 
     def train_group(self, group: ModelGroup, phase: int, samples: np.ndarray,
                     active: np.ndarray, kind: str = "epoch") -> float:
@@ -154,7 +161,7 @@ class Experiment:
                                                          cfg.aggregation)
             self.emit(line)
 
-        group.train(self.train_arrays, samples, cfg.epochs, cfg.batch_size, active, on_epoch)
+        group.train(samples, cfg.epochs, cfg.batch_size, active, on_epoch)
         return time.perf_counter() - t0
 
     def deletions_after(self, phase: int) -> np.ndarray:
@@ -181,7 +188,7 @@ class Experiment:
             samples = plans.draw_samples(group.rng, plan, fraction, group.members, self.chunks,
                                          phase, self.deleted)
             if cfg.reset_optimizer_each_phase:
-                group.state = group.reset_optimizer(group.state)
+                group.reset_optimizer()
             seconds[group.name] = self.train_group(group, phase, samples,
                                                    np.ones(group.members, bool))
             if group is ens:
@@ -205,7 +212,7 @@ class Experiment:
         self.results["phases"].append(record)
         self.emit({"kind": "phase", **record})
         self.log(_phase_line(record, cfg.phases))
-        _write_json(self.out / "results.json", self.results)
+        self.save_results()
         return record
 
     def unlearn(self, phase: int, ids: np.ndarray, invalid: np.ndarray,
@@ -215,8 +222,7 @@ class Experiment:
         cfg, ens, labels = self.cfg, self.ens, self.test_labels
         self.deleted[ids] = True
         self.all_deleted.extend(ids.tolist())
-        ens.state = ens.unlearn(jax.random.fold_in(self.k_unlearn, phase), ens.state,
-                                jnp.asarray(invalid))
+        ens.unlearn(jax.random.fold_in(self.k_unlearn, phase), invalid)
         ens.lineage.reset(invalid, phase)
         self.replacements += int(invalid.sum())
         after = {"ensemble": metrics.aggregate(member_logits, labels, ~invalid, cfg.aggregation)}
@@ -255,18 +261,36 @@ class Experiment:
                                                 if self.base else None),
             "wall_seconds": wall_seconds,
         })
-        self.ens.lineage.save(self.out / "lineage.npz", self.all_deleted)
-        _write_json(self.out / "results.json", self.results)
-        plots.plot_phases(self.results, self.out / "plots" / "accuracy_loss.png")
+        if self.primary:
+            self.ens.lineage.save(self.out / "lineage.npz", self.all_deleted)
+            self.save_results()
+            plots.plot_phases(self.results, self.out / "plots" / "accuracy_loss.png")
         return self.results
+
+
+def prepare(cfg: Config, out_dir, dataset: data_lib.Dataset | None = None,
+            log: Callable[[str], None] = print, progress: bool | None = None) -> Experiment:
+    """Checks everything that can be checked (config, data, deletion schedule), then creates
+    the run folder ``out_dir`` (which must be new) and the `Experiment` that will fill it."""
+    ds = dataset if dataset is not None else data_lib.load_dataset(cfg.data)
+    ds = ds.limit(cfg.train_limit or None, cfg.test_limit or None)
+    check_config(cfg, ds.n_train)
+    schedule = None
+    if cfg.deletions:
+        schedule = deletions_lib.load_schedule(cfg.deletions)
+        deletions_lib.validate_schedule(schedule, plans.make_chunks(ds.n_train, cfg.phases))
+    out = pathlib.Path(out_dir)
+    if jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=False)
+        (out / "plots").mkdir()
+        (out / "config.json").write_text(cfg.to_json())
+    return Experiment(cfg, ds, out, schedule, log,
+                      sys.stderr.isatty() if progress is None else progress)
 
 
 def run(cfg: Config, out_dir, dataset: data_lib.Dataset | None = None,
         log: Callable[[str], None] = print, progress: bool | None = None) -> dict:
     """Runs the experiment described by ``cfg`` and writes the run folder ``out_dir`` (new).
-
-    Everything that can be checked (config, data, deletion schedule) is checked before the
-    folder is created.
 
     Args:
       dataset: pre-loaded data (else loaded from ``cfg.data``).
@@ -276,20 +300,7 @@ def run(cfg: Config, out_dir, dataset: data_lib.Dataset | None = None,
       The results dictionary also written to ``results.json``.
     """
     t_start = time.perf_counter()
-    ds = dataset if dataset is not None else data_lib.load_dataset(cfg.data)
-    ds = ds.limit(cfg.train_limit or None, cfg.test_limit or None)
-    check_config(cfg, ds.n_train)
-    schedule = None
-    if cfg.deletions:
-        schedule = deletions_lib.load_schedule(cfg.deletions)
-        deletions_lib.validate_schedule(schedule, plans.make_chunks(ds.n_train, cfg.phases))
-
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=False)
-    (out / "plots").mkdir()
-    (out / "config.json").write_text(cfg.to_json())
-    exp = Experiment(cfg, ds, out, schedule, log,
-                     sys.stderr.isatty() if progress is None else progress)
+    exp = prepare(cfg, out_dir, dataset, log, progress)
     try:
         for phase in range(1, cfg.phases + 1):
             exp.run_phase(phase)

@@ -13,7 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxunlearn import ensemble, plans, unlearn
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxunlearn import ensemble, plans, sharding, unlearn
 from jaxunlearn.config import Config
 from jaxunlearn.lineage import Lineage
 from jaxunlearn.models import PRECISIONS, make_model
@@ -26,6 +29,7 @@ class Compiled(NamedTuple):
     model: Any
     tx: Any
     strategy: str
+    mesh: Mesh | None
     init: Callable
     step: Callable
     logits: Callable
@@ -35,65 +39,117 @@ class Compiled(NamedTuple):
 
 @functools.lru_cache(maxsize=16)
 def compile_group(arch: str, stem: str, precision: str, optimizer: str, learning_rate: float,
-                  weight_decay: float, member_parallel: str, augment: bool) -> Compiled:
+                  weight_decay: float, member_parallel: str, augment: bool,
+                  devices: int = 1) -> Compiled:
     """Builds (once per process and setting) the jitted functions of one model group, so that
-    repeated runs in one process, as in sweeps and tests, reuse their compilations."""
+    repeated runs in one process, as in sweeps and tests, reuse their compilations.
+
+    ``devices`` other than 1 shards the member axis over that many devices (0: all) with
+    `jax.shard_map`, the single-device ``member_parallel`` strategy running inside.
+    """
     model = make_model(arch, stem, dtype=PRECISIONS[precision])
     tx = make_optimizer(optimizer, learning_rate, weight_decay)
     strategy = ensemble.resolve_strategy(member_parallel)
+    step = ensemble.make_train_step(model, tx, strategy, augment)
+    logits = ensemble.make_eval_logits(model, strategy)
+    reset = functools.partial(ensemble.reset_optimizer, tx)
+    init = functools.partial(ensemble.init_ensemble, model, tx)
+    mesh = sharding.member_mesh(devices) if devices != 1 else None
+    if mesh is None or mesh.size == 1:
+        return Compiled(
+            model=model, tx=tx, strategy=strategy, mesh=None,
+            init=jax.jit(init, static_argnums=1),
+            step=jax.jit(step, donate_argnums=0),
+            logits=jax.jit(logits),
+            unlearn=jax.jit(unlearn.make_unlearn(model, tx), donate_argnums=1),
+            reset_optimizer=jax.jit(reset, donate_argnums=0))
+    M, R = sharding.MEMBERS, sharding.REPLICATED
     return Compiled(
-        model=model, tx=tx, strategy=strategy,
-        init=jax.jit(functools.partial(ensemble.init_ensemble, model, tx), static_argnums=1),
-        step=jax.jit(ensemble.make_train_step(model, tx, strategy, augment), donate_argnums=0),
-        logits=jax.jit(ensemble.make_eval_logits(model, strategy)),
-        unlearn=jax.jit(unlearn.make_unlearn(model, tx), donate_argnums=1),
-        reset_optimizer=jax.jit(functools.partial(ensemble.reset_optimizer, tx), donate_argnums=0))
+        model=model, tx=tx, strategy=strategy, mesh=mesh,
+        init=jax.jit(init, static_argnums=1, out_shardings=NamedSharding(mesh, M)),
+        step=jax.jit(sharding.shard(step, mesh, (M, R, R, M, M, M), (M, M)), donate_argnums=0),
+        logits=jax.jit(sharding.shard(logits, mesh, (M, R, R), M)),
+        unlearn=jax.jit(unlearn.make_unlearn(model, tx, mesh), donate_argnums=1),
+        reset_optimizer=jax.jit(sharding.shard(reset, mesh, (M,), M), donate_argnums=0))
 
 
 class ModelGroup:
     """One stacked group of members (the ensemble, or the baseline as a group of one), with its
-    jitted steps, its lineage and its host random stream. Driver-side: it owns mutable state."""
+    jitted steps, its data on the device, its lineage and its host random stream.
+    Driver-side: it owns mutable state."""
 
-    def __init__(self, name: str, arch: str, members: int, cfg: Config, key, n_train: int,
-                 rng: np.random.Generator):
+    def __init__(self, name: str, arch: str, members: int, cfg: Config, key, data: tuple,
+                 rng: np.random.Generator, devices: int = 1):
+        """``data``: host arrays (train images, train labels, test images)."""
         self.name = name
         # A group of one (the baseline) needs no member parallelism: vmap over one member is
         # the plain model.
         parallel = cfg.member_parallel if members > 1 else "vmap"
         fns = compile_group(arch, cfg.stem, cfg.precision, cfg.optimizer, cfg.learning_rate,
-                            cfg.weight_decay, parallel, cfg.augment)
-        self.strategy = fns.strategy
-        self.step, self.logits = fns.step, fns.logits
-        self.unlearn, self.reset_optimizer = fns.unlearn, fns.reset_optimizer
-        self.state = fns.init(key, members)
-        self.lineage = Lineage.empty(members, n_train)
+                            cfg.weight_decay, parallel, cfg.augment, devices)
+        self.strategy, self.mesh = fns.strategy, fns.mesh
+        if self.mesh is not None:
+            sharding.check_divisible(members, self.mesh)
+        self._step, self._logits = fns.step, fns.logits
+        self._unlearn, self._reset_optimizer = fns.unlearn, fns.reset_optimizer
+        self.state = fns.init(self._host(key), members)
+        train_images, train_labels, self.test_images = (self._place(x, sharding.REPLICATED)
+                                                        for x in data)
+        self.train_arrays = (train_images, train_labels)
+        self.n_train, self.n_test = len(data[0]), len(data[2])
+        self.lineage = Lineage.empty(members, self.n_train)
         self.rng = rng
         self.members = members
 
-    def train(self, arrays, samples: np.ndarray, epochs: int, batch_size: int,
-              active: np.ndarray, on_epoch: Callable[[int, np.ndarray], None]) -> None:
+    def _place(self, x, spec):
+        """Host array -> device array: sharded by ``spec`` over the mesh, or on the default
+        device."""
+        return jnp.asarray(x) if self.mesh is None else sharding.put(x, self.mesh, spec)
+
+    def _host(self, key):
+        # Keys enter sharded functions as host values (identical in every process).
+        return key if self.mesh is None else np.asarray(key)
+
+    def reset_optimizer(self) -> None:
+        self.state = self._reset_optimizer(self.state)
+
+    def unlearn(self, key, invalid: np.ndarray) -> None:
+        """Reinitialises the ``invalid`` members (bool ``[m]``) from ``key``."""
+        self.state = self._unlearn(self._host(key), self.state,
+                                   self._place(np.asarray(invalid), sharding.MEMBERS))
+
+    def train(self, samples: np.ndarray, epochs: int, batch_size: int, active: np.ndarray,
+              on_epoch: Callable[[int, np.ndarray], None]) -> None:
         """Trains the ``active`` members for ``epochs`` on their ``samples`` (int ``[m, s]``)."""
-        images, labels = arrays
-        active_dev = jnp.asarray(active)
+        images, labels = self.train_arrays
+        active_dev = self._place(np.asarray(active), sharding.MEMBERS)
         for epoch in range(1, epochs + 1):
             idx, weight = plans.epoch_batches(self.rng, samples, batch_size)
-            idx_dev, weight_dev = jnp.asarray(idx), jnp.asarray(weight)
-            loss_sum = jnp.zeros(self.members, jnp.float32)
+            per_step = P(None, sharding.MEMBER_AXIS)
+            idx_dev, weight_dev = self._place(idx, per_step), self._place(weight, per_step)
+            loss_sum = None
             for s in range(idx.shape[0]):
-                self.state, loss = self.step(self.state, images, labels, idx_dev[s],
-                                             weight_dev[s], active_dev)
-                loss_sum = loss_sum + loss
+                self.state, loss = self._step(self.state, images, labels, idx_dev[s],
+                                              weight_dev[s], active_dev)
+                loss_sum = loss if loss_sum is None else loss_sum + loss
             self.lineage.record(idx, weight, active)
-            check_finite(np.asarray(loss_sum), self.name, epoch)
-            on_epoch(epoch, np.asarray(loss_sum) / samples.shape[1])
+            loss_sum = sharding.to_host(loss_sum)
+            check_finite(loss_sum, self.name, epoch)
+            on_epoch(epoch, loss_sum / samples.shape[1])
 
-    def member_logits(self, images, n: int, batch_size: int) -> np.ndarray:
-        """Logits of every member on the first ``n`` resident images: ``[m, n, classes]``."""
-        out = []
+    def member_logits(self, batch_size: int) -> np.ndarray:
+        """Logits of every member on the test images: ``[m, n_test, classes]``."""
+        n, out = self.n_test, []
         for start in range(0, n, batch_size):
-            idx = np.arange(start, start + batch_size) % n  # pad the last batch by wrapping
-            out.append(np.asarray(self.logits(self.state, images, jnp.asarray(idx, jnp.int32))))
+            idx = (np.arange(start, start + batch_size) % n).astype(np.int32)  # wrap last batch
+            logits = self._logits(self.state, self.test_images,
+                                  self._place(idx, sharding.REPLICATED))
+            out.append(sharding.to_host(logits))
         return np.concatenate(out, axis=1)[:, :n]
+
+    def host_params(self):
+        """The members' parameters as numpy (gathered from every process)."""
+        return jax.tree.map(sharding.to_host, self.state.params)
 
 
 def check_finite(loss_sums: np.ndarray, name: str, epoch: int) -> None:
@@ -101,5 +157,3 @@ def check_finite(loss_sums: np.ndarray, name: str, epoch: int) -> None:
     if bad.size:
         raise FloatingPointError(f"{name} member(s) {bad.tolist()} reached a non-finite loss in "
                                  f"epoch {epoch}; lower the learning rate")
-
-

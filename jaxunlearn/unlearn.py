@@ -21,14 +21,14 @@ import flax.linen as nn
 import jax
 import optax
 
-from jaxunlearn import train
+from jaxunlearn import sharding, train
 from jaxunlearn.ensemble import select_members
 from jaxunlearn.train import MemberState, PRNGKey
 
 RETRAIN_STRATEGIES = ("replace",)
 
 
-def make_unlearn(model: nn.Module, tx: optax.GradientTransformation) -> Callable:
+def make_unlearn(model: nn.Module, tx: optax.GradientTransformation, mesh=None) -> Callable:
     """Returns the pure ``unlearn(key, state, invalid) -> state``.
 
     Args (of the returned function):
@@ -36,15 +36,31 @@ def make_unlearn(model: nn.Module, tx: optax.GradientTransformation) -> Callable
       state: stacked `MemberState`, member axis first.
       invalid: bool ``[m]``; true members get fresh params, batch statistics, optimiser state,
         step 0 and a new member key.
+
+    With a ``mesh`` (`jaxunlearn.sharding.member_mesh`) the function is a `shard_map` over the
+    member axis: each device draws the fresh members of its own slice, with the same keys as
+    the unsharded function, so both give the same result.
     """
     init = functools.partial(train.init_member, model, tx)
 
-    def unlearn(key: PRNGKey, state: MemberState, invalid: jax.Array) -> MemberState:
+    def fresh_select(key, state, invalid, total, start):
         m = state.step.shape[0]
-        fresh = jax.vmap(init)(jax.random.split(key, m))
-        return select_members(invalid, fresh, state)
+        keys = jax.lax.dynamic_slice_in_dim(jax.random.split(key, total), start, m)
+        return select_members(invalid, jax.vmap(init)(keys), state)
 
-    return unlearn
+    if mesh is None:
+        def unlearn(key: PRNGKey, state: MemberState, invalid: jax.Array) -> MemberState:
+            return fresh_select(key, state, invalid, state.step.shape[0], 0)
+
+        return unlearn
+
+    def local(key, state, invalid):
+        m = state.step.shape[0]
+        start = jax.lax.axis_index(sharding.MEMBER_AXIS) * m
+        return fresh_select(key, state, invalid, m * mesh.size, start)
+
+    return sharding.shard(local, mesh, (sharding.REPLICATED, sharding.MEMBERS, sharding.MEMBERS),
+                          sharding.MEMBERS)
 
 
 def check_strategy(name: str) -> str:

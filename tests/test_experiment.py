@@ -169,7 +169,7 @@ def test_one_compilation_per_function_across_phases_deletions_and_sample_sizes(t
     sizes = {r["sample_size"] for r in results["phases"]}
     assert len(sizes) == 3 and sum(len(r["deleted_ids"]) for r in results["phases"]) == 6
     fns = compile_group(cfg.model, cfg.stem, cfg.precision, cfg.optimizer, cfg.learning_rate,
-                        cfg.weight_decay, "vmap", cfg.augment)
+                        cfg.weight_decay, "vmap", cfg.augment, cfg.devices)
     assert fns.step._cache_size() == 1
     assert fns.logits._cache_size() == 1
     assert fns.unlearn._cache_size() == 1

@@ -1,0 +1,86 @@
+"""Runs a small experiment with the member axis sharded over devices (and processes), for
+tests/test_sharding.py, which starts it in a subprocess with fake CPU devices.
+
+    python tests/multidevice_worker.py OUT_DIR DEVICES [COORDINATOR NUM_PROCESSES PROCESS_ID]
+    python tests/multidevice_worker.py unlearn-check
+
+The first writes OUT_DIR/run (the run folder) and OUT_DIR/params.npz (every member's
+parameters) from process 0. The second checks, on 4 devices, that a sharded unlearn changes
+only the shards of invalid members and equals the unsharded one; it exits non-zero otherwise.
+"""
+
+import pathlib
+import sys
+
+
+def main(out: str, devices: int, coordinator: str | None = None, processes: int = 1,
+         process_id: int = 0) -> None:
+    import jax
+
+    if coordinator:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator, processes, process_id)
+    import numpy as np
+
+    from jaxunlearn import data, experiment
+    from jaxunlearn.config import apply_overrides, get_preset
+
+    cfg = apply_overrides(get_preset("smoke"), {
+        "members": 4, "phases": 2, "baseline": "none", "eval_every_epoch": False,
+        "deletion_rate": 0.02, "devices": devices})
+    out = pathlib.Path(out)
+    exp = experiment.prepare(cfg, out / "run", data.load_sample(), log=lambda s: None,
+                             progress=False)
+    for phase in (1, 2):
+        exp.run_phase(phase)
+    exp.close()
+    exp.finish(0.0)
+    params = exp.ens.host_params()  # gathered from every process
+    if jax.process_index() == 0:
+        flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
+        np.savez(out / "params.npz", **flat)
+
+
+def unlearn_check() -> None:
+    import jax
+    import numpy as np
+
+    from jaxunlearn import sharding
+    from jaxunlearn.group import compile_group
+
+    assert jax.device_count() == 4, jax.devices()
+    sharded = compile_group("tiny", "cifar", "fp32", "adam", 1e-3, 0.0, "vmap", False, 4)
+    single = compile_group("tiny", "cifar", "fp32", "adam", 1e-3, 0.0, "vmap", False, 1)
+    key = np.asarray(jax.random.PRNGKey(0))
+    state = sharded.init(key, 4)
+    def shards(tree):
+        return {jax.tree_util.keystr(path): {s.index[0].start: np.asarray(s.data)
+                                             for s in leaf.addressable_shards}
+                for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+    before = shards(state)
+    invalid = np.array([False, True, False, False])
+    k_new = np.asarray(jax.random.PRNGKey(9))
+    out = sharded.unlearn(k_new, state, sharding.put(invalid, sharded.mesh, sharding.MEMBERS))
+    fresh_kernels = 0
+    for path, members in shards(out).items():
+        for member, value in members.items():
+            same = np.array_equal(value, before[path][member])
+            if not invalid[member]:
+                assert same, f"valid member {member} changed at {path}"
+            elif path.startswith(".params") and "kernel" in path:  # random init: differs
+                assert not same, f"invalid member {member} kept {path}"
+                fresh_kernels += 1
+    assert fresh_kernels >= 3, fresh_kernels  # the tiny ResNet's convolutions and classifier
+    reference = single.unlearn(k_new, single.init(key, 4), jax.numpy.asarray(invalid))
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(reference)):
+        np.testing.assert_allclose(sharding.to_host(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    print("unlearn-check ok")
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if args == ["unlearn-check"]:
+        unlearn_check()
+        sys.exit(0)
+    main(args[0], int(args[1]), *(args[2:3]), *(int(a) for a in args[3:5]))
