@@ -28,20 +28,25 @@ from jaxunlearn import train
 from jaxunlearn.train import MemberState, PRNGKey
 
 STRATEGIES = ("vmap", "map")
-# Default per backend, measured (benchmarks/README.md): on an H100 the scan over members runs
-# ResNet-18 ensembles ~2x faster than vmap; on a 2-core CPU it is ~8x slower (XLA:CPU runs the
-# convolutions inside the loop body without its fast multi-threaded path).
-DEFAULT_STRATEGY = {"cpu": "vmap", "gpu": "map", "cuda": "map", "rocm": "map"}
+# `auto`, from measurements (benchmarks/README.md): (backend, architecture) -> strategy.
+# Measured: ResNet-18 (both stems) on a 2-core CPU, where the scan over members is 6-9x slower
+# than vmap (XLA:CPU loses its fast convolution path inside the loop body), and on an H100,
+# where map is ~2x faster than vmap (XLA's grouped convolutions are slow there). Other
+# architectures take their backend's ResNet-18 entry until measured.
+MEASURED_STRATEGY = {("cpu", "resnet18"): "vmap", ("gpu", "resnet18"): "map"}
+_MEASURED_REFERENCE = "resnet18"
 
 
-def resolve_strategy(name: str, backend: str | None = None) -> str:
-    """``auto`` -> the measured default for ``backend`` (the default backend if None).
+def resolve_strategy(name: str, backend: str | None = None, arch: str = "resnet18") -> str:
+    """``auto`` -> the measured strategy for ``backend`` (default: JAX's) and ``arch``.
 
     Names: ``vmap``, ``map``, or ``hybrid:K`` (vmap over groups of K members, map over the
     groups; the member count must be a multiple of K).
     """
     if name == "auto":
-        return DEFAULT_STRATEGY.get(backend or jax.default_backend(), "vmap")
+        backend = backend or jax.default_backend()
+        return MEASURED_STRATEGY.get((backend, arch),
+                                     MEASURED_STRATEGY.get((backend, _MEASURED_REFERENCE), "vmap"))
     if name in STRATEGIES:
         return name
     kind, _, k = name.partition(":")

@@ -56,7 +56,7 @@ def check_config(cfg: Config, n_train: int) -> None:
     need(n_train >= cfg.phases, f"{n_train} training examples cannot fill {cfg.phases} phases")
     try:
         unlearn.check_strategy(cfg.strategy)
-        strategy = ensemble.resolve_strategy(cfg.member_parallel)
+        strategy = ensemble.resolve_strategy(cfg.member_parallel, arch=cfg.model)
         if cfg.devices != 1:
             sharding.check_divisible(cfg.members, sharding.member_mesh(cfg.devices))
         make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.weight_decay)

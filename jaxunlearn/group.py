@@ -49,7 +49,7 @@ def compile_group(arch: str, stem: str, precision: str, optimizer: str, learning
     """
     model = make_model(arch, stem, dtype=PRECISIONS[precision])
     tx = make_optimizer(optimizer, learning_rate, weight_decay)
-    strategy = ensemble.resolve_strategy(member_parallel)
+    strategy = ensemble.resolve_strategy(member_parallel, arch=arch)
     step = ensemble.make_train_step(model, tx, strategy, augment)
     logits = ensemble.make_eval_logits(model, strategy)
     reset = functools.partial(ensemble.reset_optimizer, tx)
