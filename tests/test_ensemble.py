@@ -7,14 +7,18 @@ import numpy as np
 import pytest
 
 from jaxunlearn import ensemble, train
+from jaxunlearn.group import setup_compiler_options
 from jaxunlearn.models import make_model
 from jaxunlearn.unlearn import make_unlearn
 
 M, N, B = 4, 64, 8
 
 
+# Initialisation-like programs compile at XLA:CPU level 0 here (see setup_compiler_options):
+# the laws tested do not depend on backend optimisation, and the suite stays fast.
 def _init(model, tx, key):
-    return jax.jit(ensemble.init_ensemble, static_argnums=(0, 1, 3))(model, tx, key, M)
+    return jax.jit(ensemble.init_ensemble, static_argnums=(0, 1, 3),
+                   compiler_options=setup_compiler_options())(model, tx, key, M)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +138,7 @@ def trained(setup):
 @pytest.fixture(scope="module")
 def unlearn(trained):
     model, tx, _ = trained
-    return jax.jit(make_unlearn(model, tx))
+    return jax.jit(make_unlearn(model, tx), compiler_options=setup_compiler_options())
 
 
 def test_all_false_mask_changes_nothing(trained, unlearn):
@@ -150,7 +154,8 @@ def test_unmasked_members_bit_identical_and_masked_fresh(trained, unlearn):
     for i in (0, 2, 3):
         _assert_trees_equal(jax.tree.map(lambda x: x[i], out), jax.tree.map(lambda x: x[i], state))
     # A fresh member from its own key (jit and vmap may round the initialisers differently).
-    fresh = jax.jit(train.init_member, static_argnums=(0, 1))(
+    fresh = jax.jit(train.init_member, static_argnums=(0, 1),
+                    compiler_options=setup_compiler_options())(
         model, tx, jax.random.split(jax.random.PRNGKey(7), M)[1])
     chex.assert_trees_all_close(jax.tree.map(lambda x: x[1], out), fresh, rtol=1e-5, atol=1e-6)
     assert int(out.step[1]) == 0 and int(state.step[1]) == 3
@@ -165,6 +170,7 @@ def test_unlearn_twice_equals_once(trained, unlearn):
 
 def test_new_mask_does_not_recompile(trained):
     model, tx, state = trained
-    unlearn = jax.jit(chex.assert_max_traces(make_unlearn(model, tx), n=1))
+    unlearn = jax.jit(chex.assert_max_traces(make_unlearn(model, tx), n=1),
+                      compiler_options=setup_compiler_options())
     for k, mask in enumerate(([True, False, False, False], [False, True, True, True], [False] * 4)):
         unlearn(jax.random.PRNGKey(k), state, jnp.array(mask))

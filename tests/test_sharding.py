@@ -44,9 +44,10 @@ def _assert_same_run(a, b):
     for x, y in zip(ra["phases"], rb["phases"]):
         assert x["deleted_ids"] == y["deleted_ids"] and x["invalidated"] == y["invalidated"]
         assert x["ensemble"]["test_accuracy"] == y["ensemble"]["test_accuracy"]
-        assert x["ensemble"]["test_loss"] == pytest.approx(y["ensemble"]["test_loss"], rel=1e-6)
+        # Float rounding only (per-device programs reassociate sums): same tolerance as params.
+        assert x["ensemble"]["test_loss"] == pytest.approx(y["ensemble"]["test_loss"], rel=1e-4)
         for mx, my in zip(x["members"], y["members"]):
-            assert mx["test_loss"] == pytest.approx(my["test_loss"], rel=1e-5)
+            assert mx["test_loss"] == pytest.approx(my["test_loss"], rel=1e-4)
     np.testing.assert_array_equal(la["lineage"], lb["lineage"])
     assert pa.keys() == pb.keys()
     for k in pa:  # per-member float reassociation only: vmap over 4 members vs 1 per device

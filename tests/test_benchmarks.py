@@ -1,0 +1,148 @@
+"""The benchmark scripts run end to end at tiny sizes and write the JSON they promise."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import benchlib  # noqa: E402
+import throughput  # noqa: E402
+import unlearn_latency  # noqa: E402
+
+TINY = ["--batch", "4", "--steps", "2", "--n-data", "64"]
+RECORD_KEYS = {"command", "date", "device", "versions", "rows"}
+ROW_KEYS = {"impl", "model", "stem", "precision", "members", "strategy", "batch", "augment",
+            "status", "step_s_median", "step_s_min", "step_s_max", "member_images_per_s",
+            "compile_s", "first_step_s", "xla_step_bytes", "peak_bytes", "peak_memory",
+            "peak_scope"}
+
+
+def _record(path):
+    record = json.loads(pathlib.Path(path).read_text())
+    assert RECORD_KEYS <= set(record)
+    assert record["versions"]["jax"] and record["versions"]["python"]
+    assert record["device"]["platform"] and record["device"]["count"] >= 1
+    return record
+
+
+def test_grid_rules():
+    cells = throughput.grid(["tiny:cifar"], ["resnet152:cifar:bf16"], [1, 2, 5], [1],
+                            ["vmap", "map", "hybrid:5"], ["fp32", "bf16"], batch=4, steps=1,
+                            augment=False, n_data=64, torch=True)
+    got = {(c.impl, c.model, c.precision, c.members, c.strategy) for c in cells}
+    # One member: vmap only. hybrid:5 only where 5 divides the member count.
+    assert ("jax", "tiny", "fp32", 1, "vmap") in got
+    assert ("jax", "tiny", "fp32", 1, "map") not in got
+    assert ("jax", "tiny", "fp32", 2, "hybrid:5") not in got
+    assert ("jax", "tiny", "bf16", 5, "hybrid:5") in got
+    # A pinned precision ignores --precisions; single models run at --single-members only.
+    assert {(c.precision, c.members) for c in cells if c.model == "resnet152"} == {("bf16", 1)}
+    assert ("torch", "tiny", "fp32", 2, "sequential") in got
+    assert len(cells) == len(set(cells))
+    with pytest.raises(ValueError, match="resnet19"):
+        throughput.parse_model("resnet19:cifar", ["fp32"])
+
+
+def test_failure_status_names_oom():
+    assert benchlib.failure_status(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while "
+                                                "trying to allocate 9 GiB")) == "OOM"
+    assert benchlib.failure_status(ValueError("bad\nmore")) == "error: ValueError: bad"
+
+
+def test_throughput_in_process(tmp_path):
+    out = tmp_path / "t.json"
+    assert throughput.main(["--models", "tiny:cifar", "--members", "1", "2", "--strategies",
+                            "vmap", "hybrid:5", "--no-isolate", "--out", str(out)] + TINY) == 0
+    record = _record(out)
+    rows = record["rows"]
+    assert [(r["members"], r["strategy"]) for r in rows] == [(1, "vmap"), (2, "vmap")]
+    for r in rows:
+        assert r["status"] == "ok", r["status"]
+        assert ROW_KEYS <= set(r)
+        assert r["member_images_per_s"] > 0 and r["step_s_median"] > 0
+        assert r["peak_bytes"] > 0 and r["peak_scope"].startswith("process")
+
+    # A second run skips what the first measured.
+    again = tmp_path / "again.json"
+    throughput.main(["--models", "tiny:cifar", "--members", "1", "--strategies", "vmap",
+                     "--no-isolate", "--skip-done", str(out), "--out", str(again)] + TINY)
+    assert json.loads(again.read_text())["rows"] == []
+
+
+def test_pipeline_row_in_own_process(tmp_path):
+    out = tmp_path / "p.json"
+    throughput.main(["--models", "tiny:cifar", "--members", "2", "--strategies", "vmap",
+                     "--pipeline", "--out", str(out)] + TINY)
+    (row,) = _record(out)["rows"]
+    assert row["status"] == "ok", row["status"]
+    assert row["impl"] == "pipeline" and row["augment"] is True
+    assert row["member_images_per_s"] > 0 and row["synthetic_member_images_per_s"] > 0
+    expected = 100 * (row["step_s_median"] / row["synthetic_step_s_median"] - 1)
+    assert row["pipeline_overhead_pct"] == pytest.approx(expected)
+    assert row["peak_scope"] == "row" and row["peak_bytes"] > 0
+
+
+def test_torch_rows_without_torch(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_reference", None)  # import now fails
+    out = tmp_path / "t.json"
+    throughput.main(["--models", "tiny:cifar", "--members", "1", "--strategies", "vmap",
+                     "--torch", "--no-isolate", "--out", str(out)] + TINY)
+    rows = _record(out)["rows"]
+    assert [r["status"] for r in rows if r["impl"] == "torch"] == ["torch not installed"]
+    assert [r["status"] for r in rows if r["impl"] == "jax"] == ["ok"]
+
+
+def test_torch_reference(tmp_path):
+    pytest.importorskip("torch")
+    import torch_reference
+
+    assert torch_reference.count_params(torch_reference.make_model("resnet18")) == 11_181_642
+    assert torch_reference.count_params(torch_reference.make_model("resnet152")) == 58_164_298
+    row = torch_reference.measure("tiny", "cifar", members=2, precision="fp32", batch=4,
+                                  steps=2)
+    assert row["member_images_per_s"] > 0 and row["peak_bytes"] > 0
+    out = tmp_path / "r.json"
+    assert torch_reference.main(["--model", "tiny", "--members", "1", "--batch", "2",
+                                 "--steps", "1", "--precision", "bf16", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["status"] == "ok" and row["strategy"] == "sequential"
+
+
+def test_unlearn_latency(tmp_path):
+    out = tmp_path / "u.json"
+    assert unlearn_latency.main(["--model", "tiny", "--stem", "cifar", "--members", "3",
+                                 "--strategies", "vmap", "--batch", "4", "--samples", "10",
+                                 "--epochs", "2", "--steps", "2", "--repeats", "2",
+                                 "--n-data", "64", "--out", str(out)]) == 0
+    record = _record(out)
+    (row,) = record["rows"]
+    assert row["status"] == "ok", row["status"]
+    assert row["unlearn_s"] > 0 and 1 <= row["invalid_members"] <= 3
+    assert row["steps_per_epoch"] == 3
+    assert row["retrain_s"] == pytest.approx(2 * 3 * row["step_s_median"])
+    assert row["total_s"] == pytest.approx(row["unlearn_s"] + row["retrain_s"])
+    assert "formula" in record
+
+
+def test_run_gpu_script_parses():
+    subprocess.run(["bash", "-n", str(BENCHMARKS / "run_gpu.sh")], check=True)
+
+
+@pytest.mark.slow
+def test_run_gpu_quick(tmp_path):
+    """The whole GPU script at tiny sizes on the CPU (about 1 min on 2 cores)."""
+    env = {**os.environ, "QUICK": "1", "QUICK_MODEL": "tiny", "OUT": str(tmp_path)}
+    subprocess.run(["bash", str(BENCHMARKS / "run_gpu.sh")], check=True, env=env)
+    (run,) = tmp_path.iterdir()
+    names = {p.stem for p in run.glob("*.json")}
+    assert {"targets_r18_imagenet_fp32", "pipeline_r18_cifar_bf16", "unlearn_latency",
+            "grid_r18", "resnet152"} <= names
+    for path in run.glob("*.json"):
+        for row in json.loads(path.read_text())["rows"]:
+            assert row["status"] in ("ok", "torch not installed"), (path.name, row["status"])
