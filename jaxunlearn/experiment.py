@@ -57,15 +57,18 @@ def check_config(cfg: Config, n_train: int) -> None:
     try:
         unlearn.check_strategy(cfg.strategy)
         strategy = ensemble.resolve_strategy(cfg.member_parallel, arch=cfg.model)
+        per_device = cfg.members
         if cfg.devices != 1:
-            sharding.check_divisible(cfg.members, sharding.member_mesh(cfg.devices))
+            mesh = sharding.member_mesh(cfg.devices)
+            sharding.check_divisible(cfg.members, mesh)
+            per_device = cfg.members // mesh.size
         make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if strategy.startswith("hybrid:"):
         k = int(strategy.partition(":")[2])
-        need(cfg.members % k == 0, f"member_parallel={strategy} needs members divisible by {k}, "
-                                   f"got {cfg.members}; choose K dividing {cfg.members}")
+        need(per_device % k == 0, f"member_parallel={strategy} needs the members of each device "
+                                  f"({per_device}) divisible by {k}; choose K dividing {per_device}")
     chunks = plans.make_chunks(n_train, cfg.phases)
     nothing_deleted = np.zeros(n_train, bool)
     for plan, fraction, who in ((cfg.plan, cfg.fraction, "each member"),

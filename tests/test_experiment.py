@@ -122,6 +122,9 @@ def test_deterministic_given_seed(tmp_path, sample):
     ({"model": "resnet19"}, "unknown model"),
     ({"strategy": "forget"}, "unknown unlearning strategy"),
     ({"member_parallel": "pmap"}, "member-parallel"),
+    ({"member_parallel": "hybrid:2"}, "divisible by 2"),  # 3 members
+    ({"devices": 4}, "only 1 device"),
+    ({"precision": "fp8"}, "unknown precision"),
 ])
 def test_bad_config_fails_before_writing(tmp_path, sample, changes, message):
     with pytest.raises(ConfigError, match=message):
