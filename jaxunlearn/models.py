@@ -17,7 +17,6 @@ With 10 classes and the ImageNet stem, ResNet-18 has 11,181,642 parameters and R
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Sequence
 
@@ -75,48 +74,48 @@ def _pad(k: int):
     return ((k // 2, k // 2), (k // 2, k // 2))
 
 
-class BasicBlock(nn.Module):
+class _ResidualBlock(nn.Module):
+    """What both residual blocks share: bias-free convolutions in the compute dtype, and the
+    shortcut (a strided 1x1 convolution + BatchNorm where the shape changes)."""
+
+    filters: int
+    strides: int = 1
+    dtype: Any = jnp.float32
+
+    def conv(self, features: int, kernel: int, strides: int = 1, name: str | None = None):
+        padding = _pad(kernel) if kernel > 1 else "VALID"
+        return nn.Conv(features, (kernel, kernel), strides, padding=padding, use_bias=False,
+                       kernel_init=conv_init, dtype=self.dtype, name=name)
+
+    def residual(self, x, y, train: bool, weight):
+        if x.shape != y.shape:
+            x = self.conv(y.shape[-1], 1, self.strides, name="downsample_conv")(x)
+            x = BatchNorm(name="downsample_bn")(x, train, weight)
+        return nn.relu(x + y)
+
+
+class BasicBlock(_ResidualBlock):
     """Two 3x3 convolutions (ResNet-18/34)."""
 
-    filters: int
-    strides: int = 1
-    dtype: Any = jnp.float32
-    expansion = 1
-
     @nn.compact
     def __call__(self, x, train: bool, weight=None):
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
-        y = conv(self.filters, (3, 3), self.strides, padding=_pad(3))(x)
+        y = self.conv(self.filters, 3, self.strides)(x)
         y = nn.relu(BatchNorm()(y, train, weight))
-        y = conv(self.filters, (3, 3), padding=_pad(3))(y)
-        y = BatchNorm()(y, train, weight)
-        if x.shape != y.shape:
-            x = conv(self.filters, (1, 1), self.strides, padding="VALID", name="downsample_conv")(x)
-            x = BatchNorm(name="downsample_bn")(x, train, weight)
-        return nn.relu(x + y)
+        y = self.conv(self.filters, 3)(y)
+        return self.residual(x, BatchNorm()(y, train, weight), train, weight)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
     """1x1, 3x3 (strided, as torchvision v1.5), 1x1 x4 (ResNet-50/101/152)."""
 
-    filters: int
-    strides: int = 1
-    dtype: Any = jnp.float32
-    expansion = 4
-
     @nn.compact
     def __call__(self, x, train: bool, weight=None):
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
-        y = conv(self.filters, (1, 1), padding="VALID")(x)
+        y = self.conv(self.filters, 1)(x)
         y = nn.relu(BatchNorm()(y, train, weight))
-        y = conv(self.filters, (3, 3), self.strides, padding=_pad(3))(y)
+        y = self.conv(self.filters, 3, self.strides)(y)
         y = nn.relu(BatchNorm()(y, train, weight))
-        y = conv(self.filters * 4, (1, 1), padding="VALID")(y)
-        y = BatchNorm()(y, train, weight)
-        if x.shape != y.shape:
-            x = conv(self.filters * 4, (1, 1), self.strides, padding="VALID", name="downsample_conv")(x)
-            x = BatchNorm(name="downsample_bn")(x, train, weight)
-        return nn.relu(x + y)
+        y = self.conv(self.filters * 4, 1)(y)
+        return self.residual(x, BatchNorm()(y, train, weight), train, weight)
 
 
 class ResNet(nn.Module):
