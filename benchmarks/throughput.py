@@ -109,7 +109,7 @@ def strategies_for(members: int, strategies) -> list[str]:
     if members == 1:
         return ["vmap"] if strategies else []
     return [s for s in strategies
-            if not (s.startswith("hybrid:") and members % int(s.partition(":")[2]))]
+            if members % (ensemble.hybrid_group_size(s) or 1) == 0]
 
 
 def grid(models, single_models, members, single_members, strategies, precisions, batch,

@@ -47,13 +47,16 @@ def resolve_strategy(name: str, backend: str | None = None, arch: str = "resnet1
         backend = backend or jax.default_backend()
         return MEASURED_STRATEGY.get((backend, arch),
                                      MEASURED_STRATEGY.get((backend, _MEASURED_REFERENCE), "vmap"))
-    if name in STRATEGIES:
-        return name
-    kind, _, k = name.partition(":")
-    if kind == "hybrid" and k.isdigit() and int(k) >= 1:
+    if name in STRATEGIES or hybrid_group_size(name):
         return name
     raise ValueError(f"unknown member-parallel strategy {name!r}; choose auto, vmap, map or "
                      "hybrid:K (K members per vmapped group)")
+
+
+def hybrid_group_size(strategy: str) -> int | None:
+    """K for a well-formed ``hybrid:K`` (K >= 1), else None."""
+    kind, _, k = strategy.partition(":")
+    return int(k) if kind == "hybrid" and k.isdigit() and int(k) >= 1 else None
 
 
 def over_members(strategy: str, fn: Callable, per_member, *shared):
@@ -69,8 +72,8 @@ def over_members(strategy: str, fn: Callable, per_member, *shared):
         return vmapped(per_member)
     if strategy == "map":
         return jax.lax.map(lambda a: fn(*a, *shared), per_member)
-    if strategy.startswith("hybrid:"):
-        k = int(strategy.partition(":")[2])
+    k = hybrid_group_size(strategy)
+    if k:
         m = jax.tree.leaves(per_member)[0].shape[0]
         if m % k:
             raise ValueError(f"member_parallel={strategy} needs a member count divisible by {k}, "
@@ -88,10 +91,6 @@ def init_ensemble(model: nn.Module, tx: optax.GradientTransformation, key: PRNGK
         raise ValueError(f"an ensemble needs at least one member, got {members}")
     keys = jax.random.split(key, members)
     return jax.vmap(functools.partial(train.init_member, model, tx))(keys)
-
-
-def num_members(state: MemberState) -> int:
-    return int(state.step.shape[0])
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, strategy: str,

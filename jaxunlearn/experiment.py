@@ -65,8 +65,8 @@ def check_config(cfg: Config, n_train: int) -> None:
         make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if strategy.startswith("hybrid:"):
-        k = int(strategy.partition(":")[2])
+    k = ensemble.hybrid_group_size(strategy)
+    if k:
         need(per_device % k == 0, f"member_parallel={strategy} needs the members of each device "
                                   f"({per_device}) divisible by {k}; choose K dividing {per_device}")
     chunks = plans.make_chunks(n_train, cfg.phases)
