@@ -1,0 +1,152 @@
+"""Loss-based membership inference (numpy, on host arrays).
+
+An unlearning audit asks whether the deleted examples still look like training data. A model
+that memorised an example usually gives it a low loss, so the per-example loss is the single
+feature: members (e.g. the forget set) are told from non-members (e.g. test examples) by
+
+* ``logistic``: a one-feature logistic regression on the standardised loss, fitted by Newton's
+  method with a small L2 penalty on the slope so separable data cannot diverge;
+* ``threshold``: "member when loss <= t", with ``t`` the training-fold accuracy maximiser.
+
+Both are scored on held-out folds of a stratified k-fold split over balanced classes (the longer
+side is subsampled), so chance is 0.5: an accuracy and AUC of 0.5 mean the members are
+indistinguishable from non-members, as after exact unlearning; 1.0 means fully exposed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_L2 = 1e-3  # ridge penalty on the logistic slope, added to the summed log-loss
+_NEWTON_STEPS = 25
+
+
+def per_example_loss(log_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``-log p(label)`` per example (float64 ``[n]``) from log-probabilities ``[n, classes]``."""
+    log_probs = np.asarray(log_probs, np.float64)
+    labels = np.asarray(labels, np.int64)
+    return -np.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC of ``scores`` (higher = more likely member) for ``labels`` (1 = member, 0 = not).
+
+    The Mann-Whitney statistic with average ranks for ties, so all-equal scores give 0.5.
+    """
+    scores = np.asarray(scores, np.float64).ravel()
+    labels = np.asarray(labels).ravel()
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} differ in length")
+    if np.isnan(scores).any():
+        raise ValueError("scores contain NaN")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError("labels must be 0 (non-member) or 1 (member)")
+    pos = labels == 1
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"AUC needs both classes; got {n_pos} members and {n_neg} non-members")
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    starts = np.cumsum(counts) - counts  # 0-based rank of each distinct value's first copy
+    ranks = (starts + (counts + 1) / 2.0)[inverse.ravel()]  # 1-based average ranks
+    u = ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def _fit_logistic(z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """``(a, b)`` minimising the summed log-loss of ``sigmoid(a*z + b)`` plus ``_L2/2 * a**2``."""
+
+    def objective(w):
+        t = w[0] * z + w[1]
+        return float(np.sum(np.logaddexp(0.0, t) - y * t) + 0.5 * _L2 * w[0] ** 2)
+
+    w = np.zeros(2)
+    x = np.stack([z, np.ones_like(z)], axis=1)
+    f = objective(w)
+    for _ in range(_NEWTON_STEPS):
+        p = 0.5 * (1.0 + np.tanh(0.5 * (x @ w)))  # stable sigmoid
+        grad = x.T @ (p - y) + np.array([_L2 * w[0], 0.0])
+        hess = (x.T * (p * (1.0 - p))) @ x + np.diag([_L2, 1e-12])
+        step = np.linalg.solve(hess, grad)
+        scale = 1.0
+        while scale > 1e-6:  # backtracking keeps Newton monotone
+            new = w - scale * step
+            f_new = objective(new)
+            if f_new <= f:
+                break
+            scale *= 0.5
+        else:
+            break
+        converged = f - f_new < 1e-12
+        w, f = new, f_new
+        if converged:
+            break
+    return float(w[0]), float(w[1])
+
+
+def _logistic_fold(train_loss, train_y, test_loss, test_y) -> tuple[float, float]:
+    mu, sd = train_loss.mean(), train_loss.std()
+    sd = sd if sd > 0 else 1.0
+    a, b = _fit_logistic((train_loss - mu) / sd, train_y)
+    logit = a * (test_loss - mu) / sd + b  # p >= 0.5 iff logit >= 0; same ranking as p, unsaturated
+    return float(np.mean((logit >= 0) == (test_y == 1))), auc(logit, test_y)
+
+
+def _threshold_fold(train_loss, train_y, test_loss, test_y) -> tuple[float, float]:
+    values = np.unique(train_loss)
+    candidates = np.concatenate([[-np.inf], (values[:-1] + values[1:]) / 2.0, [np.inf]])
+    mem = np.sort(train_loss[train_y == 1])
+    non = np.sort(train_loss[train_y == 0])
+    mem_hit = np.searchsorted(mem, candidates, side="right")  # members with loss <= t
+    non_hit = len(non) - np.searchsorted(non, candidates, side="right")  # non-members with loss > t
+    t = candidates[int(np.argmax(mem_hit + non_hit))]
+    return float(np.mean((test_loss <= t) == (test_y == 1))), auc(-test_loss, test_y)
+
+
+def _summary(acc: list[float], aucs: list[float]) -> dict:
+    return {"accuracy": float(np.mean(acc)), "accuracy_std": float(np.std(acc)),
+            "auc": float(np.mean(aucs)), "auc_std": float(np.std(aucs)),
+            "per_fold": {"accuracy": [float(v) for v in acc], "auc": [float(v) for v in aucs]}}
+
+
+def loss_attack(member_losses: np.ndarray, nonmember_losses: np.ndarray, folds: int = 5,
+                seed: int = 0) -> dict:
+    """Cross-validated loss attacks telling members from non-members by per-example loss.
+
+    The longer side is subsampled (``np.random.default_rng(seed)``) to the shorter's length ``n``;
+    ``k = max(2, min(folds, n))`` stratified folds each hold both classes. Returns
+    ``{"n", "folds", "logistic", "threshold"}``, each attack ``{"accuracy", "accuracy_std",
+    "auc", "auc_std", "per_fold": {"accuracy": [...], "auc": [...]}}`` (held-out mean and
+    population std over folds). 0.5 means indistinguishable. With ``n < 2`` it returns
+    ``{"n": n, "skipped": ...}`` instead. Losses must be finite.
+    """
+    mem = np.asarray(member_losses, np.float64).ravel()
+    non = np.asarray(nonmember_losses, np.float64).ravel()
+    if not (np.isfinite(mem).all() and np.isfinite(non).all()):
+        raise ValueError("losses must be finite")
+    rng = np.random.default_rng(seed)
+    n = min(len(mem), len(non))
+    if n < 2:
+        return {"n": int(n), "skipped": "need at least 2 examples per class"}
+    if len(mem) > n:
+        mem = mem[np.sort(rng.choice(len(mem), n, replace=False))]
+    if len(non) > n:
+        non = non[np.sort(rng.choice(len(non), n, replace=False))]
+    k = max(2, min(int(folds), n))
+    # Stratified split: each class is shuffled and dealt into k near-equal parts (k <= n, so every
+    # fold gets at least one member and one non-member).
+    mem_folds = np.array_split(rng.permutation(n), k)
+    non_folds = np.array_split(rng.permutation(n), k)
+    loss = np.concatenate([mem, non])
+    y = np.concatenate([np.ones(n), np.zeros(n)])
+    results = {"logistic": ([], []), "threshold": ([], [])}
+    for i in range(k):
+        test = np.zeros(2 * n, bool)
+        test[mem_folds[i]] = True
+        test[n + non_folds[i]] = True
+        split = (loss[~test], y[~test], loss[test], y[test])
+        for name, fit in (("logistic", _logistic_fold), ("threshold", _threshold_fold)):
+            acc, area = fit(*split)
+            results[name][0].append(acc)
+            results[name][1].append(area)
+    return {"n": int(n), "folds": int(k),
+            **{name: _summary(*vals) for name, vals in results.items()}}
