@@ -44,8 +44,9 @@ class Config:
     aggregation: str = "mean_logits"  # mean_logits, mean_probs, vote
     # Phases and sampling
     phases: int = 5
-    plan: str = "bootstrap"  # bootstrap, subset
+    plan: str = "bootstrap"  # bootstrap, subset, shards (SISA: disjoint shards; needs fraction=1)
     fraction: float = 0.2
+    slices: int = 1  # shards plan: rewind points per phase (slices of each new shard)
     # Training
     epochs: int = 50
     batch_size: int = 512
@@ -59,10 +60,16 @@ class Config:
     # Deletions and unlearning
     deletion_rate: float = 1e-4  # random schedule: int(rate * |working set|) ids after phases 1..P-1
     deletions: str = ""  # path of an explicit JSON schedule (replaces the random one)
-    strategy: str = "replace"
+    strategy: str = "replace"  # replace, rewind (to the last clean state), oracle (from scratch)
+    oracle_reference: str = "end"  # none, end, deletions: when to train the oracle for comparison
+    # Evaluation of unlearning
+    retain_eval: int = 10000  # at most this many retained training examples are scored
+    mia_folds: int = 5  # cross-validation folds of the membership-inference attack
     # Baseline: one model trained the same way on its own sample ("none" to skip)
     baseline: str = "resnet152"
+    baseline_plan: str = "bootstrap"  # bootstrap (the original), full (the whole working set)
     baseline_fraction: float = 0.2
+    baseline_unlearning: str = "auto"  # none (the original), oracle; auto: oracle iff strategy is
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -121,9 +121,12 @@ def make_eval_logits(model: nn.Module, strategy: str) -> Callable:
     return logits
 
 
-def reset_optimizer(tx: optax.GradientTransformation, state: MemberState) -> MemberState:
-    """A fresh optimiser state for every member (the original protocol restarts Adam each phase)."""
-    return state._replace(opt_state=jax.vmap(tx.init)(state.params))
+def reset_optimizer(tx: optax.GradientTransformation, state: MemberState,
+                    mask: jax.Array) -> MemberState:
+    """A fresh optimiser state for the members in ``mask`` (bool ``[m]``); the original
+    protocol restarts Adam every phase. The others come back unchanged."""
+    fresh = state._replace(opt_state=jax.vmap(tx.init)(state.params))
+    return select_members(mask, fresh, state)
 
 
 def select_members(mask: jax.Array, on_true: MemberState, on_false: MemberState) -> MemberState:

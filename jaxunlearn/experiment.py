@@ -14,22 +14,31 @@ import pathlib
 import platform
 import sys
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
 
 from jaxunlearn import data as data_lib
 from jaxunlearn import deletions as deletions_lib
-from jaxunlearn import ensemble, metrics, plans, sharding, unlearn
+from jaxunlearn import ensemble, metrics, mia, plans, sharding, unlearn
 from jaxunlearn.config import Config, ConfigError
 from jaxunlearn.group import ModelGroup
+from jaxunlearn.lineage import Lineage
 from jaxunlearn.models import ARCHITECTURES, PRECISIONS, STEMS
 from jaxunlearn.train import make_optimizer
 
 # Independent host random streams, so that changing one part of a run (say, evaluation) never
 # shifts the samples another part draws.
-_STREAM_ENSEMBLE, _STREAM_BASELINE, _STREAM_DELETIONS, _STREAM_RETRAIN = range(4)
+(_STREAM_ENSEMBLE, _STREAM_BASELINE, _STREAM_DELETIONS, _STREAM_RETRAIN, _STREAM_SHARDS,
+ _STREAM_EVAL) = range(6)
+_STREAMS = 6
+_SOURCES = {"ensemble": 0, "baseline": 1}  # whose batch order a group's stage replays
+
+
+ORACLE_REFERENCES = ("none", "end", "deletions")
+BASELINE_PLANS = ("bootstrap", "full")
+BASELINE_UNLEARNING = ("auto", "none", "oracle")
 
 
 def check_config(cfg: Config, n_train: int) -> None:
@@ -37,6 +46,9 @@ def check_config(cfg: Config, n_train: int) -> None:
     def need(ok, message):
         if not ok:
             raise ConfigError(message)
+
+    def choice(name, value, options):
+        need(value in options, f"unknown {name} {value!r}; choose one of {', '.join(options)}")
 
     need(cfg.members >= 1, f"members must be at least 1, got {cfg.members}")
     need(cfg.phases >= 1, f"phases must be at least 1, got {cfg.phases}")
@@ -48,11 +60,21 @@ def check_config(cfg: Config, n_train: int) -> None:
     need(cfg.stem in STEMS, f"unknown stem {cfg.stem!r}; choose one of {STEMS}")
     need(cfg.precision in PRECISIONS,
          f"unknown precision {cfg.precision!r}; choose one of {sorted(PRECISIONS)}")
-    need(cfg.plan in plans.PLANS, f"unknown plan {cfg.plan!r}; choose one of {plans.PLANS}")
-    need(cfg.aggregation in metrics.AGGREGATIONS,
-         f"unknown aggregation {cfg.aggregation!r}; choose one of {metrics.AGGREGATIONS}")
+    choice("plan", cfg.plan, plans.PLANS)
+    choice("aggregation", cfg.aggregation, metrics.AGGREGATIONS)
+    choice("oracle_reference", cfg.oracle_reference, ORACLE_REFERENCES)
+    choice("baseline_plan", cfg.baseline_plan, BASELINE_PLANS)
+    choice("baseline_unlearning", cfg.baseline_unlearning, BASELINE_UNLEARNING)
     need(0 < cfg.fraction <= 1 and 0 < cfg.baseline_fraction <= 1, "fractions must be in (0, 1]")
     need(0 <= cfg.deletion_rate < 1, f"deletion_rate must be in [0, 1), got {cfg.deletion_rate}")
+    need(cfg.slices >= 1, f"slices must be at least 1, got {cfg.slices}")
+    need(cfg.slices == 1 or cfg.plan == "shards",
+         f"slices={cfg.slices} needs plan=shards (the other plans have one stage per phase)")
+    need(cfg.plan != "shards" or cfg.fraction == 1,
+         f"plan=shards trains each member on its whole shard (1/members of each chunk); "
+         f"set fraction=1 (got {cfg.fraction})")
+    need(cfg.retain_eval >= 1, f"retain_eval must be at least 1, got {cfg.retain_eval}")
+    need(cfg.mia_folds >= 2, f"mia_folds must be at least 2, got {cfg.mia_folds}")
     need(n_train >= cfg.phases, f"{n_train} training examples cannot fill {cfg.phases} phases")
     try:
         unlearn.check_strategy(cfg.strategy)
@@ -72,11 +94,17 @@ def check_config(cfg: Config, n_train: int) -> None:
     chunks = plans.make_chunks(n_train, cfg.phases)
     nothing_deleted = np.zeros(n_train, bool)
     for plan, fraction, who in ((cfg.plan, cfg.fraction, "each member"),
-                                ("bootstrap", cfg.baseline_fraction, "the baseline")):
-        if who == "the baseline" and cfg.baseline == "none":
+                                (cfg.baseline_plan, cfg.baseline_fraction, "the baseline")):
+        if (who == "the baseline" and cfg.baseline == "none") or plan == "full":
             continue
         for phase in range(1, cfg.phases + 1):
-            size = plans.sample_size(plan, fraction, chunks, phase, nothing_deleted)
+            size = plans.sample_size(plan, fraction, chunks, phase, nothing_deleted,
+                                     cfg.members, cfg.slices)
+            if plan == "shards":
+                need(size >= 1, f"plan shards with {cfg.members} members and {cfg.slices} "
+                                f"slice(s) leaves a member no data in phase {phase} "
+                                f"({len(chunks[phase - 1])} examples in its chunk); use fewer "
+                                f"members or slices, or more data")
             need(size >= 1, f"plan {plan!r} with fraction {fraction} gives {who} no data in phase "
                             f"{phase} ({n_train} examples in {cfg.phases} phases); raise the fraction")
 
@@ -86,9 +114,25 @@ def _member_records(logits, labels, valid, born) -> list[dict]:
                  born=int(born[i])) for i in range(logits.shape[0])]
 
 
+class Stage(NamedTuple):
+    """One training stage of a group: a phase, or a slice of one (``shards`` with slices)."""
+
+    phase: int
+    slice: int
+    samples: list  # each member's ids as drawn (replays remove the ids deleted since)
+    pool: np.ndarray | None  # what a bootstrap/subset member drew from (None: deterministic)
+
+
 class Experiment:
     """The driver of one run: owns the run folder, the model groups, the deletion state and the
-    results; `run_phase` advances one phase, `finish` writes the end state."""
+    results; `run_phase` advances one phase, `finish` writes the end state.
+
+    Every group trains in *stages* (one per phase, or ``slices`` per phase for ``shards``); the
+    driver records each stage's samples, and member ``i``'s batch order in stage ``t`` comes
+    from a generator seeded with ``(seed, group, t, round, epoch, i)``. So a member retrained
+    on a stage (``rewind``, ``oracle``) sees exactly the batches it saw, minus deleted ids, and
+    an oracle with nothing deleted reproduces the run bit for bit.
+    """
 
     def __init__(self, cfg: Config, ds: data_lib.Dataset, out: pathlib.Path,
                  schedule: dict[int, list[int]] | None, log: Callable[[str], None],
@@ -99,17 +143,33 @@ class Experiment:
         self.n_train, self.n_test = ds.n_train, ds.n_test
         self.chunks = plans.make_chunks(ds.n_train, cfg.phases)
         k_ens, k_base, self.k_unlearn = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
-        rngs = [np.random.default_rng([cfg.seed, s]) for s in range(4)]
+        rngs = [np.random.default_rng([cfg.seed, s]) for s in range(_STREAMS)]
         self.deletion_rng, self.retrain_rng = rngs[_STREAM_DELETIONS], rngs[_STREAM_RETRAIN]
-        self.test_labels = ds.test_labels
-        arrays = (ds.train_images, ds.train_labels, ds.test_images)
+        self.test_labels, self.train_labels = ds.test_labels, ds.train_labels
+        arrays = (ds.train_images, ds.train_labels, ds.test_images, ds.test_labels)
         self.ens = ModelGroup("ensemble", cfg.model, cfg.members, cfg, k_ens, arrays,
                               rngs[_STREAM_ENSEMBLE], devices=cfg.devices)
         self.base = (ModelGroup("baseline", cfg.baseline, 1, cfg, k_base, arrays,
                                 rngs[_STREAM_BASELINE]) if cfg.baseline != "none" else None)
+        self.slices = {"ensemble": cfg.slices if cfg.plan == "shards" else 1, "baseline": 1}
+        self.shards = (plans.make_shards(rngs[_STREAM_SHARDS], self.chunks, cfg.members,
+                                         cfg.slices) if cfg.plan == "shards" else None)
+        self.stages: dict[str, dict[int, Stage]] = {"ensemble": {}, "baseline": {}}
+        # rewind: every member's state and lineage at each stage boundary (0: initial).
+        self.snapshots: dict[int, tuple] | None = None
+        if cfg.strategy == "rewind":
+            self.snapshots = {0: (self.ens.host_state(), self.ens.lineage.seen.copy())}
+        self.baseline_oracle = self.base is not None and (
+            cfg.baseline_unlearning == "oracle"
+            or (cfg.baseline_unlearning == "auto" and cfg.strategy == "oracle"))
         self.deleted = np.zeros(ds.n_train, bool)
         self.all_deleted: list[int] = []
         self.replacements = 0
+        self.rounds = 0
+        self.oracle: ModelGroup | None = None  # the latest oracle reference, and its stage
+        self.oracle_stage, self.oracle_deleted, self.oracle_cost_measured = -1, -1, {}
+        self.training = {"member_epochs": 0, "member_examples": 0, "seconds": 0.0}
+        self.events: list[dict] = []
         self.results = {
             "complete": False, "config": cfg.to_dict(), "data_source": ds.source,
             "n_train": ds.n_train, "n_test": ds.n_test, "member_parallel": self.ens.strategy,
@@ -121,8 +181,8 @@ class Experiment:
             "phases": [],
         }
         groups = 2 if self.base else 1
-        self.bar = tqdm(total=cfg.phases * cfg.epochs * groups, disable=not progress,
-                        unit="epoch", leave=False, dynamic_ncols=True)
+        self.bar = tqdm(total=cfg.phases * cfg.epochs * (groups - 1 + self.slices["ensemble"]),
+                        disable=not progress, unit="epoch", leave=False, dynamic_ncols=True)
         # With several processes (hosts), every process computes everything; the first writes.
         self.primary = jax.process_index() == 0
         self.metrics_file = open(out / "metrics.jsonl" if self.primary else os.devnull, "a",
@@ -142,13 +202,18 @@ class Experiment:
     def emit(self, record: dict) -> None:
         self.metrics_file.write(json.dumps(record) + "\n")
 
-    def logits(self, group: ModelGroup) -> np.ndarray:
-        return group.member_logits(self.cfg.eval_batch_size)
+    def logits(self, group: ModelGroup, train_ids=None) -> np.ndarray:
+        return group.member_logits(self.cfg.eval_batch_size, train_ids)
 
-    def train_group(self, group: ModelGroup, phase: int, samples: np.ndarray,
-                    active: np.ndarray, kind: str = "epoch") -> float:
-        """Trains ``active`` members of ``group`` for the configured epochs; returns seconds."""
+    # ---- training ------------------------------------------------------------------------
+
+    def train_stage(self, group: ModelGroup, source: str, t: int, samples, active: np.ndarray,
+                    kind: str = "epoch", round_: int = 0) -> tuple[float, int]:
+        """Trains ``active`` members of ``group`` on stage ``t`` of ``source`` (whose batch
+        order they replay) for the configured epochs; returns (seconds, examples fed)."""
         cfg, t0 = self.cfg, time.perf_counter()
+        phase = (t - 1) // self.slices[source] + 1
+        seed_key = (cfg.seed, _SOURCES[source], t, round_)
 
         def on_epoch(epoch: int, train_loss: np.ndarray) -> None:
             self.bar.set_description(f"phase {phase}/{cfg.phases} {group.name}")
@@ -156,16 +221,97 @@ class Experiment:
             line = {"kind": kind, "phase": phase, "model": group.name, "epoch": epoch,
                     "train_loss": [float(x) if a else None for x, a in zip(train_loss, active)],
                     "seconds": time.perf_counter() - t0}
+            if self.slices[source] > 1:
+                line["slice"] = (t - 1) % self.slices[source] + 1
             if cfg.eval_every_epoch:
                 logits = self.logits(group)
                 line["members"] = [metrics.score(l, self.test_labels) for l in logits]
-                if group is self.ens:
+                if group.members > 1:
                     line["ensemble"] = metrics.aggregate(logits, self.test_labels, None,
                                                          cfg.aggregation)
             self.emit(line)
 
-        group.train(samples, cfg.epochs, cfg.batch_size, active, on_epoch)
-        return time.perf_counter() - t0
+        examples = group.train(samples, cfg.epochs, cfg.batch_size, active, on_epoch, seed_key)
+        return time.perf_counter() - t0, examples
+
+    def draw(self, source: str, group: ModelGroup, phase: int, slice_: int) -> Stage:
+        """The samples of a new stage under the group's plan."""
+        cfg = self.cfg
+        plan, fraction = ((cfg.plan, cfg.fraction) if source == "ensemble"
+                          else (cfg.baseline_plan, cfg.baseline_fraction))
+        if plan == "shards":
+            return Stage(phase, slice_, plans.shard_samples(self.shards, phase, slice_,
+                                                            self.deleted), None)
+        if plan == "full":
+            working = plans.working_set(self.chunks, phase, self.deleted)
+            return Stage(phase, slice_, [working] * group.members, None)
+        pool = plans.pool(plan, self.chunks, phase, self.deleted)
+        samples = plans.draw_samples(group.rng, plan, fraction, group.members, self.chunks,
+                                     phase, self.deleted)
+        return Stage(phase, slice_, list(samples), pool)
+
+    def snapshot(self, t: int, members: np.ndarray) -> None:
+        """Records ``members``' current state and lineage as their state at stage ``t``."""
+        state, seen = self.ens.host_state(), self.ens.lineage.seen.copy()
+        if t in self.snapshots and not members.all():
+            old_state, old_seen = self.snapshots[t]
+
+            def pick(new, old):
+                return np.where(members.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
+
+            state = jax.tree.map(pick, state, old_state)
+            seen = np.where(members[:, None], seen, old_seen)
+        self.snapshots[t] = (state, seen)
+
+    def replay(self, group: ModelGroup, source: str, members: np.ndarray, points: np.ndarray,
+               upto: int, kind: str) -> dict:
+        """Retrains ``members`` of ``group`` forward from their stage ``points`` (the state
+        they hold now) to stage ``upto``, on each stage's samples of ``source`` minus the
+        deleted ids, with the batch order of the run. Returns the cost."""
+        cfg = self.cfg
+        cost = {"member_epochs": 0, "member_examples": 0, "seconds": 0.0}
+        if not members.any():
+            return cost
+        for t in range(int(points[members].min()) + 1, upto + 1):
+            active = members & (points < t)
+            stage = self.stages[source][t]
+            if cfg.reset_optimizer_each_phase and stage.slice == 1:
+                group.reset_optimizer(active)
+            self.bar.total += cfg.epochs
+            seconds, examples = self.train_stage(group, source, t,
+                                                 plans.without(stage.samples, self.deleted),
+                                                 active, kind)
+            cost["member_epochs"] += int(active.sum()) * cfg.epochs
+            cost["member_examples"] += examples
+            cost["seconds"] += seconds
+            if self.snapshots is not None and group is self.ens:
+                self.snapshot(t, active)
+        return cost
+
+    def oracle_cost(self, source: str, upto: int) -> dict:
+        """What retraining every member of ``source`` from scratch on stages ``1..upto`` minus
+        the deleted ids costs (computed, not run)."""
+        members = self.cfg.members if source == "ensemble" else 1
+        examples = sum(len(s) for t in range(1, upto + 1)
+                       for s in plans.without(self.stages[source][t].samples, self.deleted))
+        return {"member_epochs": members * upto * self.cfg.epochs,
+                "member_examples": examples * self.cfg.epochs}
+
+    def train_oracle(self, upto: int) -> tuple[ModelGroup, dict]:
+        """The oracle reference: a fresh ensemble from the run's initial state retrained on
+        stages ``1..upto`` minus the deleted ids."""
+        if self.cfg.strategy == "oracle":
+            return self.ens, {}
+        if self.oracle is None or self.oracle_stage != upto or self.oracle_deleted != len(
+                self.all_deleted):
+            oracle = self.ens.fresh("oracle")
+            cost = self.replay(oracle, "ensemble", np.ones(self.cfg.members, bool),
+                               np.zeros(self.cfg.members, np.int64), upto, "oracle")
+            self.oracle, self.oracle_stage, self.oracle_cost_measured = oracle, upto, cost
+            self.oracle_deleted = len(self.all_deleted)
+        return self.oracle, self.oracle_cost_measured
+
+    # ---- phases --------------------------------------------------------------------------
 
     def deletions_after(self, phase: int) -> np.ndarray:
         """The ids deleted after ``phase``: from the explicit schedule, or drawn at random."""
@@ -178,24 +324,32 @@ class Experiment:
             self.cfg.deletion_rate, arrived=sum(len(c) for c in self.chunks[:phase]))
 
     def run_phase(self, phase: int) -> dict:
-        """Trains every group on its sample of ``phase``, evaluates, deletes and unlearns."""
+        """Trains every group on its samples of ``phase``, evaluates, deletes and unlearns."""
         cfg, ens, base, labels = self.cfg, self.ens, self.base, self.test_labels
         t_phase = time.perf_counter()
         record: dict = {"phase": phase, "working_set": int(len(
             plans.working_set(self.chunks, phase, self.deleted)))}
         seconds = {}
-        for group, plan, fraction in ((ens, cfg.plan, cfg.fraction),
-                                      (base, "bootstrap", cfg.baseline_fraction)):
+        for group, source in ((ens, "ensemble"), (base, "baseline")):
             if group is None:
                 continue
-            samples = plans.draw_samples(group.rng, plan, fraction, group.members, self.chunks,
-                                         phase, self.deleted)
             if cfg.reset_optimizer_each_phase:
                 group.reset_optimizer()
-            seconds[group.name] = self.train_group(group, phase, samples,
-                                                   np.ones(group.members, bool))
+            seconds[source] = 0.0
+            S = self.slices[source]
+            for slice_ in range(1, S + 1):
+                t = (phase - 1) * S + slice_
+                stage = self.stages[source][t] = self.draw(source, group, phase, slice_)
+                secs, examples = self.train_stage(group, source, t, stage.samples,
+                                                  np.ones(group.members, bool))
+                seconds[source] += secs
+                self.training["member_epochs"] += group.members * cfg.epochs
+                self.training["member_examples"] += examples
+                self.training["seconds"] += secs
+                if group is ens and self.snapshots is not None:
+                    self.snapshot(t, np.ones(cfg.members, bool))
             if group is ens:
-                record["sample_size"] = int(samples.shape[1])
+                record["sample_size"] = int(round(np.mean([len(s) for s in stage.samples])))
 
         member_logits = self.logits(ens)
         record["ensemble"] = metrics.aggregate(member_logits, labels, None, cfg.aggregation)
@@ -209,7 +363,7 @@ class Experiment:
         record["invalidated"] = np.flatnonzero(invalid).tolist()
         record["members"] = _member_records(member_logits, labels, ~invalid, ens.lineage.born)
         if ids.size:
-            record["after_unlearning"] = self.unlearn(phase, ids, invalid, member_logits, seconds)
+            record.update(self.delete(phase, ids, invalid, member_logits, seconds))
         record["seconds"] = time.perf_counter() - t_phase
         record["seconds_by_model"] = seconds
         self.results["phases"].append(record)
@@ -218,48 +372,234 @@ class Experiment:
         self.save_results()
         return record
 
-    def unlearn(self, phase: int, ids: np.ndarray, invalid: np.ndarray,
-                member_logits: np.ndarray, seconds: dict) -> dict:
-        """Marks ``ids`` deleted and reinitialises the ``invalid`` members (strategy
-        ``replace``: they join the next phase; after the last phase they retrain at once)."""
-        cfg, ens, labels = self.cfg, self.ens, self.test_labels
+    def rewind_points(self, ids: np.ndarray, invalid: np.ndarray) -> np.ndarray:
+        """For each invalid member, its last recorded stage whose lineage holds none of
+        ``ids`` (0, the initial state, always qualifies); -1 for the others."""
+        points = np.full(self.cfg.members, -1, np.int64)
+        for i in np.flatnonzero(invalid):
+            points[i] = max(t for t, (_, seen) in self.snapshots.items()
+                            if not seen[i, ids].any())
+        return points
+
+    def restore(self, points: np.ndarray) -> None:
+        """Restores each member with a point (>= 0) to its snapshot at that stage."""
+        for t in np.unique(points[points >= 0]):
+            mask = points == t
+            state, seen = self.snapshots[int(t)]
+            self.ens.set_members(mask, state)
+            self.ens.lineage.seen[mask] = seen[mask]
+
+    def apply_strategy(self, phase: int, ids: np.ndarray, invalid: np.ndarray) -> dict:
+        """Unlearns ``ids`` (already marked deleted) from the ensemble with the run's strategy;
+        returns the cost and which members are live afterwards."""
+        cfg, ens = self.cfg, self.ens
+        upto = phase * self.slices["ensemble"]
+        cost = {"member_epochs": 0, "member_examples": 0, "seconds": 0.0}
+        live = np.ones(cfg.members, bool)
+        if cfg.strategy == "replace":
+            ens.unlearn(jax.random.fold_in(self.k_unlearn, phase), invalid)
+            ens.lineage.reset(invalid, phase)
+            self.replacements += int(invalid.sum())
+            if phase < cfg.phases:
+                live = ~invalid  # the fresh members join the next phase
+            elif invalid.any():
+                self.rounds += 1
+                stage = self.retrain_stage(phase)
+                self.bar.total += cfg.epochs
+                seconds, examples = self.train_stage(ens, "ensemble", upto, stage.samples,
+                                                     invalid, "retrain", self.rounds)
+                cost = {"member_epochs": int(invalid.sum()) * cfg.epochs,
+                        "member_examples": examples, "seconds": seconds}
+        elif cfg.strategy == "rewind":
+            points = self.rewind_points(ids, invalid)
+            self.restore(points)
+            cost = self.replay(ens, "ensemble", invalid, points, upto, "rewind")
+            self.replacements += int(invalid.sum())
+            cost["rewound_to"] = {int(i): int(points[i]) for i in np.flatnonzero(invalid)}
+        else:  # oracle
+            everyone = np.ones(cfg.members, bool)
+            ens.state, ens.lineage = ens.initial_state(), Lineage.empty(cfg.members, self.n_train)
+            cost = self.replay(ens, "ensemble", everyone, np.zeros(cfg.members, np.int64), upto,
+                               "oracle")
+            self.replacements += cfg.members
+        return {"cost": cost, "live": live}
+
+    def retrain_stage(self, phase: int) -> Stage:
+        """``replace`` after the last phase: a new draw of the last stage's plan (shards: the
+        member's own shard), without the deleted ids."""
+        cfg = self.cfg
+        if cfg.plan == "shards":
+            return self.draw("ensemble", self.ens, phase, self.slices["ensemble"])
+        samples = plans.draw_samples(self.retrain_rng, cfg.plan, cfg.fraction, cfg.members,
+                                     self.chunks, phase, self.deleted)
+        return Stage(phase, 1, list(samples), None)
+
+    def expected_invalidated(self, source: str, ids: np.ndarray, born: np.ndarray,
+                             upto: int) -> float:
+        """The expected number of members whose lineage holds any of ``ids``, from the plan:
+        each member's probability of drawing none of them in the stages since its birth."""
+        plan = self.cfg.plan if source == "ensemble" else self.cfg.baseline_plan
+        expected = 0.0
+        for i in range(len(born)):
+            avoid = 1.0
+            for t in range(1, upto + 1):
+                stage = self.stages[source][t]
+                if stage.phase > born[i]:
+                    avoid *= plans.avoid_probability(plan, stage.pool, stage.samples[i], ids)
+            expected += 1.0 - avoid
+        return expected
+
+    def assess(self, models: dict, forget: np.ndarray, retain: np.ndarray,
+               test_logits: dict) -> dict:
+        """forget/retain/test scores and the membership-inference attack of each model.
+
+        ``models``: name -> (group, live mask or None); ``test_logits``: name -> test logits
+        already computed (others are computed here)."""
+        cfg = self.cfg
+        out = {"forget": {}, "retain": {}, "test": {}, "mia": {}}
+        for name, (group, live) in models.items():
+            method = cfg.aggregation if group.members > 1 else "mean_logits"
+            sets = {"forget": (self.logits(group, forget), self.train_labels[forget]),
+                    "retain": (self.logits(group, retain), self.train_labels[retain]),
+                    "test": (test_logits.get(name, None), self.test_labels)}
+            if sets["test"][0] is None:
+                sets["test"] = (self.logits(group), self.test_labels)
+            losses = {}
+            for which, (logits, labels) in sets.items():
+                out[which][name], losses[which] = metrics.evaluate(logits, labels, live, method)
+            if losses["forget"] is None:
+                out["mia"][name] = {"n": 0, "skipped": "no deleted example or no live member"}
+            else:
+                out["mia"][name] = mia.loss_attack(losses["forget"], losses["test"],
+                                                   folds=cfg.mia_folds, seed=cfg.seed)
+        return out
+
+    def retain_ids(self, phase: int) -> np.ndarray:
+        """The retained training examples scored after ``phase``: its working set, at most
+        ``retain_eval`` of them (a fixed random subset)."""
+        working = plans.working_set(self.chunks, phase, self.deleted)
+        if len(working) <= self.cfg.retain_eval:
+            return working
+        rng = np.random.default_rng([self.cfg.seed, _STREAM_EVAL, phase])
+        return np.sort(rng.choice(working, self.cfg.retain_eval, replace=False))
+
+    def delete(self, phase: int, ids: np.ndarray, invalid: np.ndarray,
+               member_logits: np.ndarray, seconds: dict) -> dict:
+        """Deletes ``ids`` after ``phase``: scores the ensemble before, unlearns with the run's
+        strategy (and the baseline by oracle when asked), scores everything after, and
+        accounts the cost. Returns the phase record's deletion blocks."""
+        cfg, ens, base, labels = self.cfg, self.ens, self.base, self.test_labels
+        upto = phase * self.slices["ensemble"]
+        expected = self.expected_invalidated("ensemble", ids, ens.lineage.born, upto)
+        forget = np.asarray(sorted(self.all_deleted + ids.tolist()), np.int64)
+        before_models = {"ensemble_before": (ens, None)}
+        before = self.assess(before_models, forget, self.retain_ids(phase),
+                             {"ensemble_before": member_logits})
         self.deleted[ids] = True
         self.all_deleted.extend(ids.tolist())
-        ens.unlearn(jax.random.fold_in(self.k_unlearn, phase), invalid)
-        ens.lineage.reset(invalid, phase)
-        self.replacements += int(invalid.sum())
-        after = {"ensemble": metrics.aggregate(member_logits, labels, ~invalid, cfg.aggregation)}
-        if phase == cfg.phases and invalid.any():
-            samples = plans.draw_samples(self.retrain_rng, cfg.plan, cfg.fraction, cfg.members,
-                                         self.chunks, phase, self.deleted)
-            self.bar.total += cfg.epochs
-            seconds["retrain"] = self.train_group(ens, phase, samples, invalid, kind="retrain")
-            logits = self.logits(ens)
-            after["ensemble"] = metrics.aggregate(logits, labels, None, cfg.aggregation)
-            after["members"] = _member_records(logits, labels, np.ones(cfg.members, bool),
-                                               ens.lineage.born)
-        return after
+
+        t0 = time.perf_counter()
+        applied = self.apply_strategy(phase, ids, invalid)
+        cost = {"strategy": cfg.strategy, "ids": int(ids.size),
+                "invalidated_observed": int(invalid.sum()),
+                "invalidated_expected": expected, **applied["cost"]}
+        cost["seconds"] = time.perf_counter() - t0
+        if "retrain" not in seconds and cost["member_epochs"]:
+            seconds["unlearning"] = cost["seconds"]
+        oracle_cost = self.oracle_cost("ensemble", upto)
+        cost["oracle"] = dict(oracle_cost, seconds=None)
+        if base is not None:
+            cost["baseline"] = self.unlearn_baseline(phase, ids)
+
+        models = {"ensemble": (ens, applied["live"])}
+        train_oracle = cfg.strategy == "oracle" or cfg.oracle_reference == "deletions" or (
+            cfg.oracle_reference == "end" and phase == cfg.phases)
+        if train_oracle:
+            oracle, measured = self.train_oracle(upto)
+            if measured:
+                cost["oracle"]["seconds"] = measured["seconds"]
+            models["oracle"] = (oracle, None)
+        if base is not None:
+            models["baseline"] = (base, None)
+        retrained = cfg.strategy != "replace" or phase == cfg.phases
+        logits = self.logits(ens) if retrained else member_logits
+        after = self.assess(models, forget, self.retain_ids(phase), {"ensemble": logits})
+        ran = cost["member_examples"]
+        cost["speedup_vs_oracle"] = (oracle_cost["member_examples"] / ran) if ran else None
+        self.events.append(cost)
+
+        record = {k: {**before[k], **after[k]} for k in ("forget", "retain", "test", "mia")}
+        record["cost"] = cost
+        record["after_unlearning"] = {
+            "ensemble": metrics.aggregate(logits, labels, applied["live"], cfg.aggregation)}
+        if retrained and invalid.any() or cfg.strategy == "oracle":
+            record["after_unlearning"]["members"] = _member_records(
+                logits, labels, np.ones(cfg.members, bool), ens.lineage.born)
+        if self.baseline_oracle:
+            record["after_unlearning"]["baseline"] = after["test"]["baseline"]
+        return record
+
+    def unlearn_baseline(self, phase: int, ids: np.ndarray) -> dict:
+        """The baseline's unlearning: ``oracle`` (retrained from its initial state on its
+        stages minus the deleted ids) when asked, else none (as in the original study)."""
+        base = self.base
+        invalid = bool(base.lineage.invalid(ids)[0])
+        cost = {"unlearning": "oracle" if self.baseline_oracle else "none",
+                "invalidated": invalid, "member_epochs": 0, "member_examples": 0,
+                "seconds": 0.0, "oracle": self.oracle_cost("baseline", phase)}
+        if self.baseline_oracle and invalid:
+            base.state, base.lineage = base.initial_state(), Lineage.empty(1, self.n_train)
+            cost.update(self.replay(base, "baseline", np.ones(1, bool), np.zeros(1, np.int64),
+                                    phase, "oracle"))
+        return cost
 
     def finish(self, wall_seconds: float) -> dict:
-        """Writes the end state: ``final``, the lineage audit, ``lineage.npz`` and the plot."""
+        """Writes the end state: ``final``, the forget/retain/test/MIA blocks against the
+        oracle, the cost totals, the lineage audit, ``lineage.npz`` and the plot."""
         from jaxunlearn import plots
 
+        cfg = self.cfg
         last = self.results["phases"][-1]
         final = {k: last[k] for k in ("phase", "deleted_ids", "invalidated", "ensemble",
                                       "baseline", "members", "seconds")}
         if "members" in last.get("after_unlearning", {}):
             final["ensemble"] = last["after_unlearning"]["ensemble"]
             final["members"] = last["after_unlearning"]["members"]
+        if "baseline" in last.get("after_unlearning", {}):
+            final["baseline"] = last["after_unlearning"]["baseline"]
+        upto = cfg.phases * self.slices["ensemble"]
+        forget = np.asarray(sorted(self.all_deleted), np.int64)
+        models = {"ensemble": (self.ens, None)}
+        oracle_seconds = None
+        if forget.size and (cfg.oracle_reference != "none" or cfg.strategy == "oracle"):
+            oracle, measured = self.train_oracle(upto)
+            models["oracle"] = (oracle, None)
+            oracle_seconds = measured.get("seconds")
+        if self.base is not None:
+            models["baseline"] = (self.base, None)
+        blocks = self.assess(models, forget, self.retain_ids(cfg.phases), {})
+        before = [e for e in self.results["phases"] if "mia" in e]
+        if before:
+            blocks["mia"]["ensemble_before_last_deletion"] = before[-1]["mia"]["ensemble_before"]
         violations = self.ens.lineage.violations(self.all_deleted)
+        snapshot_violations = (sum(int(seen[:, forget].sum()) for _, seen in
+                                   self.snapshots.values()) if self.snapshots else 0)
         self.results.update({
             "complete": True,
             "final": final,
+            **blocks,
+            "cost": self.cost_totals(oracle_seconds),
             "deleted_ids": sorted(self.all_deleted),
             "replacements": self.replacements,
-            "lineage_audit": {"ok": violations == 0, "violations": violations,
-                              "members": self.cfg.members, "deleted": len(self.all_deleted)},
+            "lineage_audit": {"ok": violations == 0 and snapshot_violations == 0,
+                              "violations": violations, "members": cfg.members,
+                              "deleted": len(self.all_deleted),
+                              **({"snapshots": len(self.snapshots),
+                                  "snapshot_violations": snapshot_violations}
+                                 if self.snapshots is not None else {})},
             # The baseline is a reference model, as in the original study: it never trains on
-            # a deleted id after its deletion but is not unlearned; this counts what it holds.
+            # a deleted id after its deletion but is not unlearned (unless baseline_unlearning
+            # is oracle); this counts what it holds.
             "baseline_deleted_ids_in_lineage": (self.base.lineage.violations(self.all_deleted)
                                                 if self.base else None),
             "wall_seconds": wall_seconds,
@@ -269,6 +609,30 @@ class Experiment:
             self.save_results()
             plots.plot_phases(self.results, self.out / "plots" / "accuracy_loss.png")
         return self.results
+
+    def cost_totals(self, oracle_seconds: float | None) -> dict:
+        """The run's unlearning cost against the oracle's, summed over deletion events."""
+        def total(key, events=self.events):
+            return sum(e[key] for e in events)
+
+        ran = total("member_examples")
+        oracle = {"member_epochs": sum(e["oracle"]["member_epochs"] for e in self.events),
+                  "member_examples": sum(e["oracle"]["member_examples"] for e in self.events)}
+        out = {"strategy": self.cfg.strategy, "events": len(self.events),
+               "ids": total("ids"), "member_epochs": total("member_epochs"),
+               "member_examples": ran, "seconds": total("seconds"),
+               "invalidated_observed": total("invalidated_observed"),
+               "invalidated_expected": total("invalidated_expected"),
+               "oracle": oracle, "oracle_final_seconds": oracle_seconds,
+               "speedup_vs_oracle": oracle["member_examples"] / ran if ran else None,
+               "training": dict(self.training)}
+        if self.base is not None:
+            base = [e["baseline"] for e in self.events]
+            out["baseline"] = {"unlearning": "oracle" if self.baseline_oracle else "none",
+                               "member_epochs": sum(b["member_epochs"] for b in base),
+                               "member_examples": sum(b["member_examples"] for b in base),
+                               "seconds": sum(b["seconds"] for b in base)}
+        return out
 
 
 def prepare(cfg: Config, out_dir, dataset: data_lib.Dataset | None = None,
@@ -307,15 +671,16 @@ def run(cfg: Config, out_dir, dataset: data_lib.Dataset | None = None,
     try:
         for phase in range(1, cfg.phases + 1):
             exp.run_phase(phase)
+        return exp.finish(time.perf_counter() - t_start)
     finally:
         exp.close()
-    return exp.finish(time.perf_counter() - t_start)
 
 
 def _phase_line(r: dict, phases: int) -> str:
     e, b = r["ensemble"], r["baseline"]
-    text = (f"phase {r['phase']}/{phases}: ensemble acc {e['test_accuracy']:.4f} "
-            f"loss {e['test_loss']:.4f}")
+    text = f"phase {r['phase']}/{phases}: ensemble acc {e['test_accuracy']:.4f}"
+    if e["test_loss"] is not None:  # vote has no loss
+        text += f" loss {e['test_loss']:.4f}"
     if b:
         text += f" | baseline acc {b['test_accuracy']:.4f} loss {b['test_loss']:.4f}"
     if r["deleted_ids"]:

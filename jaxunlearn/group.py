@@ -81,7 +81,7 @@ def compile_group(arch: str, stem: str, precision: str, optimizer: str, learning
         step=jax.jit(sharding.shard(step, mesh, (M, R, R, M, M, M), (M, M)), donate_argnums=0),
         logits=jax.jit(sharding.shard(logits, mesh, (M, R, R), M)),
         unlearn=jax.jit(unlearn.make_unlearn(model, tx, mesh), donate_argnums=1),
-        reset_optimizer=jax.jit(sharding.shard(reset, mesh, (M,), M), donate_argnums=0))
+        reset_optimizer=jax.jit(sharding.shard(reset, mesh, (M, M), M), donate_argnums=0))
 
 
 class ModelGroup:
@@ -91,26 +91,43 @@ class ModelGroup:
 
     def __init__(self, name: str, arch: str, members: int, cfg: Config, key, data: tuple,
                  rng: np.random.Generator, devices: int = 1):
-        """``data``: host arrays (train images, train labels, test images)."""
+        """``data``: host arrays (train images, train labels, test images, test labels)."""
         self.name = name
         # A group of one (the baseline) needs no member parallelism: vmap over one member is
         # the plain model.
         parallel = cfg.member_parallel if members > 1 else "vmap"
-        fns = compile_group(arch, cfg.stem, cfg.precision, cfg.optimizer, cfg.learning_rate,
-                            cfg.weight_decay, parallel, cfg.augment, devices)
+        self._fns = fns = compile_group(arch, cfg.stem, cfg.precision, cfg.optimizer,
+                                        cfg.learning_rate, cfg.weight_decay, parallel,
+                                        cfg.augment, devices)
         self.strategy, self.mesh = fns.strategy, fns.mesh
         if self.mesh is not None:
             sharding.check_divisible(members, self.mesh)
-        self._step, self._logits = fns.step, fns.logits
-        self._unlearn, self._reset_optimizer = fns.unlearn, fns.reset_optimizer
-        self.state = fns.init(self._host(key), members)
-        train_images, train_labels, self.test_images = (self._place(x, sharding.REPLICATED)
-                                                        for x in data)
-        self.train_arrays = (train_images, train_labels)
-        self.n_train, self.n_test = len(data[0]), len(data[2])
+        self.key, self.members = key, members
+        self.state = self.initial_state()
+        # Training and test images live in one resident array (test ids follow the training
+        # ids), so one compiled logits function scores both.
+        train_images, train_labels, test_images, test_labels = data
+        self.n_train, self.n_test = len(train_images), len(test_images)
+        self.train_arrays = (self._place(np.concatenate([train_images, test_images]),
+                                         sharding.REPLICATED),
+                             self._place(np.concatenate([train_labels, test_labels]),
+                                         sharding.REPLICATED))
         self.lineage = Lineage.empty(members, self.n_train)
         self.rng = rng
-        self.members = members
+
+    def fresh(self, name: str) -> "ModelGroup":
+        """A new group of the same kind at its initial state (same keys, empty lineage), sharing
+        this group's compiled functions and device data: an oracle's starting point."""
+        other = object.__new__(ModelGroup)
+        other.__dict__.update(self.__dict__)
+        other.name = name
+        other.state = self.initial_state()
+        other.lineage = Lineage.empty(self.members, self.n_train)
+        return other
+
+    def initial_state(self):
+        """The members as initialised from the group key (bit-identical on every call)."""
+        return self._fns.init(self._host(self.key), self.members)
 
     def _place(self, x, spec):
         """Host array -> device array: sharded by ``spec`` over the mesh, or on the default
@@ -121,40 +138,70 @@ class ModelGroup:
         # Keys enter sharded functions as host values (identical in every process).
         return key if self.mesh is None else np.asarray(key)
 
-    def reset_optimizer(self) -> None:
-        self.state = self._reset_optimizer(self.state)
+    def reset_optimizer(self, mask: np.ndarray | None = None) -> None:
+        """Fresh optimiser state for the members in ``mask`` (bool ``[m]``; all when None)."""
+        mask = np.ones(self.members, bool) if mask is None else np.asarray(mask, bool)
+        self.state = self._fns.reset_optimizer(self.state, self._place(mask, sharding.MEMBERS))
 
     def unlearn(self, key, invalid: np.ndarray) -> None:
         """Reinitialises the ``invalid`` members (bool ``[m]``) from ``key``."""
-        self.state = self._unlearn(self._host(key), self.state,
-                                   self._place(np.asarray(invalid), sharding.MEMBERS))
+        self.state = self._fns.unlearn(self._host(key), self.state,
+                                       self._place(np.asarray(invalid), sharding.MEMBERS))
 
-    def train(self, samples: np.ndarray, epochs: int, batch_size: int, active: np.ndarray,
-              on_epoch: Callable[[int, np.ndarray], None]) -> None:
-        """Trains the ``active`` members for ``epochs`` on their ``samples`` (int ``[m, s]``)."""
+    def host_state(self):
+        """The whole stacked state as numpy (gathered from every process)."""
+        return jax.tree.map(sharding.to_host, self.state)
+
+    def set_members(self, mask: np.ndarray, host_state) -> None:
+        """Replaces the members in ``mask`` by their rows of ``host_state`` (a stacked numpy
+        state, as from `host_state`); the others keep their current state."""
+        mask = np.asarray(mask, bool)
+        current = self.host_state()
+
+        def pick(new, old):
+            return np.where(mask.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
+
+        merged = jax.tree.map(pick, host_state, current)
+        self.state = jax.tree.map(lambda x: self._place(x, sharding.MEMBERS), merged)
+
+    def train(self, samples, epochs: int, batch_size: int, active: np.ndarray,
+              on_epoch: Callable[[int, np.ndarray], None], seed_key: tuple[int, ...]) -> int:
+        """Trains the ``active`` members for ``epochs`` on their ``samples`` (ragged: one id
+        array per member). Epoch ``e`` of member ``i`` is shuffled by a generator seeded with
+        ``(*seed_key, e, i)``. Returns the number of examples fed (summed over members)."""
         images, labels = self.train_arrays
-        active_dev = self._place(np.asarray(active), sharding.MEMBERS)
+        active = np.asarray(active, bool)
+        samples = [s if a else s[:0] for s, a in zip(samples, active)]
+        sizes = np.array([len(s) for s in samples])
+        active_dev = self._place(active, sharding.MEMBERS)
         for epoch in range(1, epochs + 1):
-            idx, weight = plans.epoch_batches(self.rng, samples, batch_size)
+            rngs = plans.member_rngs(seed_key, epoch, self.members)
+            idx, weight = plans.epoch_batches(rngs, samples, batch_size)
             per_step = P(None, sharding.MEMBER_AXIS)
             idx_dev, weight_dev = self._place(idx, per_step), self._place(weight, per_step)
             loss_sum = None
             for s in range(idx.shape[0]):
-                self.state, loss = self._step(self.state, images, labels, idx_dev[s],
-                                              weight_dev[s], active_dev)
+                self.state, loss = self._fns.step(self.state, images, labels, idx_dev[s],
+                                                  weight_dev[s], active_dev)
                 loss_sum = loss if loss_sum is None else loss_sum + loss
             self.lineage.record(idx, weight, active)
             loss_sum = sharding.to_host(loss_sum)
             check_finite(loss_sum, self.name, epoch)
-            on_epoch(epoch, loss_sum / samples.shape[1])
+            on_epoch(epoch, loss_sum / np.maximum(sizes, 1))
+        return int(sizes.sum()) * epochs
 
-    def member_logits(self, batch_size: int) -> np.ndarray:
-        """Logits of every member on the test images: ``[m, n_test, classes]``."""
-        n, out = self.n_test, []
+    def member_logits(self, batch_size: int, train_ids: np.ndarray | None = None) -> np.ndarray:
+        """Logits of every member, ``[m, n, classes]``: on the test images, or on the training
+        images ``train_ids``."""
+        images = self.train_arrays[0]
+        ids = (self.n_train + np.arange(self.n_test) if train_ids is None
+               else np.asarray(train_ids))
+        n, out = len(ids), []
+        if n == 0:
+            return np.zeros((self.members, 0, 0), np.float32)
         for start in range(0, n, batch_size):
-            idx = (np.arange(start, start + batch_size) % n).astype(np.int32)  # wrap last batch
-            logits = self._logits(self.state, self.test_images,
-                                  self._place(idx, sharding.REPLICATED))
+            idx = ids[np.arange(start, start + batch_size) % n].astype(np.int32)  # wrap last
+            logits = self._fns.logits(self.state, images, self._place(idx, sharding.REPLICATED))
             out.append(sharding.to_host(logits))
         return np.concatenate(out, axis=1)[:, :n]
 

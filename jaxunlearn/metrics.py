@@ -61,3 +61,35 @@ def aggregate(member_logits: np.ndarray, labels: np.ndarray, live: np.ndarray | 
             out = {"test_accuracy": accuracy(votes + probs * 1e-3, labels), "test_loss": None}
     out["members"] = int(logits.shape[0])
     return out
+
+
+def ensemble_log_probs(member_logits: np.ndarray, live: np.ndarray | None = None,
+                       method: str = "mean_logits") -> np.ndarray:
+    """The live members' combined log-probabilities ``[n, classes]``: the log-softmax of the
+    mean logits (``mean_logits``) or the log of the mean probabilities (``mean_probs``, and
+    ``vote``, which has no probabilities of its own)."""
+    logits = np.asarray(member_logits, np.float64)
+    if live is not None:
+        logits = logits[np.asarray(live, bool)]
+    if method == "mean_logits":
+        return log_softmax(logits.mean(axis=0))
+    return np.log(np.maximum(np.exp(log_softmax(logits)).mean(axis=0), 1e-300))
+
+
+def evaluate(member_logits: np.ndarray, labels: np.ndarray, live: np.ndarray | None = None,
+             method: str = "mean_logits") -> tuple[dict, np.ndarray | None]:
+    """Scores the live members' ensemble on one example set (forget, retain or test).
+
+    Returns ``({"accuracy", "loss", "n"}, per-example loss [n])``; accuracy follows ``method``
+    (a majority for ``vote``) and the loss is the true mean cross-entropy of
+    `ensemble_log_probs`. With no live member or no example the scores are None.
+    """
+    labels = np.asarray(labels)
+    n = int(labels.shape[0])
+    alive = member_logits.shape[0] if live is None else int(np.sum(live))
+    if n == 0 or alive == 0:
+        return {"accuracy": None, "loss": None, "n": n}, None
+    log_probs = ensemble_log_probs(member_logits, live, method)
+    losses = -np.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+    acc = aggregate(member_logits, labels, live, method)["test_accuracy"]
+    return {"accuracy": acc, "loss": float(losses.mean()), "n": n}, losses

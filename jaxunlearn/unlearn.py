@@ -10,6 +10,14 @@ Retraining strategies decide what an invalidated member trains on afterwards:
 * ``replace`` (the original study): the fresh member joins the next phase and trains on that
   phase's sample like the others; after the last phase it trains at once on a new draw of the
   last phase's plan (without the deleted examples).
+* ``rewind`` (SISA's slices): the member is restored to its last recorded state (a phase or
+  slice boundary) whose lineage holds none of the deleted ids, then retrained forward over the
+  stages it lost, on its own samples minus the deleted ids, with the batch order it had.
+* ``oracle``: every member is retrained from its initial state on every stage's samples minus
+  the deleted ids: the exact reference, at the full cost of training.
+
+The driver (`jaxunlearn.experiment`) carries out ``rewind`` and ``oracle``; this function is
+the reinitialisation that ``replace`` uses.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from jaxunlearn import sharding, train
 from jaxunlearn.ensemble import select_members
 from jaxunlearn.train import MemberState, PRNGKey
 
-RETRAIN_STRATEGIES = ("replace",)
+RETRAIN_STRATEGIES = ("replace", "rewind", "oracle")
 
 
 def make_unlearn(model: nn.Module, tx: optax.GradientTransformation, mesh=None) -> Callable:

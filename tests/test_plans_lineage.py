@@ -45,12 +45,59 @@ def test_empty_sample_is_an_error():
 
 def test_epoch_batches_feed_each_drawn_example_once_with_static_shape():
     samples = np.array([[5, 5, 9, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6]])
-    idx, weight = plans.epoch_batches(np.random.default_rng(0), samples, 3)
+    idx, weight = plans.epoch_batches(plans.member_rngs((0,), 1, 2), samples, 3)
     assert idx.shape == weight.shape == (3, 2, 3)  # ceil(7 / 3) steps, members, batch
     for m in range(2):
         fed = idx[:, m][weight[:, m] > 0]
         np.testing.assert_array_equal(np.sort(fed), np.sort(samples[m]))
     assert weight.sum() == samples.size
+
+
+def test_ragged_batches_pad_short_members_and_keep_each_members_order():
+    samples = [np.arange(10, 17), np.arange(3), np.zeros(0, np.int64)]
+    idx, weight = plans.epoch_batches(plans.member_rngs((4, 2), 1, 3), samples, 3)
+    assert idx.shape == (3, 3, 3)  # the longest sample (7) sets ceil(7 / 3) steps
+    assert weight[:, 0].sum() == 7 and weight[:, 1].sum() == 3 and weight[:, 2].sum() == 0
+    assert weight[1:, 1].sum() == 0  # member 1 is done after one step
+    # Member 0's order depends on its own generator and sample only, not on the others.
+    alone, _ = plans.epoch_batches(plans.member_rngs((4, 2), 1, 1), samples[:1], 3)
+    np.testing.assert_array_equal(alone[:, 0], idx[:, 0])
+
+
+def test_shards_are_disjoint_and_cover_each_chunk():
+    chunks = plans.make_chunks(103, 3)
+    shards = plans.make_shards(np.random.default_rng(0), chunks, members=4, slices=2)
+    for chunk, parts in zip(chunks, shards):
+        pieces = [s for member in parts for s in member]
+        together = np.concatenate(pieces)
+        assert len(together) == len(np.unique(together))  # disjoint
+        np.testing.assert_array_equal(np.sort(together), chunk)  # cover the chunk
+        assert all(len(member) == 2 for member in parts)
+    deleted = np.zeros(103, bool)
+    deleted[shards[0][1][0][0]] = True
+    first = plans.shard_samples(shards, 1, 1, deleted)
+    assert len(first) == 4 and not deleted[np.concatenate(first)].any()
+    # Stage (2, 2): a member's whole shard of chunk 1 and both slices of its shard of chunk 2.
+    full = plans.shard_samples(shards, 2, 2, np.zeros(103, bool))
+    for member in range(4):
+        want = np.concatenate(shards[0][member] + shards[1][member])
+        np.testing.assert_array_equal(full[member], want)
+
+
+def test_expected_invalidation_probabilities():
+    pool = np.arange(100)
+    ids = np.array([3, 50])
+    assert plans.avoid_probability("bootstrap", pool, np.zeros(10), ids) == (1 - 2 / 100) ** 10
+    # subset: 10 draws of 100 without replacement avoid 2 given ids with C(98,10)/C(100,10).
+    want = (90 * 89) / (100 * 99)
+    assert abs(plans.avoid_probability("subset", pool, np.zeros(10), ids) - want) < 1e-12
+    assert plans.avoid_probability("shards", None, np.array([1, 3]), ids) == 0.0
+    assert plans.avoid_probability("shards", None, np.array([1, 2]), ids) == 1.0
+    # Monte Carlo agrees with the bootstrap formula.
+    rng = np.random.default_rng(0)
+    draws = rng.choice(pool, size=(20000, 10))
+    hit = np.isin(draws, ids).any(axis=1).mean()
+    assert abs(hit - (1 - (1 - 2 / 100) ** 10)) < 0.01
 
 
 def test_lineage_is_cumulative_and_reset_clears_it():
