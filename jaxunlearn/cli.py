@@ -1,4 +1,4 @@
-"""Command line: ``jaxunlearn run | presets | data``."""
+"""Command line: ``jaxunlearn run | forget | audit | log | presets | data``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ EPILOG = """examples:
   jaxunlearn run --preset demo epochs=2 members=3 --deletions deletions.json
   jaxunlearn run --preset seed devices=0 members=8         # members sharded over all GPUs
   jaxunlearn data --data ~/data/cifar-10-python.tar.gz
+  jaxunlearn run --resume runs/demo-20261127-101500-seed0  # continue a killed run
+  jaxunlearn forget runs/demo-20261127-101500-seed0 --ids 12,345
+  jaxunlearn audit runs/demo-20261127-101500-seed0
+  jaxunlearn log runs/demo-20261127-101500-seed0
 """
 
 
@@ -45,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                      help="same as a positional override; may repeat")
     run.add_argument("--quiet", action="store_true", help="print only the run folder at the end")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue a stopped or killed run from its newest complete checkpoint "
+                          "(KEY=VALUE overrides need --allow-config-change); on a finished run, "
+                          "apply its queued deletion requests")
+    run.add_argument("--allow-config-change", action="store_true",
+                     help="with --resume: accept overrides of settings that may change mid-run "
+                          "(learning_rate, epochs, data, checkpoint_every, ...)")
     multi = run.add_argument_group(
         "several hosts", "every process runs the same command; the member axis is sharded over "
                          "all their devices with devices=0; process 0 writes the run folder")
@@ -55,6 +66,25 @@ def build_parser() -> argparse.ArgumentParser:
     multi.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
     multi.add_argument("--num-processes", type=int, metavar="N")
     multi.add_argument("--process-id", type=int, metavar="I")
+
+    forget = sub.add_parser("forget", help="delete examples from a run: unlearn, checkpoint, "
+                                           "purge, log",
+                            description="Record a deletion request in the run's log and apply "
+                                        "it: invalidate, retrain with the run's strategy, write a "
+                                        "checkpoint, purge checkpoints that hold the ids, update "
+                                        "results.json. A run in progress applies it after its "
+                                        "current phase.")
+    forget.add_argument("run_dir", metavar="RUN_DIR")
+    forget.add_argument("--ids", help="example ids, e.g. 12,345,7")
+    forget.add_argument("--ids-file", metavar="FILE", help="a file of ids (commas, spaces or "
+                                                            "lines)")
+    forget.add_argument("--wait", type=float, default=600.0, metavar="SECONDS",
+                        help="how long to wait for another forget on the same run (default 600)")
+    audit = sub.add_parser("audit", help="check that no live state or kept checkpoint holds a "
+                                         "deleted id")
+    audit.add_argument("run_dir", metavar="RUN_DIR")
+    log = sub.add_parser("log", help="print the run's deletion log")
+    log.add_argument("run_dir", metavar="RUN_DIR")
 
     presets = sub.add_parser("presets", help="list the presets")
     presets.add_argument("-v", "--verbose", action="store_true", help="show every setting")
@@ -100,25 +130,70 @@ def init_distributed(args) -> None:
 
 def cmd_run(args) -> int:
     from jaxunlearn import experiment
+    from jaxunlearn.requests import summary_line
 
-    cfg = resolve_config(args)
-    if args.distributed or args.coordinator:
-        init_distributed(args)
-    out = new_run_dir(args.out, cfg)
     log = (lambda s: None) if args.quiet else functools.partial(print, flush=True)
+    if args.resume:
+        if args.seed is not None or args.deletions is not None:
+            raise config_lib.ConfigError("--seed and --deletions cannot change on --resume")
+        overrides = list(args.overrides) + list(args.sets)
+        if args.data is not None:
+            overrides.append(f"data={args.data}")
+        if args.distributed or args.coordinator:
+            init_distributed(args)
+        out = pathlib.Path(args.resume)
+        exp = experiment.resume(out, overrides, args.allow_config_change, log=log)
+        try:
+            results = exp.run_all()
+        finally:
+            exp.close()
+    else:
+        cfg = resolve_config(args)
+        if args.distributed or args.coordinator:
+            init_distributed(args)
+        out = new_run_dir(args.out, cfg)
+        if not args.quiet:
+            print(f"jaxunlearn run: preset {cfg.preset}, seed {cfg.seed}, data {cfg.data} -> {out}")
+        results = experiment.run(cfg, out, log=log)
     if not args.quiet:
-        print(f"jaxunlearn run: preset {cfg.preset}, seed {cfg.seed}, data {cfg.data} -> {out}")
-    results = experiment.run(cfg, out, log=log)
-    if not args.quiet:
-        f = results["final"]
-        line = (f"final: ensemble acc {f['ensemble']['test_accuracy']:.4f}"
-                + (f", baseline acc {f['baseline']['test_accuracy']:.4f}" if f["baseline"] else "")
-                + f"; {len(results['deleted_ids'])} ids deleted, {results['replacements']} member "
-                  f"replacements; lineage audit {'ok' if results['lineage_audit']['ok'] else 'FAILED'}"
-                  f"; {results['wall_seconds']:.1f}s")
-        print(line)
+        print(summary_line(results))
     print(out)
     return 0 if results["lineage_audit"]["ok"] else 1
+
+
+def cmd_forget(args) -> int:
+    from jaxunlearn import requests
+
+    ids = requests.parse_ids(args.ids, args.ids_file)
+    outcome = requests.forget(args.run_dir, ids, log=functools.partial(print, flush=True),
+                              wait=args.wait)
+    if outcome["status"] == "queued":
+        print(f"request {outcome['request']} recorded, queued: {outcome['message']}")
+        return 0
+    record = outcome["record"] or {}
+    cost = record.get("cost", {})
+    print(f"request {outcome['request']} applied: {len(record.get('ids', []))} id(s) deleted, "
+          f"members invalidated {record.get('invalidated', [])}, retrained "
+          f"{cost.get('member_epochs', 0)} member-epochs in {cost.get('seconds', 0.0):.1f}s")
+    print(requests.summary_line(outcome["results"]))
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from jaxunlearn import requests
+
+    ok, lines, summary = requests.audit(args.run_dir)
+    for line in lines:
+        print(line)
+    print(summary)
+    return 0 if ok else 1
+
+
+def cmd_log(args) -> int:
+    from jaxunlearn import requests
+
+    print(requests.log_text(args.run_dir))
+    return 0
 
 
 def cmd_presets(args) -> int:
@@ -146,14 +221,22 @@ def main(argv=None) -> int:
     from jaxunlearn.data import DataError
     from jaxunlearn.deletions import ScheduleError
 
+    from jaxunlearn.checkpoint import CheckpointError
+    from jaxunlearn.deletion_log import DeletionLogError
+    from jaxunlearn.requests import RequestError
+    from jaxunlearn.runlock import NoRunFolder, RunLocked
+
+    commands = {"run": cmd_run, "forget": cmd_forget, "audit": cmd_audit, "log": cmd_log,
+                "presets": cmd_presets, "data": cmd_data}
     try:
-        return {"run": cmd_run, "presets": cmd_presets, "data": cmd_data}[args.command](args)
-    except (DataError, ScheduleError, config_lib.ConfigError) as e:
+        return commands[args.command](args)
+    except (DataError, ScheduleError, config_lib.ConfigError, RequestError, RunLocked,
+            NoRunFolder, CheckpointError, DeletionLogError) as e:
         print(f"jaxunlearn: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
         print(f"jaxunlearn: training diverged: {e}", file=sys.stderr)
-        return 1
+        return 3
 
 
 if __name__ == "__main__":

@@ -57,6 +57,9 @@ class Config:
     reset_optimizer_each_phase: bool = True
     augment: bool = False
     eval_every_epoch: bool = True
+    # Checkpoints (orbax, in the run folder): after every phase, and every N steps when N > 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2  # the newest K complete checkpoints are kept
     # Deletions and unlearning
     deletion_rate: float = 1e-4  # random schedule: int(rate * |working set|) ids after phases 1..P-1
     deletions: str = ""  # path of an explicit JSON schedule (replaces the random one)

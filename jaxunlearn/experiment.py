@@ -8,6 +8,9 @@ atomically after every phase, ``"complete": true`` at the end), ``lineage.npz`` 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -21,9 +24,10 @@ import numpy as np
 
 from jaxunlearn import data as data_lib
 from jaxunlearn import deletions as deletions_lib
-from jaxunlearn import ensemble, metrics, mia, plans, sharding, unlearn
-from jaxunlearn.config import Config, ConfigError
-from jaxunlearn.group import ModelGroup
+from jaxunlearn import checkpoint, deletion_log, ensemble, faults, metrics, mia, plans, sharding
+from jaxunlearn import unlearn
+from jaxunlearn.config import Config, ConfigError, apply_overrides
+from jaxunlearn.group import ModelGroup, TrainingDiverged
 from jaxunlearn.lineage import Lineage
 from jaxunlearn.models import ARCHITECTURES, PRECISIONS, STEMS
 from jaxunlearn.train import make_optimizer
@@ -73,6 +77,12 @@ def check_config(cfg: Config, n_train: int) -> None:
     need(cfg.plan != "shards" or cfg.fraction == 1,
          f"plan=shards trains each member on its whole shard (1/members of each chunk); "
          f"set fraction=1 (got {cfg.fraction})")
+    need(np.isfinite(cfg.learning_rate) and cfg.learning_rate > 0,
+         f"learning_rate must be a positive number, got {cfg.learning_rate}")
+    need(cfg.checkpoint_every >= 0, f"checkpoint_every must be 0 (phase ends only) or a number "
+                                    f"of steps, got {cfg.checkpoint_every}")
+    need(cfg.keep_checkpoints >= 1, f"keep_checkpoints must be at least 1, got "
+                                    f"{cfg.keep_checkpoints}")
     need(cfg.retain_eval >= 1, f"retain_eval must be at least 1, got {cfg.retain_eval}")
     need(cfg.mia_folds >= 2, f"mia_folds must be at least 2, got {cfg.mia_folds}")
     need(n_train >= cfg.phases, f"{n_train} training examples cannot fill {cfg.phases} phases")
@@ -136,10 +146,13 @@ class Experiment:
 
     def __init__(self, cfg: Config, ds: data_lib.Dataset, out: pathlib.Path,
                  schedule: dict[int, list[int]] | None, log: Callable[[str], None],
-                 progress: bool):
+                 progress: bool, lock: contextlib.ExitStack | None = None):
+        """``lock``: the held run-folder lock (`jaxunlearn.runlock`), released by `close`."""
         from tqdm.auto import tqdm
 
         self.cfg, self.out, self.schedule, self.log = cfg, out, schedule, log
+        self.lock = lock
+        self.t0, self.elapsed_before = time.perf_counter(), 0.0
         self.n_train, self.n_test = ds.n_train, ds.n_test
         self.chunks = plans.make_chunks(ds.n_train, cfg.phases)
         k_ens, k_base, self.k_unlearn = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
@@ -157,8 +170,13 @@ class Experiment:
         self.stages: dict[str, dict[int, Stage]] = {"ensemble": {}, "baseline": {}}
         # rewind: every member's state and lineage at each stage boundary (0: initial).
         self.snapshots: dict[int, tuple] | None = None
+        # A snapshot needs the optimiser state only when a replay can start mid-phase or keeps
+        # it across phases; otherwise the replay resets it first (a third of Adam's memory).
+        self.snapshot_optimizer = not (cfg.reset_optimizer_each_phase
+                                       and self.slices["ensemble"] == 1)
         if cfg.strategy == "rewind":
-            self.snapshots = {0: (self.ens.host_state(), self.ens.lineage.seen.copy())}
+            self.snapshots = {}
+            self.snapshot(0, np.ones(cfg.members, bool))
         self.baseline_oracle = self.base is not None and (
             cfg.baseline_unlearning == "oracle"
             or (cfg.baseline_unlearning == "auto" and cfg.strategy == "oracle"))
@@ -178,6 +196,7 @@ class Experiment:
             "processes": jax.process_count(),
             "versions": {"python": platform.python_version(), "jax": jax.__version__,
                          "flax": _version("flax"), "optax": _version("optax")},
+            "data_fingerprint": data_fingerprint(ds),
             "phases": [],
         }
         groups = 2 if self.base else 1
@@ -187,10 +206,66 @@ class Experiment:
         self.primary = jax.process_index() == 0
         self.metrics_file = open(out / "metrics.jsonl" if self.primary else os.devnull, "a",
                                  buffering=1)
+        # Durability: where the run stands, its checkpoints and its deletion log.
+        self.phase_done = 0  # phases finished, deletions and checkpoint included
+        self.position: dict | None = None  # inside a phase: where its last checkpoint was
+        self.steps_done = 0  # optimiser steps of phase training (for checkpoint_every)
+        self.ckpt_step = -1
+        self.applied_requests: list[int] = []
+        self.ckpts = checkpoint.Checkpoints(out) if self.primary else None
+        self.requests = deletion_log.DeletionLog.open(out) if self.primary else None
 
     def close(self) -> None:
         self.bar.close()
         self.metrics_file.close()
+        if self.ckpts is not None:
+            self.ckpts.close()
+        if self.requests is not None:
+            self.requests.close()
+        if self.lock is not None:
+            self.lock.close()
+
+    def elapsed(self) -> float:
+        """Seconds of work on this run so far, over every process that resumed it."""
+        return self.elapsed_before + time.perf_counter() - self.t0
+
+    def run_all(self) -> dict:
+        """Runs the remaining phases (from a resumed position too), applies queued requests
+        and writes the end state."""
+        cfg = self.cfg
+        try:
+            while self.phase_done < cfg.phases:
+                self.run_phase(self.phase_done + 1)
+            self.finish(self.elapsed())
+            while self.apply_pending():  # requests queued while the run finished
+                self.finish(self.elapsed())
+        except TrainingDiverged as e:
+            steps = self.ckpts.steps() if self.ckpts else []
+            message = (f"{e} in phase {self.phase_done + 1}; the run stopped. The last good "
+                       f"checkpoint is {steps[-1] if steps else 'none'}; resume from it with a "
+                       f"lower learning rate: jaxunlearn run --resume {self.out} "
+                       f"learning_rate={cfg.learning_rate / 10:g} --allow-config-change")
+            self.results["error"] = {"kind": "diverged", "group": e.group,
+                                     "members": e.members, "phase": self.phase_done + 1,
+                                     "epoch": e.epoch, "step": e.step, "message": message}
+            self.save_results()
+            raise TrainingDiverged(e.group, e.members, e.epoch, e.step, message) from None
+        return self.results
+
+    def apply_pending(self) -> list[dict]:
+        """Applies every `forget` request pending in the log to this finished run: unlearning,
+        checkpoint, purge and outcome. Returns the request records."""
+        if self.requests is None:
+            return []
+        done = []
+        for request in self.requests.pending():
+            if request["id"] in self.applied_requests:
+                continue
+            if not request["source"].startswith("forget"):
+                continue
+            done.append(self.apply_request(request, self.cfg.phases))
+            self.make_durable([request["id"]])
+        return done
 
     def save_results(self) -> None:
         """Rewrites ``results.json`` atomically (a reader never sees a half-written file)."""
@@ -202,13 +277,14 @@ class Experiment:
     def emit(self, record: dict) -> None:
         self.metrics_file.write(json.dumps(record) + "\n")
 
-    def logits(self, group: ModelGroup, train_ids=None) -> np.ndarray:
-        return group.member_logits(self.cfg.eval_batch_size, train_ids)
+    def logits(self, group: ModelGroup, ids=None) -> np.ndarray:
+        return group.member_logits(self.cfg.eval_batch_size, ids)
 
     # ---- training ------------------------------------------------------------------------
 
     def train_stage(self, group: ModelGroup, source: str, t: int, samples, active: np.ndarray,
-                    kind: str = "epoch", round_: int = 0) -> tuple[float, int]:
+                    kind: str = "epoch", round_: int = 0, start=(1, 0, None),
+                    on_step=None) -> tuple[float, int]:
         """Trains ``active`` members of ``group`` on stage ``t`` of ``source`` (whose batch
         order they replay) for the configured epochs; returns (seconds, examples fed)."""
         cfg, t0 = self.cfg, time.perf_counter()
@@ -231,7 +307,8 @@ class Experiment:
                                                          cfg.aggregation)
             self.emit(line)
 
-        examples = group.train(samples, cfg.epochs, cfg.batch_size, active, on_epoch, seed_key)
+        examples = group.train(samples, cfg.epochs, cfg.batch_size, active, on_epoch, seed_key,
+                               start, on_step)
         return time.perf_counter() - t0, examples
 
     def draw(self, source: str, group: ModelGroup, phase: int, slice_: int) -> Stage:
@@ -253,6 +330,8 @@ class Experiment:
     def snapshot(self, t: int, members: np.ndarray) -> None:
         """Records ``members``' current state and lineage as their state at stage ``t``."""
         state, seen = self.ens.host_state(), self.ens.lineage.seen.copy()
+        if not self.snapshot_optimizer:
+            state = state._replace(opt_state=None)
         if t in self.snapshots and not members.all():
             old_state, old_seen = self.snapshots[t]
 
@@ -324,32 +403,46 @@ class Experiment:
             self.cfg.deletion_rate, arrived=sum(len(c) for c in self.chunks[:phase]))
 
     def run_phase(self, phase: int) -> dict:
-        """Trains every group on its samples of ``phase``, evaluates, deletes and unlearns."""
+        """Trains every group on its samples of ``phase``, evaluates, deletes and unlearns,
+        then makes it durable: a checkpoint, the purge of checkpoints that hold a deleted id,
+        and the deletion log. Resumes inside the phase from ``self.position`` when set."""
         cfg, ens, base, labels = self.cfg, self.ens, self.base, self.test_labels
+        resume, self.position = self.position, None
         t_phase = time.perf_counter()
-        record: dict = {"phase": phase, "working_set": int(len(
-            plans.working_set(self.chunks, phase, self.deleted)))}
-        seconds = {}
-        for group, source in ((ens, "ensemble"), (base, "baseline")):
+        record: dict = (resume["record"] if resume else
+                        {"phase": phase, "working_set": int(len(
+                            plans.working_set(self.chunks, phase, self.deleted)))})
+        seconds = record.setdefault("seconds_by_model", {})
+        order = [("ensemble", ens), ("baseline", base)]
+        for n, (source, group) in enumerate(order):
             if group is None:
                 continue
-            if cfg.reset_optimizer_each_phase:
-                group.reset_optimizer()
-            seconds[source] = 0.0
             S = self.slices[source]
             for slice_ in range(1, S + 1):
                 t = (phase - 1) * S + slice_
-                stage = self.stages[source][t] = self.draw(source, group, phase, slice_)
-                secs, examples = self.train_stage(group, source, t, stage.samples,
-                                                  np.ones(group.members, bool))
-                seconds[source] += secs
+                start = (1, 0, None)
+                if resume is not None:
+                    done_before = [s_ for s_, _ in order].index(resume["source"])
+                    if n < done_before or (n == done_before and slice_ < resume["slice"]):
+                        continue
+                    stage = self.stages[source][t]  # drawn before the checkpoint
+                    start = (resume["epoch"], resume["step"], resume["loss"])
+                    resume = None
+                else:
+                    if slice_ == 1 and cfg.reset_optimizer_each_phase:
+                        group.reset_optimizer()
+                    stage = self.stages[source][t] = self.draw(source, group, phase, slice_)
+                secs, examples = self.train_stage(
+                    group, source, t, stage.samples, np.ones(group.members, bool), start=start,
+                    on_step=self.step_hook(phase, source, slice_, record))
+                seconds[source] = seconds.get(source, 0.0) + secs
                 self.training["member_epochs"] += group.members * cfg.epochs
                 self.training["member_examples"] += examples
                 self.training["seconds"] += secs
                 if group is ens and self.snapshots is not None:
                     self.snapshot(t, np.ones(cfg.members, bool))
-            if group is ens:
-                record["sample_size"] = int(round(np.mean([len(s) for s in stage.samples])))
+                if group is ens:
+                    record["sample_size"] = int(round(np.mean([len(x) for x in stage.samples])))
 
         member_logits = self.logits(ens)
         record["ensemble"] = metrics.aggregate(member_logits, labels, None, cfg.aggregation)
@@ -362,15 +455,219 @@ class Experiment:
         record["deleted_ids"] = ids.tolist()
         record["invalidated"] = np.flatnonzero(invalid).tolist()
         record["members"] = _member_records(member_logits, labels, ~invalid, ens.lineage.born)
+        logged = []
         if ids.size:
+            logged.append(self.log_request(ids, f"schedule (after phase {phase})"))
             record.update(self.delete(phase, ids, invalid, member_logits, seconds))
-        record["seconds"] = time.perf_counter() - t_phase
-        record["seconds_by_model"] = seconds
+        self.phase_done = phase
         self.results["phases"].append(record)
+        logged += self.apply_queued(phase)
+        record["seconds"] = time.perf_counter() - t_phase
         self.emit({"kind": "phase", **record})
         self.log(_phase_line(record, cfg.phases))
-        self.save_results()
+        self.make_durable(logged)
         return record
+
+    # ---- durability ----------------------------------------------------------------------
+
+    def step_hook(self, phase: int, source: str, slice_: int, record: dict):
+        """The per-step callback of phase training: a mid-phase checkpoint every
+        ``checkpoint_every`` optimiser steps."""
+        every = self.cfg.checkpoint_every
+
+        def on_step(epoch: int, step: int, partial_loss) -> None:
+            self.steps_done += 1
+            if every and self.steps_done % every == 0:
+                loss = partial_loss()  # raises TrainingDiverged: never checkpoint a NaN state
+                self.position = {"phase": phase, "source": source, "slice": slice_,
+                                 "epoch": epoch, "step": step, "loss": loss.tolist(),
+                                 "record": record}
+                self.checkpoint()
+                self.position = None
+            faults.point("phase.step")
+
+        return on_step
+
+    def log_request(self, ids: np.ndarray, source: str) -> int | None:
+        """Records a deletion request in the log before it is applied; a request left pending
+        by a killed process for the same ids and source is reused."""
+        if self.requests is None:
+            return None
+        for pending in self.requests.pending():
+            if pending["source"] == source and pending["ids"] == ids.tolist():
+                return pending["id"]
+        return self.requests.request(ids.tolist(), source)
+
+    def apply_queued(self, phase: int) -> list[int]:
+        """Applies the `forget` requests queued in the log while this run was going (single
+        process only: other processes cannot read the log). Returns their request ids."""
+        if self.requests is None or jax.process_count() > 1:
+            return []
+        done = []
+        for request in self.requests.pending():
+            if not request["source"].startswith("forget") or request["id"] in self.applied_requests:
+                continue
+            self.apply_request(request, phase)
+            done.append(request["id"])
+        return done
+
+    def apply_request(self, request: dict, phase: int) -> dict:
+        """Applies one `forget` request: its ids not deleted yet are invalidated, unlearned
+        with the run's strategy, and scored; the record goes into ``results["requests"]``."""
+        ids = np.asarray(sorted(set(request["ids"]) - set(self.all_deleted)), np.int64)
+        record = {"request": request["id"], "phase": phase, "ids": ids.tolist(),
+                  "source": request["source"]}
+        if ids.size:
+            invalid = self.ens.lineage.invalid(ids)
+            record["invalidated"] = np.flatnonzero(invalid).tolist()
+            record.update(self.delete(phase, ids, invalid, self.logits(self.ens), {}))
+        else:
+            record["invalidated"] = []
+        self.applied_requests.append(request["id"])
+        self.results.setdefault("requests", []).append(record)
+        return record
+
+    def make_durable(self, logged: list) -> None:
+        """The durable step after a phase or a request: checkpoint, purge, then the log's
+        outcomes and the results file (a crash anywhere in it is completed on resume)."""
+        self.applied_requests += [r for r in logged if r is not None and r not in
+                                  self.applied_requests]
+        self.checkpoint()
+        faults.point("checkpoint.before_purge")
+        purged = self.purge()
+        self.save_results()
+        self.complete_requests(purged)
+
+    def complete_requests(self, purged: list[int]) -> None:
+        """Writes the outcome of every logged request this run has applied."""
+        if self.requests is None:
+            return
+        events = {}
+        for record in self.results["phases"]:
+            if record.get("deleted_ids"):
+                events[f"schedule (after phase {record['phase']})"] = record
+        by_request = {r["request"]: r for r in self.results.get("requests", [])}
+        for pending in self.requests.pending():
+            record = by_request.get(pending["id"]) or events.get(pending["source"])
+            if pending["id"] not in self.applied_requests or record is None:
+                continue
+            faults.point("forget.before_outcome")
+            cost = record.get("cost", {})
+            self.requests.outcome(
+                pending["id"], "applied", members_invalidated=record.get("invalidated", []),
+                strategy=self.cfg.strategy,
+                cost={k: cost.get(k) for k in ("member_epochs", "member_examples", "seconds")},
+                checkpoints_purged=[str(p) for p in purged],
+                message=("nothing left to delete: already deleted" if not record.get(
+                    "ids", record.get("deleted_ids")) else ""))
+
+    def checkpoint(self) -> int:
+        """Writes the next checkpoint (primary process) and trims to ``keep_checkpoints``."""
+        self.ckpt_step += 1
+        if self.ckpts is None:
+            return self.ckpt_step
+        state, lineage, plan, meta = self.capture()
+        self.ckpts.save(self.ckpt_step, state, lineage, plan, meta)
+        return self.ckpt_step
+
+    def purge(self) -> list[int]:
+        """Deletes every kept checkpoint but the newest whose lineage holds a deleted id, and
+        all but the newest ``keep_checkpoints``. Returns the deleted steps."""
+        if self.ckpts is None:
+            return []
+        steps = self.ckpts.steps()
+        purged = []
+        deleted = np.asarray(sorted(self.all_deleted), np.int64)
+        for step in steps[:-1]:
+            dirty = False
+            if deleted.size:
+                try:
+                    lineage = self.ckpts.load(step, ("lineage",))["lineage"]
+                    dirty = bool(lineage_violations(lineage, deleted, self.baseline_oracle))
+                except checkpoint.CheckpointError:
+                    dirty = True  # unreadable: it cannot be shown clean, so it goes
+            if dirty or step not in steps[-self.cfg.keep_checkpoints:]:
+                self.ckpts.delete(step)
+                purged.append(step)
+        return purged
+
+    def capture(self) -> tuple[dict, dict, dict, dict]:
+        """Everything a resumed run needs, as (state, lineage, plan, meta) checkpoint items."""
+        state = {"ensemble": _flatten(self.ens.host_state())}
+        lineage = {"ensemble": {"seen": self.ens.lineage.seen, "born": self.ens.lineage.born}}
+        if self.base is not None:
+            state["baseline"] = _flatten(self.base.host_state())
+            lineage["baseline"] = {"seen": self.base.lineage.seen, "born": self.base.lineage.born}
+        if self.snapshots:
+            state["snapshots"] = {f"t{t}": _flatten(st) for t, (st, _) in self.snapshots.items()}
+            lineage["snapshots"] = {f"t{t}": seen for t, (_, seen) in self.snapshots.items()}
+        plan, stages = {}, {}
+        for source, by_t in self.stages.items():
+            for t, stage in by_t.items():
+                packed = checkpoint.pack_ragged(stage.samples)
+                if stage.pool is not None:
+                    packed["pool"] = checkpoint.pack_ids(stage.pool)
+                plan[f"{source}_t{t}"] = packed
+                stages.setdefault(source, {})[str(t)] = [stage.phase, stage.slice,
+                                                          stage.pool is not None]
+        if not plan:
+            plan = {"empty": checkpoint.pack_ids([])}
+        self.metrics_file.flush()
+        meta = {
+            "format": 1, "config": self.cfg.to_dict(), "phase_done": self.phase_done,
+            "position": self.position, "steps_done": self.steps_done,
+            "checkpoint": self.ckpt_step, "deleted": list(self.all_deleted),
+            "replacements": self.replacements, "rounds": self.rounds, "stages": stages,
+            "rngs": {"ensemble": self.ens.rng.bit_generator.state,
+                     "baseline": self.base.rng.bit_generator.state if self.base else None,
+                     "deletions": self.deletion_rng.bit_generator.state,
+                     "retrain": self.retrain_rng.bit_generator.state},
+            "training": self.training, "events": self.events, "elapsed": self.elapsed(),
+            "applied_requests": self.applied_requests, "results": self.results,
+            "metrics_bytes": self.metrics_file.tell() if self.primary else 0,
+        }
+        return state, lineage, plan, meta
+
+    def load(self, step: int, loaded: dict) -> None:
+        """Puts the run back in the state checkpoint ``step`` recorded."""
+        state, lineage, plan, meta = (loaded[k] for k in checkpoint.ITEMS)
+        self.ens.set_state(_unflatten(self.ens.host_state(), state["ensemble"]))
+        self.ens.lineage.seen[:] = lineage["ensemble"]["seen"]
+        self.ens.lineage.born[:] = lineage["ensemble"]["born"]
+        if self.base is not None:
+            self.base.set_state(_unflatten(self.base.host_state(), state["baseline"]))
+            self.base.lineage.seen[:] = lineage["baseline"]["seen"]
+            self.base.lineage.born[:] = lineage["baseline"]["born"]
+        if self.snapshots is not None:
+            like = self.snapshots[0][0]
+            self.snapshots = {int(k[1:]): (_unflatten(like, v), lineage["snapshots"][k])
+                              for k, v in state["snapshots"].items()}
+        for source, by_t in meta["stages"].items():
+            for t, (phase, slice_, has_pool) in by_t.items():
+                packed = plan[f"{source}_t{t}"]
+                self.stages[source][int(t)] = Stage(
+                    phase, slice_, checkpoint.unpack_ragged(packed),
+                    checkpoint.unpack_ids(packed["pool"]) if has_pool else None)
+        self.phase_done, self.position = meta["phase_done"], meta["position"]
+        self.steps_done, self.ckpt_step = meta["steps_done"], step
+        self.all_deleted = list(meta["deleted"])
+        self.deleted[:] = False
+        self.deleted[self.all_deleted] = True
+        self.replacements, self.rounds = meta["replacements"], meta["rounds"]
+        self.ens.rng.bit_generator.state = meta["rngs"]["ensemble"]
+        if self.base is not None:
+            self.base.rng.bit_generator.state = meta["rngs"]["baseline"]
+        self.deletion_rng.bit_generator.state = meta["rngs"]["deletions"]
+        self.retrain_rng.bit_generator.state = meta["rngs"]["retrain"]
+        self.training, self.events = meta["training"], meta["events"]
+        self.elapsed_before, self.t0 = meta["elapsed"], time.perf_counter()
+        self.applied_requests = list(meta["applied_requests"])
+        self.results = meta["results"]
+        if self.primary:  # drop what the killed process logged after this checkpoint
+            self.metrics_file.close()
+            with open(self.out / "metrics.jsonl", "r+b") as f:
+                f.truncate(meta["metrics_bytes"])
+            self.metrics_file = open(self.out / "metrics.jsonl", "a", buffering=1)
 
     def rewind_points(self, ids: np.ndarray, invalid: np.ndarray) -> np.ndarray:
         """For each invalid member, its last recorded stage whose lineage holds none of
@@ -386,6 +683,8 @@ class Experiment:
         for t in np.unique(points[points >= 0]):
             mask = points == t
             state, seen = self.snapshots[int(t)]
+            if state.opt_state is None:  # reset before the replay trains: keep the current
+                state = state._replace(opt_state=self.ens.host_state().opt_state)
             self.ens.set_members(mask, state)
             self.ens.lineage.seen[mask] = seen[mask]
 
@@ -459,11 +758,14 @@ class Experiment:
         out = {"forget": {}, "retain": {}, "test": {}, "mia": {}}
         for name, (group, live) in models.items():
             method = cfg.aggregation if group.members > 1 else "mean_logits"
-            sets = {"forget": (self.logits(group, forget), self.train_labels[forget]),
-                    "retain": (self.logits(group, retain), self.train_labels[retain]),
-                    "test": (test_logits.get(name, None), self.test_labels)}
-            if sets["test"][0] is None:
-                sets["test"] = (self.logits(group), self.test_labels)
+            known = test_logits.get(name)
+            # One pass over forget + retain (+ test) ids: a tiny forget set costs no extra batch.
+            ids = np.concatenate([forget, retain] + ([group.test_ids] if known is None else []))
+            logits = self.logits(group, ids)
+            cut = len(forget) + len(retain)
+            sets = {"forget": (logits[:, :len(forget)], self.train_labels[forget]),
+                    "retain": (logits[:, len(forget):cut], self.train_labels[retain]),
+                    "test": (logits[:, cut:] if known is None else known, self.test_labels)}
             losses = {}
             for which, (logits, labels) in sets.items():
                 out[which][name], losses[which] = metrics.evaluate(logits, labels, live, method)
@@ -558,15 +860,15 @@ class Experiment:
         oracle, the cost totals, the lineage audit, ``lineage.npz`` and the plot."""
         from jaxunlearn import plots
 
-        cfg = self.cfg
+        cfg, labels = self.cfg, self.test_labels
         last = self.results["phases"][-1]
-        final = {k: last[k] for k in ("phase", "deleted_ids", "invalidated", "ensemble",
-                                      "baseline", "members", "seconds")}
-        if "members" in last.get("after_unlearning", {}):
-            final["ensemble"] = last["after_unlearning"]["ensemble"]
-            final["members"] = last["after_unlearning"]["members"]
-        if "baseline" in last.get("after_unlearning", {}):
-            final["baseline"] = last["after_unlearning"]["baseline"]
+        final = {k: last[k] for k in ("phase", "deleted_ids", "invalidated", "seconds")}
+        logits = self.logits(self.ens)  # the live state, after every deletion and request
+        final["ensemble"] = metrics.aggregate(logits, labels, None, cfg.aggregation)
+        final["members"] = _member_records(logits, labels, np.ones(cfg.members, bool),
+                                           self.ens.lineage.born)
+        final["baseline"] = (metrics.score(self.logits(self.base)[0], labels)
+                             if self.base else None)
         upto = cfg.phases * self.slices["ensemble"]
         forget = np.asarray(sorted(self.all_deleted), np.int64)
         models = {"ensemble": (self.ens, None)}
@@ -635,10 +937,41 @@ class Experiment:
         return out
 
 
+# Settings a resumed run may change (with --allow-config-change): they change how the rest of
+# the run trains, evaluates or is stored, not the shapes or meaning of what is checkpointed.
+RESUMABLE_CHANGES = frozenset({
+    "data", "eval_batch_size", "eval_every_epoch", "checkpoint_every", "keep_checkpoints",
+    "oracle_reference", "retain_eval", "mia_folds", "member_parallel", "devices",
+    "learning_rate", "weight_decay", "epochs", "batch_size"})
+
+
+def data_fingerprint(ds: data_lib.Dataset) -> str:
+    """A short hash of the labels and a few pixels: a resumed run checks it has its data."""
+    h = hashlib.sha256()
+    for x in (ds.train_labels, ds.test_labels, ds.train_images[:: max(1, ds.n_train // 64)]):
+        h.update(np.ascontiguousarray(x).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _open(cfg, ds, out, schedule, log, progress, purpose: str, wait: float = 0.0) -> Experiment:
+    """Locks the run folder (the primary process), then builds its `Experiment`."""
+    from jaxunlearn import runlock
+
+    lock = contextlib.ExitStack()
+    try:
+        if jax.process_index() == 0:
+            lock.enter_context(runlock.run_lock(out, wait=wait, purpose=purpose))
+        return Experiment(cfg, ds, out, schedule, log,
+                          sys.stderr.isatty() if progress is None else progress, lock)
+    except BaseException:
+        lock.close()
+        raise
+
+
 def prepare(cfg: Config, out_dir, dataset: data_lib.Dataset | None = None,
             log: Callable[[str], None] = print, progress: bool | None = None) -> Experiment:
     """Checks everything that can be checked (config, data, deletion schedule), then creates
-    the run folder ``out_dir`` (which must be new) and the `Experiment` that will fill it."""
+    the run folder ``out_dir`` (which must be new), locks it, and writes checkpoint 0."""
     ds = dataset if dataset is not None else data_lib.load_dataset(cfg.data)
     ds = ds.limit(cfg.train_limit or None, cfg.test_limit or None)
     check_config(cfg, ds.n_train)
@@ -651,8 +984,10 @@ def prepare(cfg: Config, out_dir, dataset: data_lib.Dataset | None = None,
         out.mkdir(parents=True, exist_ok=False)
         (out / "plots").mkdir()
         (out / "config.json").write_text(cfg.to_json())
-    return Experiment(cfg, ds, out, schedule, log,
-                      sys.stderr.isatty() if progress is None else progress)
+    exp = _open(cfg, ds, out, schedule, log, progress, "run")
+    exp.checkpoint()  # step 0: the initial state
+    exp.save_results()
+    return exp
 
 
 def run(cfg: Config, out_dir, dataset: data_lib.Dataset | None = None,
@@ -666,14 +1001,118 @@ def run(cfg: Config, out_dir, dataset: data_lib.Dataset | None = None,
     Returns:
       The results dictionary also written to ``results.json``.
     """
-    t_start = time.perf_counter()
     exp = prepare(cfg, out_dir, dataset, log, progress)
     try:
-        for phase in range(1, cfg.phases + 1):
-            exp.run_phase(phase)
-        return exp.finish(time.perf_counter() - t_start)
+        return exp.run_all()
     finally:
         exp.close()
+
+
+def saved_config(run_dir) -> Config:
+    """The configuration a run folder was made with."""
+    path = pathlib.Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (no config.json); pass the folder "
+                          f"that `jaxunlearn run` printed")
+    try:
+        return Config(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{path} is not a readable configuration: {e}") from None
+
+
+def config_changes(old: Config, new: Config) -> dict[str, tuple]:
+    return {f.name: (getattr(old, f.name), getattr(new, f.name))
+            for f in dataclasses.fields(Config) if getattr(old, f.name) != getattr(new, f.name)}
+
+
+def resume(run_dir, overrides=(), allow_config_change: bool = False,
+           dataset: data_lib.Dataset | None = None, log: Callable[[str], None] = print,
+           progress: bool | None = None, purpose: str = "run", wait: float = 0.0) -> Experiment:
+    """Reopens a run folder at its newest complete checkpoint (checks first, changes nothing
+    until the run is locked and its data and checkpoint are found).
+
+    Raises ConfigError (a changed setting without ``allow_config_change``, or one that cannot
+    change), DataError (the data is missing or is not the run's), `RunLocked` (another process
+    has the run), or CheckpointError (no usable checkpoint)."""
+    out = pathlib.Path(run_dir)
+    old = saved_config(out)
+    cfg = apply_overrides(old, list(overrides))
+    changes = config_changes(old, cfg)
+    if changes:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, b_a in changes.items()
+                           for a, b in [b_a])
+        fixed = sorted(set(changes) - RESUMABLE_CHANGES)
+        if fixed:
+            raise ConfigError(f"cannot resume {out} with a different {', '.join(fixed)} "
+                              f"({listed}): the checkpoints depend on it; start a new run")
+        if not allow_config_change:
+            raise ConfigError(f"{out} was made with a different configuration ({listed}); "
+                              f"pass --allow-config-change to resume with it, or drop the "
+                              f"overrides")
+    ds = dataset if dataset is not None else data_lib.load_dataset(cfg.data)
+    ds = ds.limit(cfg.train_limit or None, cfg.test_limit or None)
+    results_path = out / "results.json"
+    if results_path.is_file():
+        expected = json.loads(results_path.read_text()).get("data_fingerprint")
+        if expected and expected != data_fingerprint(ds):
+            raise data_lib.DataError(
+                f"the data found ({ds.source}) is not the data {out} was trained on; pass "
+                f"the run's dataset (data=PATH --allow-config-change)")
+    check_config(cfg, ds.n_train)
+    schedule = None
+    if cfg.deletions:
+        schedule = deletions_lib.load_schedule(cfg.deletions)
+    exp = _open(cfg, ds, out, schedule, log, progress, purpose, wait)
+    try:
+        if exp.ckpts is not None:
+            gone = exp.ckpts.discard_incomplete()
+            if gone:
+                log(f"discarded incomplete checkpoint(s) {gone} (a write that never finished)")
+            step, loaded = exp.ckpts.load_latest(log)
+            for bad in exp.ckpts.damaged:  # useless, and perhaps holding deleted ids
+                exp.ckpts.delete(bad)
+                log(f"removed damaged checkpoint {bad}")
+            exp.load(step, loaded)
+            # Finish a durable step a crash interrupted: the purge and the log's outcomes.
+            exp.complete_requests(exp.purge())
+            where = (f"inside phase {exp.position['phase']}" if exp.position else
+                     f"after phase {exp.phase_done}")
+            log(f"resuming {out} from checkpoint {step} ({where})")
+    except BaseException:
+        exp.close()
+        raise
+    return exp
+
+
+def lineage_violations(lineage: dict, deleted: np.ndarray, baseline_unlearned: bool) -> list:
+    """(where, member, ids) for each lineage matrix of a checkpoint's ``lineage`` item that
+    holds one of ``deleted``: the live members, each rewind snapshot, and the baseline when it
+    is unlearned (a baseline the config leaves as a reference is reported by `audit`)."""
+    out = []
+
+    def check(where, seen):
+        seen = np.asarray(seen)
+        hit = seen[:, deleted]
+        for member in np.flatnonzero(hit.any(axis=1)):
+            out.append((where, int(member), deleted[hit[member]].tolist()))
+
+    check("live ensemble", lineage["ensemble"]["seen"])
+    for key, seen in sorted(lineage.get("snapshots", {}).items(), key=lambda kv: int(kv[0][1:])):
+        check(f"rewind snapshot of stage {key[1:]}", seen)
+    if baseline_unlearned and "baseline" in lineage:
+        check("baseline", lineage["baseline"]["seen"])
+    return out
+
+
+def _flatten(tree) -> dict:
+    """A pytree's leaves as ``{"00000": leaf, ...}`` (orbax keeps the dict; the structure
+    comes back from a freshly initialised state)."""
+    return {f"{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(tree))}
+
+
+def _unflatten(like, flat: dict):
+    leaves = [np.asarray(flat[k]) for k in sorted(flat)]
+    return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
 def _phase_line(r: dict, phases: int) -> str:

@@ -152,6 +152,10 @@ class ModelGroup:
         """The whole stacked state as numpy (gathered from every process)."""
         return jax.tree.map(sharding.to_host, self.state)
 
+    def set_state(self, host_state) -> None:
+        """Replaces the whole stacked state by ``host_state`` (numpy, as from `host_state`)."""
+        self.state = jax.tree.map(lambda x: self._place(x, sharding.MEMBERS), host_state)
+
     def set_members(self, mask: np.ndarray, host_state) -> None:
         """Replaces the members in ``mask`` by their rows of ``host_state`` (a stacked numpy
         state, as from `host_state`); the others keep their current state."""
@@ -165,37 +169,60 @@ class ModelGroup:
         self.state = jax.tree.map(lambda x: self._place(x, sharding.MEMBERS), merged)
 
     def train(self, samples, epochs: int, batch_size: int, active: np.ndarray,
-              on_epoch: Callable[[int, np.ndarray], None], seed_key: tuple[int, ...]) -> int:
+              on_epoch: Callable[[int, np.ndarray], None], seed_key: tuple[int, ...],
+              start: tuple[int, int, np.ndarray | None] = (1, 0, None),
+              on_step: Callable | None = None) -> int:
         """Trains the ``active`` members for ``epochs`` on their ``samples`` (ragged: one id
         array per member). Epoch ``e`` of member ``i`` is shuffled by a generator seeded with
-        ``(*seed_key, e, i)``. Returns the number of examples fed (summed over members)."""
+        ``(*seed_key, e, i)``, so training can resume mid-epoch from ``start`` = (epoch, steps
+        already done in it, their loss sums). After each step, ``on_step(epoch, steps_done,
+        partial_loss)`` may checkpoint; ``partial_loss()`` gives the epoch's loss sums so far
+        (and raises `TrainingDiverged` if one is not finite). Returns the examples fed.
+        """
         images, labels = self.train_arrays
         active = np.asarray(active, bool)
         samples = [s if a else s[:0] for s, a in zip(samples, active)]
         sizes = np.array([len(s) for s in samples])
         active_dev = self._place(active, sharding.MEMBERS)
-        for epoch in range(1, epochs + 1):
+        first_epoch, first_step, first_loss = start
+        for epoch in range(first_epoch, epochs + 1):
             rngs = plans.member_rngs(seed_key, epoch, self.members)
             idx, weight = plans.epoch_batches(rngs, samples, batch_size)
             per_step = P(None, sharding.MEMBER_AXIS)
             idx_dev, weight_dev = self._place(idx, per_step), self._place(weight, per_step)
-            loss_sum = None
-            for s in range(idx.shape[0]):
+            resumed = epoch == first_epoch
+            offset = first_step if resumed else 0
+            carried = (np.asarray(first_loss, np.float64) if resumed and first_loss is not None
+                       else np.zeros(self.members))
+            losses = []
+
+            def partial_loss(losses=losses, offset=offset, carried=carried, epoch=epoch):
+                if not losses:
+                    return carried
+                per = np.asarray(sharding.to_host(jnp.stack(losses)), np.float64)
+                check_finite(per, self.name, epoch, offset)
+                return carried + per.sum(axis=0)
+
+            for s in range(offset, idx.shape[0]):
                 self.state, loss = self._fns.step(self.state, images, labels, idx_dev[s],
                                                   weight_dev[s], active_dev)
-                loss_sum = loss if loss_sum is None else loss_sum + loss
-            self.lineage.record(idx, weight, active)
-            loss_sum = sharding.to_host(loss_sum)
-            check_finite(loss_sum, self.name, epoch)
-            on_epoch(epoch, loss_sum / np.maximum(sizes, 1))
+                losses.append(loss)
+                self.lineage.record(idx[s], weight[s], active)
+                if on_step is not None:
+                    on_step(epoch, s + 1, partial_loss)
+            on_epoch(epoch, partial_loss() / np.maximum(sizes, 1))
         return int(sizes.sum()) * epochs
 
-    def member_logits(self, batch_size: int, train_ids: np.ndarray | None = None) -> np.ndarray:
-        """Logits of every member, ``[m, n, classes]``: on the test images, or on the training
-        images ``train_ids``."""
+    @property
+    def test_ids(self) -> np.ndarray:
+        """The test images' ids in the resident array (after the training images)."""
+        return self.n_train + np.arange(self.n_test)
+
+    def member_logits(self, batch_size: int, ids: np.ndarray | None = None) -> np.ndarray:
+        """Logits of every member, ``[m, n, classes]``, on resident images ``ids`` (training
+        ids, or `test_ids`; default: the test set)."""
         images = self.train_arrays[0]
-        ids = (self.n_train + np.arange(self.n_test) if train_ids is None
-               else np.asarray(train_ids))
+        ids = self.test_ids if ids is None else np.asarray(ids)
         n, out = len(ids), []
         if n == 0:
             return np.zeros((self.members, 0, 0), np.float32)
@@ -210,8 +237,21 @@ class ModelGroup:
         return jax.tree.map(sharding.to_host, self.state.params)
 
 
-def check_finite(loss_sums: np.ndarray, name: str, epoch: int) -> None:
-    bad = np.flatnonzero(~np.isfinite(loss_sums))
-    if bad.size:
-        raise FloatingPointError(f"{name} member(s) {bad.tolist()} reached a non-finite loss in "
-                                 f"epoch {epoch}; lower the learning rate")
+class TrainingDiverged(FloatingPointError):
+    """A member's loss became NaN or infinite; says which member, epoch and step."""
+
+    def __init__(self, group: str, members: list[int], epoch: int, step: int,
+                 message: str | None = None):
+        self.group, self.members, self.epoch, self.step = group, members, epoch, step
+        super().__init__(message or f"{group} member(s) {members} reached a non-finite loss "
+                                    f"at epoch {epoch}, step {step}")
+
+
+def check_finite(step_losses: np.ndarray, name: str, epoch: int, offset: int = 0) -> None:
+    """Raises `TrainingDiverged` naming the first step (1-based, counting ``offset`` steps
+    before ``step_losses`` ``[steps, m]``) where some member's loss is not finite."""
+    bad = ~np.isfinite(step_losses)
+    if bad.any():
+        step = int(np.flatnonzero(bad.any(axis=1))[0])
+        raise TrainingDiverged(name, np.flatnonzero(bad[step]).tolist(), epoch,
+                               offset + step + 1)

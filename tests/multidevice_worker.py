@@ -33,8 +33,8 @@ def main(out: str, devices: int, coordinator: str | None = None, processes: int 
                              progress=False)
     for phase in (1, 2):
         exp.run_phase(phase)
-    exp.close()
     exp.finish(0.0)
+    exp.close()
     params = exp.ens.host_params()  # gathered from every process
     if jax.process_index() == 0:
         flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}

@@ -60,6 +60,9 @@ def test_rewind_restores_exactly_the_state_before_the_deleted_id_entered(tmp_pat
     b = experiment.prepare(cfg, tmp_path / "b", dataset=sample, log=lambda s: None)
     b.run_phase(1)
     got, want = a.ens.host_state(), b.ens.host_state()
+    # Everything but the optimiser state, which the replay resets at the start of the phase.
+    got, want = got._replace(opt_state=None), want._replace(opt_state=None)
+    assert len(jax.tree.leaves(got)) > 10
     for leaf_a, leaf_b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(leaf_a[invalid], leaf_b[invalid])
     np.testing.assert_array_equal(a.ens.lineage.seen[invalid], b.ens.lineage.seen[invalid])
