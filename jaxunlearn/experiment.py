@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import sys
 import time
 from typing import Callable, NamedTuple
@@ -212,14 +213,15 @@ class Experiment:
         self.steps_done = 0  # optimiser steps of phase training (for checkpoint_every)
         self.ckpt_step = -1
         self.applied_requests: list[int] = []
-        self.ckpts = checkpoint.Checkpoints(out) if self.primary else None
+        # Every process reads checkpoints (a run folder several hosts share); the first
+        # writes them and keeps the deletion log.
+        self.ckpts = checkpoint.Checkpoints(out, read_only=not self.primary)
         self.requests = deletion_log.DeletionLog.open(out) if self.primary else None
 
     def close(self) -> None:
         self.bar.close()
         self.metrics_file.close()
-        if self.ckpts is not None:
-            self.ckpts.close()
+        self.ckpts.close()
         if self.requests is not None:
             self.requests.close()
         if self.lock is not None:
@@ -255,8 +257,8 @@ class Experiment:
     def apply_pending(self) -> list[dict]:
         """Applies every `forget` request pending in the log to this finished run: unlearning,
         checkpoint, purge and outcome. Returns the request records."""
-        if self.requests is None:
-            return []
+        if self.requests is None or jax.process_count() > 1:
+            return []  # other processes cannot read the log: a single-process resume applies
         done = []
         for request in self.requests.pending():
             if request["id"] in self.applied_requests:
@@ -394,8 +396,9 @@ class Experiment:
 
     def deletions_after(self, phase: int) -> np.ndarray:
         """The ids deleted after ``phase``: from the explicit schedule, or drawn at random."""
-        if self.schedule is not None:
-            return np.asarray(sorted(self.schedule.get(phase, [])), np.int64)
+        if self.schedule is not None:  # minus ids a `forget` request deleted already
+            ids = np.asarray(sorted(self.schedule.get(phase, [])), np.int64)
+            return ids[~self.deleted[ids]]
         if phase == self.cfg.phases:
             return np.zeros(0, np.int64)
         return deletions_lib.random_deletions(
@@ -483,6 +486,7 @@ class Experiment:
                                  "epoch": epoch, "step": step, "loss": loss.tolist(),
                                  "record": record}
                 self.checkpoint()
+                self.trim()  # no deletion happens inside a phase: nothing else to purge
                 self.position = None
             faults.point("phase.step")
 
@@ -493,9 +497,9 @@ class Experiment:
         by a killed process for the same ids and source is reused."""
         if self.requests is None:
             return None
-        for pending in self.requests.pending():
-            if pending["source"] == source and pending["ids"] == ids.tolist():
-                return pending["id"]
+        for known in self.requests.records():  # pending, or applied before a fallback
+            if known["source"] == source and known["ids"] == ids.tolist():
+                return known["id"]
         return self.requests.request(ids.tolist(), source)
 
     def apply_queued(self, phase: int) -> list[int]:
@@ -527,6 +531,42 @@ class Experiment:
         self.results.setdefault("requests", []).append(record)
         return record
 
+    def reapply_logged_deletions(self, step: int, log: Callable[[str], None]) -> None:
+        """After falling back to an older checkpoint: deletes again, at once, the ids the log
+        says were deleted but checkpoint ``step`` predates (their checkpoints were damaged)."""
+        if self.requests is None or jax.process_count() > 1:
+            return
+        logged, later = set(), set()
+        for r in self.requests.records():
+            if r["outcome"] != "applied":
+                continue
+            logged |= set(r["ids"])
+            phase = _schedule_phase(r["source"])
+            if phase is not None and phase > self.phase_done:
+                later |= set(r["ids"])  # the replayed phase deletes them again itself
+        missing = np.asarray(sorted(logged - later - set(self.all_deleted)), np.int64)
+        if not missing.size:
+            return
+        if self.position is not None:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {step} is inside phase {self.position['phase']} and predates the "
+                f"logged deletion of ids {missing[:10].tolist()}, whose checkpoints are "
+                f"damaged; restore them, or start a new run that deletes these ids")
+        log(f"checkpoint {step} predates the logged deletion of {missing.size} id(s): "
+            f"deleting them again now")
+        if self.phase_done == 0:  # nothing trained yet: they are simply never drawn
+            self.deleted[missing] = True
+            self.all_deleted.extend(missing.tolist())
+        else:
+            record = {"request": None, "phase": self.phase_done, "ids": missing.tolist(),
+                      "source": f"re-applied after falling back to checkpoint {step}"}
+            invalid = self.ens.lineage.invalid(missing)
+            record["invalidated"] = np.flatnonzero(invalid).tolist()
+            record.update(self.delete(self.phase_done, missing, invalid,
+                                      self.logits(self.ens), {}))
+            self.results.setdefault("requests", []).append(record)
+        self.make_durable([])
+
     def make_durable(self, logged: list) -> None:
         """The durable step after a phase or a request: checkpoint, purge, then the log's
         outcomes and the results file (a crash anywhere in it is completed on resume)."""
@@ -535,6 +575,8 @@ class Experiment:
         self.checkpoint()
         faults.point("checkpoint.before_purge")
         purged = self.purge()
+        if self.primary:  # the live lineage, for `audit`
+            self.ens.lineage.save(self.out / "lineage.npz", self.all_deleted)
         self.save_results()
         self.complete_requests(purged)
 
@@ -562,18 +604,27 @@ class Experiment:
                     "ids", record.get("deleted_ids")) else ""))
 
     def checkpoint(self) -> int:
-        """Writes the next checkpoint (primary process) and trims to ``keep_checkpoints``."""
+        """Writes the next checkpoint. Every process gathers the state (a collective); the
+        primary one writes it."""
         self.ckpt_step += 1
-        if self.ckpts is None:
-            return self.ckpt_step
         state, lineage, plan, meta = self.capture()
-        self.ckpts.save(self.ckpt_step, state, lineage, plan, meta)
+        if self.primary:
+            self.ckpts.save(self.ckpt_step, state, lineage, plan, meta)
         return self.ckpt_step
+
+    def trim(self) -> list[int]:
+        """Deletes all but the newest ``keep_checkpoints`` complete checkpoints."""
+        if not self.primary:
+            return []
+        old = self.ckpts.steps()[:-self.cfg.keep_checkpoints]
+        for step in old:
+            self.ckpts.delete(step)
+        return old
 
     def purge(self) -> list[int]:
         """Deletes every kept checkpoint but the newest whose lineage holds a deleted id, and
         all but the newest ``keep_checkpoints``. Returns the deleted steps."""
-        if self.ckpts is None:
+        if not self.primary:
             return []
         steps = self.ckpts.steps()
         purged = []
@@ -666,7 +717,8 @@ class Experiment:
         if self.primary:  # drop what the killed process logged after this checkpoint
             self.metrics_file.close()
             with open(self.out / "metrics.jsonl", "r+b") as f:
-                f.truncate(meta["metrics_bytes"])
+                if os.fstat(f.fileno()).st_size > meta["metrics_bytes"]:
+                    f.truncate(meta["metrics_bytes"])
             self.metrics_file = open(self.out / "metrics.jsonl", "a", buffering=1)
 
     def rewind_points(self, ids: np.ndarray, invalid: np.ndarray) -> np.ndarray:
@@ -1064,24 +1116,42 @@ def resume(run_dir, overrides=(), allow_config_change: bool = False,
         schedule = deletions_lib.load_schedule(cfg.deletions)
     exp = _open(cfg, ds, out, schedule, log, progress, purpose, wait)
     try:
-        if exp.ckpts is not None:
+        if exp.primary:
             gone = exp.ckpts.discard_incomplete()
             if gone:
                 log(f"discarded incomplete checkpoint(s) {gone} (a write that never finished)")
-            step, loaded = exp.ckpts.load_latest(log)
+        step, loaded = exp.ckpts.load_latest(log)
+        position = loaded["meta"]["position"]
+        moved = sorted({"epochs", "batch_size"} & set(changes))
+        if position is not None and moved:
+            raise ConfigError(f"checkpoint {step} is inside phase {position['phase']}: "
+                              f"{', '.join(moved)} cannot change until the phase is over")
+        if exp.primary:
             for bad in exp.ckpts.damaged:  # useless, and perhaps holding deleted ids
                 exp.ckpts.delete(bad)
                 log(f"removed damaged checkpoint {bad}")
-            exp.load(step, loaded)
-            # Finish a durable step a crash interrupted: the purge and the log's outcomes.
-            exp.complete_requests(exp.purge())
-            where = (f"inside phase {exp.position['phase']}" if exp.position else
-                     f"after phase {exp.phase_done}")
-            log(f"resuming {out} from checkpoint {step} ({where})")
+            if changes:  # the accepted configuration is the run's from now on
+                tmp = out / "config.json.tmp"
+                tmp.write_text(cfg.to_json())
+                os.replace(tmp, out / "config.json")
+        exp.load(step, loaded)
+        exp.results["config"] = cfg.to_dict()
+        exp.reapply_logged_deletions(step, log)
+        # Finish a durable step a crash interrupted: the purge and the log's outcomes.
+        exp.complete_requests(exp.purge())
+        where = (f"inside phase {exp.position['phase']}" if exp.position else
+                 f"after phase {exp.phase_done}")
+        log(f"resuming {out} from checkpoint {step} ({where})")
     except BaseException:
         exp.close()
         raise
     return exp
+
+
+def _schedule_phase(source: str) -> int | None:
+    """The phase of a scheduled deletion's log source, ``"schedule (after phase K)"``."""
+    match = re.fullmatch(r"schedule \(after phase (\d+)\)", source)
+    return int(match.group(1)) if match else None
 
 
 def lineage_violations(lineage: dict, deleted: np.ndarray, baseline_unlearned: bool) -> list:

@@ -104,20 +104,28 @@ def forget(run_dir, ids: list[int], log: Callable[[str], None] = print,
     meta = validate(run_dir, ids)
     with deletion_log.DeletionLog.open(run_dir) as requests:
         request_id = requests.request(ids, "forget (command)")
-    holder = runlock.read_holder(run_dir) or {}
-    if holder.get("purpose") == "run":
-        return {"request": request_id, "status": "queued",
-                "message": f"the run is in progress (pid {holder.get('pid')}); it applies "
-                           f"request {request_id} after its current phase"}
     if meta["phase_done"] < meta["config"]["phases"]:
-        return {"request": request_id, "status": "queued",
-                "message": f"the run is not finished; `jaxunlearn run --resume {run_dir}` "
-                           f"applies request {request_id} when it continues"}
-    try:  # another `forget` may hold the run: wait for it, it applies queued requests too
-        exp = resume(run_dir, dataset=dataset, log=log, progress=False, purpose="forget",
-                     wait=wait)
+        try:
+            with runlock.run_lock(run_dir, purpose="forget"):
+                doing = (f"the run is not finished; `jaxunlearn run --resume {run_dir}` "
+                         f"applies request {request_id} when it continues")
+        except runlock.RunLocked as e:
+            doing = (f"the run is in progress (pid {(e.holder or {}).get('pid')}); it applies "
+                     f"request {request_id} after its current phase")
+        return {"request": request_id, "status": "queued", "message": doing}
+    try:
+        exp = resume(run_dir, dataset=dataset, log=log, progress=False, purpose="forget")
     except runlock.RunLocked as e:
-        return {"request": request_id, "status": "queued", "message": str(e)}
+        holder = e.holder or {}
+        if holder.get("purpose") == "run":  # a `run --resume` finishing: it applies it
+            return {"request": request_id, "status": "queued",
+                    "message": f"the run is open in pid {holder.get('pid')}; it applies "
+                               f"request {request_id} before it exits"}
+        try:  # another `forget`: wait for it (it may apply this request too)
+            exp = resume(run_dir, dataset=dataset, log=log, progress=False,
+                         purpose="forget", wait=wait)
+        except runlock.RunLocked as e:
+            return {"request": request_id, "status": "queued", "message": str(e)}
     try:
         if exp.phase_done < exp.cfg.phases:
             return {"request": request_id, "status": "queued",
@@ -152,11 +160,15 @@ def audit(run_dir) -> tuple[bool, list[str], str]:
     ckpts = checkpoint.Checkpoints(run_dir, read_only=True)
     try:
         steps = ckpts.steps()
-        on_disk = sorted(int(p.name) for p in ckpts.root.iterdir()
-                         if p.is_dir() and p.name.isdigit()) if ckpts.root.exists() else []
+        folders = [p for p in ckpts.root.iterdir() if p.is_dir()] if ckpts.root.exists() else []
+        on_disk = sorted(int(p.name) for p in folders if p.name.isdigit())
         for step in sorted(set(on_disk) - set(steps)):
             problems.append(f"checkpoint folder {step} is incomplete (a write that never "
                             f"finished); `jaxunlearn run --resume {run_dir}` removes it")
+        for tmp in folders:
+            if "tmp" in tmp.name:
+                problems.append(f"checkpoint folder {tmp.name} is a write that never finished; "
+                                f"`jaxunlearn run --resume {run_dir}` removes it")
         metas = {}
         for step in steps:
             try:

@@ -250,7 +250,7 @@ def test_a_second_process_cannot_open_a_locked_run(finished, sample):
         # A forget on a run in progress is recorded and queued, not applied.
         free = int(np.flatnonzero(~np.isin(np.arange(300), _results(finished)["deleted_ids"]))[0])
         outcome = requests.forget(finished, [free], log=lambda s: None, dataset=sample)
-        assert outcome["status"] == "queued" and "in progress" in outcome["message"]
+        assert outcome["status"] == "queued" and "applies request" in outcome["message"]
     assert not requests.audit(finished)[0]  # pending: not applied yet
     exp = experiment.resume(finished, dataset=sample, log=lambda s: None, progress=False)
     try:
@@ -319,3 +319,25 @@ def test_log_command_prints_every_request(finished, capsys):
     out = capsys.readouterr().out
     assert "schedule (after phase 1)" in out or "applied" in out
     assert cli.main(["log", str(finished.parent / "missing")]) == 2
+
+
+def test_falling_back_past_an_applied_forget_deletes_its_ids_again(finished, sample):
+    seen = _final_state(finished)["lineage"]["ensemble"]["seen"]
+    ids = [int(i) for i in np.flatnonzero(~seen.any(axis=0))[:2]]  # no member holds them
+    assert requests.forget(finished, ids, log=lambda s: None, dataset=sample)["status"] == "applied"
+    ckpts = checkpoint.Checkpoints(finished)
+    newest = ckpts.steps()[-1]
+    victim = next(p for p in (ckpts.root / str(newest)).rglob("*") if p.is_file()
+                  and p.stat().st_size > 100)
+    victim.write_bytes(b"\0" * victim.stat().st_size)  # corrupted, same size
+    messages = []
+    exp = experiment.resume(finished, dataset=sample, log=messages.append, progress=False)
+    try:
+        assert set(ids) <= set(exp.all_deleted)
+        exp.run_all()
+    finally:
+        exp.close()
+    assert any("does not match its checksum" in m for m in messages)
+    assert any("deleting them again" in m for m in messages)
+    assert set(ids) <= set(_results(finished)["deleted_ids"])
+    assert requests.audit(finished)[0]
