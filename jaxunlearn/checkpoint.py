@@ -96,7 +96,7 @@ class Checkpoints:
     def __init__(self, run_dir, read_only: bool = False):
         import orbax.checkpoint as ocp
 
-        self.root = pathlib.Path(run_dir) / "checkpoints"
+        self.root = pathlib.Path(run_dir).resolve() / "checkpoints"  # orbax wants it absolute
         self.manifests = self.root / "manifests"
         if not read_only:
             self.manifests.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from jaxunlearn import cli, data, experiment
+from jaxunlearn import checkpoint, cli, data, experiment
 from jaxunlearn.config import ConfigError, apply_overrides, get_preset
 
 
@@ -65,11 +65,14 @@ def test_no_live_lineage_holds_a_deleted_id(smoke_run):
     assert saved["lineage"].any(axis=1).all()  # every live member has a lineage
 
 
-def test_every_run_gets_a_new_folder(tmp_path):
+def test_every_run_gets_a_new_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative --out, as in `jaxunlearn run --out runs`
     for _ in range(2):
-        assert cli.main(["run", "--preset", "smoke", "--out", str(tmp_path), "--quiet",
+        assert cli.main(["run", "--preset", "smoke", "--out", "runs", "--quiet",
                          "epochs=1", "phases=1", "baseline=none"]) == 0
-    assert len(list(tmp_path.iterdir())) == 2
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 2
+    assert all(checkpoint.Checkpoints(r).steps() for r in runs)
 
 
 @pytest.fixture(scope="module")
