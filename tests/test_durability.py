@@ -341,3 +341,25 @@ def test_falling_back_past_an_applied_forget_deletes_its_ids_again(finished, sam
     assert any("deleting them again" in m for m in messages)
     assert set(ids) <= set(_results(finished)["deleted_ids"])
     assert requests.audit(finished)[0]
+
+
+def test_sigkill_inside_a_slice_of_the_shards_plan_resumes_exactly(tmp_path, sample, jax_cache):
+    settings = ["plan=shards", "fraction=1", "slices=2", "strategy=rewind", "checkpoint_every=2",
+                "keep_checkpoints=3"]
+    reference = tmp_path / "reference"
+    experiment.run(apply_overrides(get_preset("smoke"), settings), reference, dataset=sample,
+                   log=lambda s: None, progress=False)
+    killed = tmp_path / "killed"
+    proc = _cli_run(killed, *settings, faults_spec="phase.step@9", tmp_cache=jax_cache)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    (run_dir,) = killed.iterdir()
+    exp = experiment.resume(run_dir, dataset=sample, log=lambda s: None, progress=False)
+    try:
+        assert exp.position is not None  # inside a phase
+        exp.run_all()
+    finally:
+        exp.close()
+    got, want = _results(run_dir), _results(reference)
+    for key in ("final", "forget", "retain", "test", "mia", "cost", "phases", "lineage_audit"):
+        assert _strip(got[key]) == _strip(want[key]), key
+    assert _same_tree(_final_state(run_dir), _final_state(reference))
