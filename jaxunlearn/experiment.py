@@ -178,9 +178,7 @@ class Experiment:
         if cfg.strategy == "rewind":
             self.snapshots = {}
             self.snapshot(0, np.ones(cfg.members, bool))
-        self.baseline_oracle = self.base is not None and (
-            cfg.baseline_unlearning == "oracle"
-            or (cfg.baseline_unlearning == "auto" and cfg.strategy == "oracle"))
+        self.baseline_oracle = baseline_unlearned(cfg)
         self.deleted = np.zeros(ds.n_train, bool)
         self.all_deleted: list[int] = []
         self.replacements = 0
@@ -242,7 +240,7 @@ class Experiment:
             while self.apply_pending():  # requests queued while the run finished
                 self.finish(self.elapsed())
         except TrainingDiverged as e:
-            steps = self.ckpts.steps() if self.ckpts else []
+            steps = self.ckpts.steps()
             message = (f"{e} in phase {self.phase_done + 1}; the run stopped. The last good "
                        f"checkpoint is {steps[-1] if steps else 'none'}; resume from it with a "
                        f"lower learning rate: jaxunlearn run --resume {self.out} "
@@ -257,17 +255,20 @@ class Experiment:
     def apply_pending(self) -> list[dict]:
         """Applies every `forget` request pending in the log to this finished run: unlearning,
         checkpoint, purge and outcome. Returns the request records."""
-        if self.requests is None or jax.process_count() > 1:
-            return []  # other processes cannot read the log: a single-process resume applies
         done = []
-        for request in self.requests.pending():
-            if request["id"] in self.applied_requests:
-                continue
-            if not request["source"].startswith("forget"):
-                continue
+        for request in self.queued_requests():
             done.append(self.apply_request(request, self.cfg.phases))
             self.make_durable([request["id"]])
         return done
+
+    def queued_requests(self):
+        """The `forget` requests pending in the log that this run has not applied (single
+        process only: other processes cannot read the log)."""
+        if self.requests is None or jax.process_count() > 1:
+            return
+        for request in self.requests.pending():
+            if request["source"].startswith("forget") and request["id"] not in self.applied_requests:
+                yield request
 
     def save_results(self) -> None:
         """Rewrites ``results.json`` atomically (a reader never sees a half-written file)."""
@@ -505,12 +506,8 @@ class Experiment:
     def apply_queued(self, phase: int) -> list[int]:
         """Applies the `forget` requests queued in the log while this run was going (single
         process only: other processes cannot read the log). Returns their request ids."""
-        if self.requests is None or jax.process_count() > 1:
-            return []
         done = []
-        for request in self.requests.pending():
-            if not request["source"].startswith("forget") or request["id"] in self.applied_requests:
-                continue
+        for request in self.queued_requests():
             self.apply_request(request, phase)
             done.append(request["id"])
         return done
@@ -527,7 +524,8 @@ class Experiment:
             record.update(self.delete(phase, ids, invalid, self.logits(self.ens), {}))
         else:
             record["invalidated"] = []
-        self.applied_requests.append(request["id"])
+        if request["id"] is not None:
+            self.applied_requests.append(request["id"])
         self.results.setdefault("requests", []).append(record)
         return record
 
@@ -558,13 +556,9 @@ class Experiment:
             self.deleted[missing] = True
             self.all_deleted.extend(missing.tolist())
         else:
-            record = {"request": None, "phase": self.phase_done, "ids": missing.tolist(),
-                      "source": f"re-applied after falling back to checkpoint {step}"}
-            invalid = self.ens.lineage.invalid(missing)
-            record["invalidated"] = np.flatnonzero(invalid).tolist()
-            record.update(self.delete(self.phase_done, missing, invalid,
-                                      self.logits(self.ens), {}))
-            self.results.setdefault("requests", []).append(record)
+            self.apply_request({"id": None, "ids": missing.tolist(), "source":
+                                f"re-applied after falling back to checkpoint {step}"},
+                               self.phase_done)
         self.make_durable([])
 
     def make_durable(self, logged: list) -> None:
@@ -626,18 +620,15 @@ class Experiment:
         all but the newest ``keep_checkpoints``. Returns the deleted steps."""
         if not self.primary:
             return []
-        steps = self.ckpts.steps()
-        purged = []
+        purged = self.trim()  # first: no need to read what goes anyway
         deleted = np.asarray(sorted(self.all_deleted), np.int64)
-        for step in steps[:-1]:
-            dirty = False
-            if deleted.size:
-                try:
-                    lineage = self.ckpts.load(step, ("lineage",))["lineage"]
-                    dirty = bool(lineage_violations(lineage, deleted, self.baseline_oracle))
-                except checkpoint.CheckpointError:
-                    dirty = True  # unreadable: it cannot be shown clean, so it goes
-            if dirty or step not in steps[-self.cfg.keep_checkpoints:]:
+        for step in self.ckpts.steps()[:-1] if deleted.size else []:
+            try:
+                lineage = self.ckpts.load(step, ("lineage",))["lineage"]
+                dirty = bool(lineage_violations(lineage, deleted, self.baseline_oracle))
+            except checkpoint.CheckpointError:
+                dirty = True  # unreadable: it cannot be shown clean, so it goes
+            if dirty:
                 self.ckpts.delete(step)
                 purged.append(step)
         return purged
@@ -732,11 +723,12 @@ class Experiment:
 
     def restore(self, points: np.ndarray) -> None:
         """Restores each member with a point (>= 0) to its snapshot at that stage."""
+        current_opt = None if self.snapshot_optimizer else self.ens.host_state().opt_state
         for t in np.unique(points[points >= 0]):
             mask = points == t
             state, seen = self.snapshots[int(t)]
             if state.opt_state is None:  # reset before the replay trains: keep the current
-                state = state._replace(opt_state=self.ens.host_state().opt_state)
+                state = state._replace(opt_state=current_opt)
             self.ens.set_members(mask, state)
             self.ens.lineage.seen[mask] = seen[mask]
 
@@ -1146,6 +1138,13 @@ def resume(run_dir, overrides=(), allow_config_change: bool = False,
         exp.close()
         raise
     return exp
+
+
+def baseline_unlearned(cfg: Config) -> bool:
+    """Whether the run retrains its baseline by oracle at each deletion."""
+    return cfg.baseline != "none" and (
+        cfg.baseline_unlearning == "oracle"
+        or (cfg.baseline_unlearning == "auto" and cfg.strategy == "oracle"))
 
 
 def _schedule_phase(source: str) -> int | None:

@@ -48,16 +48,11 @@ def sample_size(plan: str, fraction: float, chunks: list[np.ndarray], phase: int
         # The smallest shard of the new chunk's first slice bounds the first stage's sample.
         first = sum(len(c) // members for c in chunks[:phase - 1])
         return first + len(chunks[phase - 1]) // members // slices
-    pool = _pool(plan, chunks, phase, deleted)
-    return int(fraction * len(pool))
+    return int(fraction * len(pool(plan, chunks, phase, deleted)))
 
 
 def pool(plan: str, chunks, phase, deleted) -> np.ndarray:
     """The ids a ``bootstrap`` or ``subset`` member draws from in ``phase``."""
-    return _pool(plan, chunks, phase, deleted)
-
-
-def _pool(plan: str, chunks, phase, deleted) -> np.ndarray:
     if plan == "bootstrap":
         return working_set(chunks, phase, deleted)
     if plan == "subset":
@@ -74,15 +69,15 @@ def draw_samples(rng: np.random.Generator, plan: str, fraction: float, members: 
 
     Deleted examples are never drawn. Raises ValueError when the sample would be empty.
     """
-    pool = _pool(plan, chunks, phase, deleted)
-    size = int(fraction * len(pool))
+    ids = pool(plan, chunks, phase, deleted)
+    size = int(fraction * len(ids))
     if size < 1:
         raise ValueError(
-            f"plan {plan!r} with fraction {fraction} gives each member 0 of the {len(pool)} "
+            f"plan {plan!r} with fraction {fraction} gives each member 0 of the {len(ids)} "
             f"examples available in phase {phase}; raise the fraction or use more data")
     if plan == "bootstrap":
-        return rng.choice(pool, size=(members, size), replace=True)
-    return np.stack([rng.choice(pool, size=size, replace=False) for _ in range(members)])
+        return rng.choice(ids, size=(members, size), replace=True)
+    return np.stack([rng.choice(ids, size=size, replace=False) for _ in range(members)])
 
 
 def steps_per_epoch(sample_size: int, batch_size: int) -> int:

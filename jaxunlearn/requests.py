@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from jaxunlearn import checkpoint, deletion_log, runlock
-from jaxunlearn.experiment import lineage_violations, resume, saved_config
+from jaxunlearn.experiment import baseline_unlearned, lineage_violations, resume, saved_config
 
 
 class RequestError(ValueError):
@@ -169,12 +169,14 @@ def audit(run_dir) -> tuple[bool, list[str], str]:
             if "tmp" in tmp.name:
                 problems.append(f"checkpoint folder {tmp.name} is a write that never finished; "
                                 f"`jaxunlearn run --resume {run_dir}` removes it")
-        metas = {}
-        for step in steps:
+        metas, lineages = {}, {}
+        for step in steps:  # one read (and one checksum pass) per checkpoint
             try:
-                metas[step] = ckpts.load(step, ("meta",))["meta"]
+                loaded = ckpts.load(step, ("meta", "lineage"))
             except checkpoint.CheckpointError as e:
                 problems.append(f"{e}: it cannot be audited")
+                continue
+            metas[step], lineages[step] = loaded["meta"], loaded["lineage"]
         newest = max(metas) if metas else None
         deleted = sorted(set(logged) | (set(metas[newest]["deleted"]) if newest is not None
                                         else set()))
@@ -184,16 +186,12 @@ def audit(run_dir) -> tuple[bool, list[str], str]:
             if missing:
                 problems.append(f"the log says ids {missing[:10]} were deleted, but the newest "
                                 f"checkpoint ({newest}) has not deleted them")
-        baseline_unlearned = cfg.baseline != "none" and (
-            cfg.baseline_unlearning == "oracle"
-            or (cfg.baseline_unlearning == "auto" and cfg.strategy == "oracle"))
-        for step in metas:
-            lineage = ckpts.load(step, ("lineage",))["lineage"]
-            for where, member, ids in lineage_violations(lineage, deleted_arr,
-                                                         baseline_unlearned):
+        unlearned = baseline_unlearned(cfg)
+        for step, lineage in lineages.items():
+            for where, member, ids in lineage_violations(lineage, deleted_arr, unlearned):
                 problems.append(f"checkpoint {step}: {where} member {member} still depends on "
                                 f"deleted id(s) {ids[:10]}")
-            if not baseline_unlearned and "baseline" in lineage and deleted_arr.size:
+            if not unlearned and "baseline" in lineage and deleted_arr.size:
                 held = int(np.asarray(lineage["baseline"]["seen"])[:, deleted_arr].sum())
                 if held and step == newest:
                     notes.append(f"note: the baseline is a reference the config does not "
