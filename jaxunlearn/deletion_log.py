@@ -399,8 +399,8 @@ def format_records(records) -> str:
     """A human-readable table of :meth:`DeletionLog.records`, for a ``log`` command."""
     if not records:
         return "no deletion requests recorded"
-    header = ("id", "time", "ids", "outcome", "members invalidated", "strategy", "cost",
-              "purged", "message")
+    header = ("id", "time", "source", "ids", "outcome", "members invalidated", "strategy",
+              "cost", "purged", "message")
     rows = []
     for r in records:
         members = r.get("members_invalidated")
@@ -408,6 +408,7 @@ def format_records(records) -> str:
         rows.append((
             str(r["id"]),
             r.get("time") or "-",
+            r.get("source") or "-",
             _format_ids(r.get("ids")),
             r.get("outcome") or PENDING,
             "-" if members is None else (", ".join(str(m) for m in members) or "none"),

@@ -335,9 +335,10 @@ def test_format_records(tmp_path):
         text = format_records(log.records())
     lines = text.splitlines()
     assert len(lines) == 2 + 3
-    for col in ("id", "time", "ids", "outcome", "members invalidated", "strategy", "cost",
-                "purged", "message"):
+    for col in ("id", "time", "source", "ids", "outcome", "members invalidated", "strategy",
+                "cost", "purged", "message"):
         assert col in lines[0]
+    assert [ln.split()[2] for ln in lines[2:]] == ["cli", "api", "api"]
     assert "0, 1, 2, 3, 4, 5, 6, 7, ... (20 ids)" in lines[2]
     assert "12 member-epochs, 3.4 s" in lines[2]
     assert "0, 3" in lines[2] and "sisa" in lines[2] and "done well" in lines[2]
