@@ -37,9 +37,6 @@ import pathlib
 import sys
 import time
 
-STRATEGIES = ("replace", "rewind", "oracle")
-
-
 @dataclasses.dataclass(frozen=True)
 class Grid:
     base: dict  # overrides of the preset shared by every cell
@@ -47,7 +44,7 @@ class Grid:
     members: tuple[int, ...]
     fractions: tuple[float, ...]
     plans: tuple[str, ...]
-    strategies: tuple[str, ...] = STRATEGIES
+    strategies: tuple[str, ...] | None = None  # None: every registered strategy
 
 
 GRIDS = {
@@ -71,9 +68,11 @@ COLUMNS = ("cell", "plan", "members", "fraction", "strategy", "test_acc", "oracl
 def cells(grid: Grid) -> list[dict]:
     """The grid's cells as override dicts (``shards`` uses each member's whole shard, so it
     has one fraction, 1)."""
+    from jaxunlearn import strategies
+
     out = []
     for plan, members, fraction, strategy in itertools.product(
-            grid.plans, grid.members, grid.fractions, grid.strategies):
+            grid.plans, grid.members, grid.fractions, grid.strategies or strategies.NAMES):
         if plan == "shards":
             if fraction != grid.fractions[0]:
                 continue
@@ -144,7 +143,8 @@ def plot(rows: list[dict], runs: pathlib.Path, out: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     (out / "plots").mkdir(exist_ok=True)
-    markers = {"replace": "o", "rewind": "s", "oracle": "^"}
+    names = list(dict.fromkeys(r["strategy"] for r in rows))
+    markers = dict(zip(names, "os^Dv<>phX*"))
     colors = {"bootstrap": "tab:blue", "subset": "tab:green", "shards": "tab:red"}
 
     # Frontier: accuracy against what unlearning cost (member-examples retrained; replace
@@ -222,7 +222,7 @@ def main(argv=None) -> int:
 
     from jaxunlearn import config as config_lib
     from jaxunlearn import data as data_lib
-    from jaxunlearn import experiment
+    from jaxunlearn import driver
 
     grid = GRIDS[args.grid]
     chosen = [c for c in cells(grid)
@@ -256,7 +256,8 @@ def main(argv=None) -> int:
 
                 shutil.rmtree(run_dir)
             t0 = time.perf_counter()
-            experiment.run(cfg, run_dir, dataset=dataset, log=lambda s: None, progress=False)
+            driver.train_and_evaluate(cfg, run_dir, dataset=dataset, log=lambda s: None,
+                                      progress=False)
             print(f"{name}: {time.perf_counter() - t0:.1f}s", flush=True)
         rows.append(row(name, c, json.loads(results_path.read_text())))
         write_tables(rows, out)

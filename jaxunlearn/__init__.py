@@ -1,3 +1,3 @@
 """jaxunlearn: exact machine unlearning with vectorized ensembles in JAX/Flax."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,20 +1,21 @@
 """Checkpoints of a run, with orbax-checkpoint, that are complete or ignored, never half-read.
 
-A run folder keeps its checkpoints in ``checkpoints/``: orbax writes step ``N`` as the folder
-``checkpoints/N`` (into a temporary folder first, renamed when committed) with four items:
+A checkpoint is one tree: every component of the run hands over its state as a nested dict
+whose leaves are numpy arrays or JSON values (`jaxunlearn.durable`). A run folder keeps its
+checkpoints in ``checkpoints/``: orbax writes step ``N`` as the folder ``checkpoints/N`` (into
+a temporary folder first, renamed when committed) with two items:
 
-* ``state``: host numpy pytrees of the ensemble and baseline states (and the ``rewind``
-  snapshots);
-* ``lineage``: every lineage matrix the checkpoint holds (the live members', the baseline's,
-  each snapshot's), kept apart so that `jaxunlearn audit` reads them without the parameters;
-* ``plan``: the recorded samples of every stage (ragged id arrays as flat arrays + offsets);
-* ``meta``: JSON: the run's position, random-generator states, deleted ids, results so far.
+* ``arrays``: the tree's arrays (model states, lineages, recorded samples), by their paths;
+* ``meta``: JSON: the format version, the rest of the tree (with a marker where an array is),
+  and an index of the lineage matrices the checkpoint holds, so that `jaxunlearn audit` reads
+  them without the parameters.
 
 Only then does jaxunlearn write ``checkpoints/manifests/N.json``: the size and SHA-256 of
 every file of the step, written to a temporary file, fsynced and renamed. A checkpoint is
 *complete* when its manifest exists and every file matches it; anything else (a write killed
 half-way, a truncated or corrupted file, a disk that filled up) is not, and `load_latest`
-falls back to the newest complete one and says which it skipped and why.
+falls back to the newest complete one and says which it skipped and why. A checkpoint of
+another format version (an older jaxunlearn) is refused with a message, never misread.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ import numpy as np
 
 from jaxunlearn import faults
 
-ITEMS = ("state", "lineage", "plan", "meta")
+ITEMS = ("arrays", "meta")
+FORMAT = 2
+_ARRAY = "__array__"  # marks where the meta tree has an array
 
 
 class CheckpointError(RuntimeError):
@@ -68,26 +71,46 @@ def _files(step_dir: pathlib.Path) -> dict[str, tuple[int, str]]:
             for p in sorted(step_dir.rglob("*")) if p.is_file()}
 
 
-def pack_ids(ids) -> np.ndarray:
-    """A 1-D id array with a leading -1, so it is never empty (orbax refuses empty arrays)."""
-    return np.concatenate([[-1], np.asarray(ids, np.int64)]).astype(np.int64)
+class CheckpointFormatError(CheckpointError):
+    """A checkpoint written in another format version than this jaxunlearn reads."""
 
 
-def unpack_ids(packed) -> np.ndarray:
-    return np.asarray(packed)[1:]
+def split(tree) -> tuple[dict, object]:
+    """A state tree (nested dicts; numpy arrays and JSON values as leaves) as ``(arrays,
+    rest)``: the non-empty arrays by path, and the tree with a marker where each was."""
+    if isinstance(tree, dict):
+        arrays, rest = {}, {}
+        for key, value in tree.items():
+            sub_arrays, rest[str(key)] = split(value)
+            if sub_arrays is not None and (not isinstance(sub_arrays, dict) or sub_arrays):
+                arrays[str(key)] = sub_arrays
+        return arrays, rest
+    if isinstance(tree, np.ndarray) and tree.size:  # orbax refuses empty arrays
+        return tree, {_ARRAY: True}
+    if isinstance(tree, np.ndarray):
+        return None, {_ARRAY: False, "dtype": tree.dtype.str, "shape": list(tree.shape)}
+    return None, tree
 
 
-def pack_ragged(arrays: list[np.ndarray]) -> dict:
-    """A list of 1-D int arrays as ``{"ids": flat, "offsets": [len + 1]}`` (`pack_ids`)."""
-    lengths = [len(a) for a in arrays]
-    flat = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
-    return {"ids": pack_ids(flat),
-            "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)}
+def merge(arrays, rest):
+    """The inverse of `split`."""
+    if isinstance(rest, dict) and _ARRAY in rest:
+        return (np.asarray(arrays) if rest[_ARRAY]
+                else np.zeros(rest["shape"], np.dtype(rest["dtype"])))
+    if isinstance(rest, dict):
+        return {key: merge(arrays.get(key) if isinstance(arrays, dict) else None, value)
+                for key, value in rest.items()}
+    return rest
 
 
-def unpack_ragged(packed: dict) -> list[np.ndarray]:
-    ids, offsets = unpack_ids(packed["ids"]), np.asarray(packed["offsets"])
-    return [ids[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+def _placeholders(paths: list[list[str]]) -> dict:
+    target: dict = {}
+    for path in paths:
+        node = target
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = np.zeros(0)  # shape and dtype come from the checkpoint
+    return target
 
 
 class Checkpoints:
@@ -128,18 +151,20 @@ class Checkpoints:
 
     # ---- writing -------------------------------------------------------------------------
 
-    def save(self, step: int, state, lineage, plan, meta: dict) -> pathlib.Path:
-        """Writes checkpoint ``step`` and then its manifest. Raises CheckpointError (with the
-        cause) when the disk refuses; earlier checkpoints are untouched either way."""
+    def save(self, step: int, tree: dict, lineages: list[dict]) -> pathlib.Path:
+        """Writes checkpoint ``step`` of the state ``tree`` and then its manifest; ``lineages``
+        indexes its lineage matrices (``{"where", "group", "path"}``). Raises CheckpointError
+        (with the cause) when the disk refuses; earlier checkpoints are untouched either way."""
         ocp = self._ocp
         step_dir = self.root / str(step)
+        arrays, rest = split(tree)
+        meta = {"format": FORMAT, "tree": rest, "lineages": lineages}
         try:
             faults.point("checkpoint.before_write")
             if step_dir.exists():  # a leftover from a killed or damaged write of this step
                 self.delete(step)
             self.manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), lineage=ocp.args.StandardSave(lineage),
-                plan=ocp.args.StandardSave(plan), meta=ocp.args.JsonSave(meta)), force=True)
+                arrays=ocp.args.PyTreeSave(arrays), meta=ocp.args.JsonSave(meta)), force=True)
             self.manager.wait_until_finished()
             faults.point("checkpoint.before_manifest")
             manifest = {"step": step, "files": _files(step_dir)}
@@ -206,33 +231,64 @@ class Checkpoints:
                 return f"{name} does not match its checksum (corrupted)"
         return None
 
-    def load(self, step: int, items=ITEMS) -> dict:
-        """Reads ``items`` of checkpoint ``step`` after verifying it; CheckpointError if it is
-        damaged."""
+    def _restore(self, step: int, **args):
         problem = self.verify(step)
         if problem:
             raise CheckpointError(f"checkpoint {step} is damaged: {problem}")
-        ocp = self._ocp
-        args = {name: (ocp.args.JsonRestore() if name == "meta" else ocp.args.StandardRestore())
-                for name in items}
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+            return self.manager.restore(step, args=self._ocp.args.Composite(**args))
         except Exception as e:  # orbax/tensorstore raise many kinds on a bad file
             raise CheckpointError(f"checkpoint {step} cannot be read: {e}") from e
-        return {name: restored[name] for name in items}
 
-    def load_latest(self, log: Callable[[str], None], items=ITEMS) -> tuple[int, dict]:
-        """The newest complete checkpoint, skipping (and reporting) damaged ones.
-        Raises CheckpointError when none is usable."""
+    def load_meta(self, step: int) -> dict:
+        """The JSON part of checkpoint ``step`` (verified first): ``format``, ``tree`` (arrays
+        marked, not read) and ``lineages``. CheckpointError if it is damaged,
+        CheckpointFormatError if another version of jaxunlearn wrote it."""
+        meta = self._restore(step, meta=self._ocp.args.JsonRestore())["meta"]
+        if meta.get("format") != FORMAT:
+            raise CheckpointFormatError(
+                f"checkpoint {step} in {self.root} has format {meta.get('format')}, and this "
+                f"jaxunlearn reads format {FORMAT} only: the run was written by another version "
+                f"(0.1 wrote format 1); resume, audit or forget it with that version, or "
+                f"start a new run")
+        return meta
+
+    def load(self, step: int) -> tuple[dict, dict]:
+        """Checkpoint ``step`` as ``(tree, meta)``, verified first (see `load_meta`)."""
+        meta = self.load_meta(step)
+        arrays = self._restore(step, arrays=self._ocp.args.PyTreeRestore())["arrays"]
+        return merge(arrays, meta["tree"]), meta
+
+    def load_lineages(self, step: int) -> tuple[dict[str, np.ndarray], dict]:
+        """Only the lineage matrices of checkpoint ``step``, as ``({where: bool [m, n]},
+        meta)``; the parameters are not read."""
+        meta = self.load_meta(step)
+        paths = [entry["path"] for entry in meta["lineages"]]
+        restored = self._restore(step, arrays=self._ocp.args.PyTreeRestore(
+            item=_placeholders(paths), partial_restore=True))["arrays"]
+        out = {}
+        for entry in meta["lineages"]:
+            node = restored
+            for key in entry["path"]:
+                node = node[key]
+            out[entry["where"]] = np.asarray(node)
+        return out, meta
+
+    def load_latest(self, log: Callable[[str], None]) -> tuple[int, dict, dict]:
+        """The newest complete checkpoint as ``(step, tree, meta)``, skipping (and reporting)
+        damaged ones. Raises CheckpointError when none is usable, CheckpointFormatError at once
+        for another format."""
         skipped = []
         for step in reversed(self.steps()):
             try:
-                loaded = self.load(step, items)
+                tree, meta = self.load(step)
+            except CheckpointFormatError:
+                raise
             except CheckpointError as e:
                 skipped.append(str(e))
                 log(f"warning: {e}; falling back to the previous checkpoint")
                 continue
             self.damaged = [s for s in self.steps() if s > step]
-            return step, loaded
+            return step, tree, meta
         detail = "; ".join(skipped) if skipped else "none was written"
         raise CheckpointError(f"no usable checkpoint in {self.root} ({detail})")

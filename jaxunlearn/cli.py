@@ -129,8 +129,8 @@ def init_distributed(args) -> None:
 
 
 def cmd_run(args) -> int:
-    from jaxunlearn import experiment
-    from jaxunlearn.requests import summary_line
+    from jaxunlearn import driver
+    from jaxunlearn.report import summary_line
 
     log = (lambda s: None) if args.quiet else functools.partial(print, flush=True)
     if args.resume:
@@ -142,11 +142,7 @@ def cmd_run(args) -> int:
         if args.distributed or args.coordinator:
             init_distributed(args)
         out = pathlib.Path(args.resume)
-        exp = experiment.resume(out, overrides, args.allow_config_change, log=log)
-        try:
-            results = exp.run_all()
-        finally:
-            exp.close()
+        results = driver.resume(out, overrides, args.allow_config_change, log=log)
     else:
         cfg = resolve_config(args)
         if args.distributed or args.coordinator:
@@ -154,7 +150,7 @@ def cmd_run(args) -> int:
         out = new_run_dir(args.out, cfg)
         if not args.quiet:
             print(f"jaxunlearn run: preset {cfg.preset}, seed {cfg.seed}, data {cfg.data} -> {out}")
-        results = experiment.run(cfg, out, log=log)
+        results = driver.train_and_evaluate(cfg, out, log=log)
     if not args.quiet:
         print(summary_line(results))
     print(out)
@@ -163,6 +159,7 @@ def cmd_run(args) -> int:
 
 def cmd_forget(args) -> int:
     from jaxunlearn import requests
+    from jaxunlearn.report import summary_line
 
     ids = requests.parse_ids(args.ids, args.ids_file)
     outcome = requests.forget(args.run_dir, ids, log=functools.partial(print, flush=True),
@@ -175,14 +172,14 @@ def cmd_forget(args) -> int:
     print(f"request {outcome['request']} applied: {len(record.get('ids', []))} id(s) deleted, "
           f"members invalidated {record.get('invalidated', [])}, retrained "
           f"{cost.get('member_epochs', 0)} member-epochs in {cost.get('seconds', 0.0):.1f}s")
-    print(requests.summary_line(outcome["results"]))
+    print(summary_line(outcome["results"]))
     return 0
 
 
 def cmd_audit(args) -> int:
-    from jaxunlearn import requests
+    from jaxunlearn.audit import audit
 
-    ok, lines, summary = requests.audit(args.run_dir)
+    ok, lines, summary = audit(args.run_dir)
     for line in lines:
         print(line)
     print(summary)

@@ -66,6 +66,7 @@ class Config:
     strategy: str = "replace"  # replace, rewind (to the last clean state), oracle (from scratch)
     oracle_reference: str = "end"  # none, end, deletions: when to train the oracle for comparison
     # Evaluation of unlearning
+    evaluators: str = "scores,mia"  # comma-separated: scores (forget/retain/test), mia
     retain_eval: int = 10000  # at most this many retained training examples are scored
     mia_folds: int = 5  # cross-validation folds of the membership-inference attack
     # Baseline: one model trained the same way on its own sample ("none" to skip)
@@ -129,6 +130,93 @@ def _split(text: str) -> tuple[str, str]:
         raise ConfigError(f"override {text!r} must look like key=value, e.g. epochs=2")
     key, value = text.split("=", 1)
     return key.strip(), value.strip()
+
+
+ORACLE_REFERENCES = ("none", "end", "deletions")
+BASELINE_PLANS = ("bootstrap", "full")
+
+
+def check(cfg: Config, n_train: int) -> None:
+    """Rejects settings that cannot work with ``n_train`` training examples, before anything
+    is trained or written (ConfigError saying what to change)."""
+    import numpy as np
+
+    from jaxunlearn import ensemble, evaluators, metrics, plans, sharding, strategies
+    from jaxunlearn.models import ARCHITECTURES, PRECISIONS, STEMS
+    from jaxunlearn.train import make_optimizer
+
+    def need(ok, message):
+        if not ok:
+            raise ConfigError(message)
+
+    def choice(name, value, options):
+        need(value in options, f"unknown {name} {value!r}; choose one of {', '.join(options)}")
+
+    need(cfg.members >= 1, f"members must be at least 1, got {cfg.members}")
+    need(cfg.phases >= 1, f"phases must be at least 1, got {cfg.phases}")
+    need(cfg.epochs >= 1, f"epochs must be at least 1, got {cfg.epochs}")
+    need(cfg.batch_size >= 1 and cfg.eval_batch_size >= 1, "batch sizes must be at least 1")
+    need(cfg.model in ARCHITECTURES, f"unknown model {cfg.model!r}; choose one of {sorted(ARCHITECTURES)}")
+    need(cfg.baseline == "none" or cfg.baseline in ARCHITECTURES,
+         f"unknown baseline {cfg.baseline!r}; choose none or one of {sorted(ARCHITECTURES)}")
+    need(cfg.stem in STEMS, f"unknown stem {cfg.stem!r}; choose one of {STEMS}")
+    need(cfg.precision in PRECISIONS,
+         f"unknown precision {cfg.precision!r}; choose one of {sorted(PRECISIONS)}")
+    choice("plan", cfg.plan, plans.PLANS)
+    choice("aggregation", cfg.aggregation, metrics.AGGREGATIONS)
+    choice("oracle_reference", cfg.oracle_reference, ORACLE_REFERENCES)
+    choice("baseline_plan", cfg.baseline_plan, BASELINE_PLANS)
+    choice("baseline_unlearning", cfg.baseline_unlearning, strategies.BASELINE_UNLEARNING)
+    need(0 < cfg.fraction <= 1 and 0 < cfg.baseline_fraction <= 1, "fractions must be in (0, 1]")
+    need(0 <= cfg.deletion_rate < 1, f"deletion_rate must be in [0, 1), got {cfg.deletion_rate}")
+    need(cfg.slices >= 1, f"slices must be at least 1, got {cfg.slices}")
+    need(cfg.slices == 1 or cfg.plan == "shards",
+         f"slices={cfg.slices} needs plan=shards (the other plans have one stage per phase)")
+    need(cfg.plan != "shards" or cfg.fraction == 1,
+         f"plan=shards trains each member on its whole shard (1/members of each chunk); "
+         f"set fraction=1 (got {cfg.fraction})")
+    need(np.isfinite(cfg.learning_rate) and cfg.learning_rate > 0,
+         f"learning_rate must be a positive number, got {cfg.learning_rate}")
+    need(cfg.checkpoint_every >= 0, f"checkpoint_every must be 0 (phase ends only) or a number "
+                                    f"of steps, got {cfg.checkpoint_every}")
+    need(cfg.keep_checkpoints >= 1, f"keep_checkpoints must be at least 1, got "
+                                    f"{cfg.keep_checkpoints}")
+    need(cfg.retain_eval >= 1, f"retain_eval must be at least 1, got {cfg.retain_eval}")
+    need(cfg.mia_folds >= 2, f"mia_folds must be at least 2, got {cfg.mia_folds}")
+    need(n_train >= cfg.phases, f"{n_train} training examples cannot fill {cfg.phases} phases")
+    try:
+        strategies.for_run(cfg)
+        evaluators.names(cfg)
+        member_parallel = ensemble.resolve_strategy(cfg.member_parallel, arch=cfg.model)
+        per_device = cfg.members
+        if cfg.devices != 1:
+            mesh = sharding.member_mesh(cfg.devices)
+            sharding.check_divisible(cfg.members, mesh)
+            per_device = cfg.members // mesh.size
+        make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    k = ensemble.hybrid_group_size(member_parallel)
+    if k:
+        need(per_device % k == 0, f"member_parallel={member_parallel} needs the members of each "
+                                  f"device ({per_device}) divisible by {k}; choose K dividing "
+                                  f"{per_device}")
+    chunks = plans.make_chunks(n_train, cfg.phases)
+    nothing_deleted = np.zeros(n_train, bool)
+    for plan, fraction, who in ((cfg.plan, cfg.fraction, "each member"),
+                                (cfg.baseline_plan, cfg.baseline_fraction, "the baseline")):
+        if (who == "the baseline" and cfg.baseline == "none") or plan == "full":
+            continue
+        for phase in range(1, cfg.phases + 1):
+            size = plans.sample_size(plan, fraction, chunks, phase, nothing_deleted,
+                                     cfg.members, cfg.slices)
+            if plan == "shards":
+                need(size >= 1, f"plan shards with {cfg.members} members and {cfg.slices} "
+                                f"slice(s) leaves a member no data in phase {phase} "
+                                f"({len(chunks[phase - 1])} examples in its chunk); use fewer "
+                                f"members or slices, or more data")
+            need(size >= 1, f"plan {plan!r} with fraction {fraction} gives {who} no data in phase "
+                            f"{phase} ({n_train} examples in {cfg.phases} phases); raise the fraction")
 
 
 def get_preset(name: str) -> Config:

@@ -1,5 +1,8 @@
 """Deletion schedules: the original study's random deletions, or an explicit JSON schedule.
 
+`Deletions` holds a run's deletions: the deleted ids, the schedule, and what each applied
+request did (for the deletion log).
+
 A schedule maps a phase number (1-based) to the example ids deleted **after** that phase.
 An explicit schedule is a JSON object such as ``{"1": [12, 345], "3": [7]}``; it is checked
 in full before any training starts.
@@ -11,6 +14,8 @@ import json
 import pathlib
 
 import numpy as np
+
+from jaxunlearn import plans
 
 
 class ScheduleError(ValueError):
@@ -82,3 +87,48 @@ def random_deletions(rng: np.random.Generator, working: np.ndarray, rate: float,
     if count == 0:
         return np.zeros(0, np.int64)
     return np.sort(rng.choice(working, size=count, replace=False)).astype(np.int64)
+
+
+class Deletions:
+    """A run's deletions: the deleted ids (a bool mask, and the ids in deletion order), the
+    schedule of deletions after each phase (explicit, or the original study's random one), and
+    the outcome of each applied request, until the deletion log records it."""
+
+    def __init__(self, seed: int, rate: float, chunks: list[np.ndarray],
+                 schedule: dict[int, list[int]] | None):
+        n_train = int(sum(len(c) for c in chunks))
+        self.chunks, self.rate, self.schedule = chunks, rate, schedule
+        self.mask = np.zeros(n_train, bool)  # shared with the trainer: updated in place
+        self.ids: list[int] = []
+        self.rng = plans.stream(seed, "deletions")
+        self.applied: dict[int, dict] = {}  # logged request id -> its outcome
+
+    def scheduled_after(self, phase: int) -> np.ndarray:
+        """The ids to delete after ``phase`` (of ``phases``): from the explicit schedule (minus
+        ids a request deleted already), or drawn at random; none after the last phase."""
+        if self.schedule is not None:
+            ids = np.asarray(sorted(self.schedule.get(phase, [])), np.int64)
+            return ids[~self.mask[ids]]
+        if phase == len(self.chunks):
+            return np.zeros(0, np.int64)
+        return random_deletions(self.rng, plans.working_set(self.chunks, phase, self.mask),
+                                self.rate, arrived=sum(len(c) for c in self.chunks[:phase]))
+
+    def mark(self, ids) -> None:
+        ids = [int(i) for i in ids]
+        self.mask[ids] = True
+        self.ids.extend(ids)
+
+    def sorted_ids(self) -> np.ndarray:
+        return np.asarray(sorted(self.ids), np.int64)
+
+    def state_dict(self) -> dict:
+        return {"ids": list(self.ids), "rng": self.rng.bit_generator.state,
+                "applied": {str(k): v for k, v in self.applied.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ids = []
+        self.mask[:] = False
+        self.mark(state["ids"])
+        self.rng.bit_generator.state = state["rng"]
+        self.applied = {int(k): v for k, v in state["applied"].items()}

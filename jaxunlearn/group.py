@@ -1,22 +1,25 @@
 """A model group: the ensemble, or the baseline as a group of one, on the device.
 
 `compile_group` builds the jitted functions once per process and setting; `ModelGroup` holds a
-group's stacked state, its lineage and its host random stream, and trains it epoch by epoch.
+group's stacked state and its lineage, and runs its jitted steps (`jaxunlearn.trainer` drives
+them).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any, Callable, NamedTuple
+
+import flax.serialization
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from jaxunlearn import ensemble, plans, sharding, unlearn
+from jaxunlearn import ensemble, sharding, unlearn
 from jaxunlearn.config import Config
 from jaxunlearn.lineage import Lineage
 from jaxunlearn.models import PRECISIONS, make_model
@@ -84,15 +87,22 @@ def compile_group(arch: str, stem: str, precision: str, optimizer: str, learning
         reset_optimizer=jax.jit(sharding.shard(reset, mesh, (M, M), M), donate_argnums=0))
 
 
+_VERSIONS = itertools.count()
+
+
 class ModelGroup:
     """One stacked group of members (the ensemble, or the baseline as a group of one), with its
-    jitted steps, its data on the device, its lineage and its host random stream.
-    Driver-side: it owns mutable state."""
+    jitted steps, its data on the device and its lineage. Driver-side: it owns mutable state.
 
-    def __init__(self, name: str, arch: str, members: int, cfg: Config, key, data: tuple,
-                 rng: np.random.Generator, devices: int = 1):
-        """``data``: host arrays (train images, train labels, test images, test labels)."""
-        self.name = name
+    ``versions`` (int ``[m]``) gives each member a new number, unique in the process, whenever
+    its parameters or batch statistics change, so scores computed from it stay valid until then.
+    """
+
+    def __init__(self, name: str, source: str, arch: str, members: int, cfg: Config, key,
+                 data: tuple, devices: int = 1):
+        """``source``: whose stages it trains on (`jaxunlearn.stages.SOURCES`); ``data``: host
+        arrays (train images, train labels, test images, test labels)."""
+        self.name, self.source = name, source
         # A group of one (the baseline) needs no member parallelism: vmap over one member is
         # the plain model.
         parallel = cfg.member_parallel if members > 1 else "vmap"
@@ -104,16 +114,16 @@ class ModelGroup:
             sharding.check_divisible(members, self.mesh)
         self.key, self.members = key, members
         self.state = self.initial_state()
+        self.versions = np.full(members, next(_VERSIONS), np.int64)
         # Training and test images live in one resident array (test ids follow the training
         # ids), so one compiled logits function scores both.
         train_images, train_labels, test_images, test_labels = data
         self.n_train, self.n_test = len(train_images), len(test_images)
-        self.train_arrays = (self._place(np.concatenate([train_images, test_images]),
-                                         sharding.REPLICATED),
-                             self._place(np.concatenate([train_labels, test_labels]),
-                                         sharding.REPLICATED))
+        self.train_arrays = (self.place(np.concatenate([train_images, test_images]),
+                                        sharding.REPLICATED),
+                             self.place(np.concatenate([train_labels, test_labels]),
+                                        sharding.REPLICATED))
         self.lineage = Lineage.empty(members, self.n_train)
-        self.rng = rng
 
     def fresh(self, name: str) -> "ModelGroup":
         """A new group of the same kind at its initial state (same keys, empty lineage), sharing
@@ -121,32 +131,49 @@ class ModelGroup:
         other = object.__new__(ModelGroup)
         other.__dict__.update(self.__dict__)
         other.name = name
-        other.state = self.initial_state()
-        other.lineage = Lineage.empty(self.members, self.n_train)
+        other.reinitialise()
         return other
 
     def initial_state(self):
         """The members as initialised from the group key (bit-identical on every call)."""
         return self._fns.init(self._host(self.key), self.members)
 
-    def _place(self, x, spec):
+    def reinitialise(self) -> None:
+        """Every member back to its initial state, with an empty lineage."""
+        self.state = self.initial_state()
+        self.lineage = Lineage.empty(self.members, self.n_train)
+        self.versions = np.full(self.members, next(_VERSIONS), np.int64)
+
+    def place(self, x, spec):
         """Host array -> device array: sharded by ``spec`` over the mesh, or on the default
         device."""
         return jnp.asarray(x) if self.mesh is None else sharding.put(x, self.mesh, spec)
+
+    def place_members(self, mask: np.ndarray):
+        """A host bool ``[m]`` member mask on the device, sharded like the members."""
+        return self.place(np.asarray(mask, bool), sharding.MEMBERS)
 
     def _host(self, key):
         # Keys enter sharded functions as host values (identical in every process).
         return key if self.mesh is None else np.asarray(key)
 
+    def step(self, idx, weight, active, members: np.ndarray):
+        """One optimiser step of the ``active`` members (device mask; ``members`` the same on
+        the host) on their batches ``idx``/``weight`` ``[m, b]``; returns the loss sums ``[m]``."""
+        self.state, loss = self._fns.step(self.state, *self.train_arrays, idx, weight, active)
+        self._changed(members)
+        return loss
+
     def reset_optimizer(self, mask: np.ndarray | None = None) -> None:
         """Fresh optimiser state for the members in ``mask`` (bool ``[m]``; all when None)."""
         mask = np.ones(self.members, bool) if mask is None else np.asarray(mask, bool)
-        self.state = self._fns.reset_optimizer(self.state, self._place(mask, sharding.MEMBERS))
+        self.state = self._fns.reset_optimizer(self.state, self.place_members(mask))
 
     def unlearn(self, key, invalid: np.ndarray) -> None:
         """Reinitialises the ``invalid`` members (bool ``[m]``) from ``key``."""
-        self.state = self._fns.unlearn(self._host(key), self.state,
-                                       self._place(np.asarray(invalid), sharding.MEMBERS))
+        invalid = np.asarray(invalid, bool)
+        self.state = self._fns.unlearn(self._host(key), self.state, self.place_members(invalid))
+        self._changed(invalid)
 
     def host_state(self):
         """The whole stacked state as numpy (gathered from every process)."""
@@ -154,7 +181,8 @@ class ModelGroup:
 
     def set_state(self, host_state) -> None:
         """Replaces the whole stacked state by ``host_state`` (numpy, as from `host_state`)."""
-        self.state = jax.tree.map(lambda x: self._place(x, sharding.MEMBERS), host_state)
+        self.state = jax.tree.map(lambda x: self.place(x, sharding.MEMBERS), host_state)
+        self._changed(np.ones(self.members, bool))
 
     def set_members(self, mask: np.ndarray, host_state) -> None:
         """Replaces the members in ``mask`` by their rows of ``host_state`` (a stacked numpy
@@ -166,52 +194,16 @@ class ModelGroup:
             return np.where(mask.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
 
         merged = jax.tree.map(pick, host_state, current)
-        self.state = jax.tree.map(lambda x: self._place(x, sharding.MEMBERS), merged)
+        self.state = jax.tree.map(lambda x: self.place(x, sharding.MEMBERS), merged)
+        self._changed(mask)
 
-    def train(self, samples, epochs: int, batch_size: int, active: np.ndarray,
-              on_epoch: Callable[[int, np.ndarray], None], seed_key: tuple[int, ...],
-              start: tuple[int, int, np.ndarray | None] = (1, 0, None),
-              on_step: Callable | None = None) -> int:
-        """Trains the ``active`` members for ``epochs`` on their ``samples`` (ragged: one id
-        array per member). Epoch ``e`` of member ``i`` is shuffled by a generator seeded with
-        ``(*seed_key, e, i)``, so training can resume mid-epoch from ``start`` = (epoch, steps
-        already done in it, their loss sums). After each step, ``on_step(epoch, steps_done,
-        partial_loss)`` may checkpoint; ``partial_loss()`` gives the epoch's loss sums so far
-        (and raises `TrainingDiverged` if one is not finite). Returns the examples fed.
-        """
-        images, labels = self.train_arrays
-        active = np.asarray(active, bool)
-        samples = [s if a else s[:0] for s, a in zip(samples, active)]
-        sizes = np.array([len(s) for s in samples])
-        active_dev = self._place(active, sharding.MEMBERS)
-        first_epoch, first_step, first_loss = start
-        for epoch in range(first_epoch, epochs + 1):
-            rngs = plans.member_rngs(seed_key, epoch, self.members)
-            idx, weight = plans.epoch_batches(rngs, samples, batch_size)
-            per_step = P(None, sharding.MEMBER_AXIS)
-            idx_dev, weight_dev = self._place(idx, per_step), self._place(weight, per_step)
-            resumed = epoch == first_epoch
-            offset = first_step if resumed else 0
-            carried = (np.asarray(first_loss, np.float64) if resumed and first_loss is not None
-                       else np.zeros(self.members))
-            losses = []
+    def _changed(self, mask: np.ndarray) -> None:
+        self.versions = np.where(np.asarray(mask, bool), next(_VERSIONS), self.versions)
 
-            def partial_loss(losses=losses, offset=offset, carried=carried, epoch=epoch):
-                if not losses:
-                    return carried
-                per = np.asarray(sharding.to_host(jnp.stack(losses)), np.float64)
-                check_finite(per, self.name, epoch, offset)
-                return carried + per.sum(axis=0)
-
-            for s in range(offset, idx.shape[0]):
-                self.state, loss = self._fns.step(self.state, images, labels, idx_dev[s],
-                                                  weight_dev[s], active_dev)
-                losses.append(loss)
-                self.lineage.record(idx[s], weight[s], active)
-                if on_step is not None:
-                    on_step(epoch, s + 1, partial_loss)
-            on_epoch(epoch, partial_loss() / np.maximum(sizes, 1))
-        return int(sizes.sum()) * epochs
+    def state_from_dict(self, state: dict):
+        """A stacked numpy state from its state dict (`flax.serialization.to_state_dict` of
+        `host_state`), checked against this group's structure."""
+        return flax.serialization.from_state_dict(self.state, state)
 
     @property
     def test_ids(self) -> np.ndarray:
@@ -228,7 +220,7 @@ class ModelGroup:
             return np.zeros((self.members, 0, 0), np.float32)
         for start in range(0, n, batch_size):
             idx = ids[np.arange(start, start + batch_size) % n].astype(np.int32)  # wrap last
-            logits = self._fns.logits(self.state, images, self._place(idx, sharding.REPLICATED))
+            logits = self._fns.logits(self.state, images, self.place(idx, sharding.REPLICATED))
             out.append(sharding.to_host(logits))
         return np.concatenate(out, axis=1)[:, :n]
 
@@ -236,22 +228,13 @@ class ModelGroup:
         """The members' parameters as numpy (gathered from every process)."""
         return jax.tree.map(sharding.to_host, self.state.params)
 
+    # ---- durable state -------------------------------------------------------------------
 
-class TrainingDiverged(FloatingPointError):
-    """A member's loss became NaN or infinite; says which member, epoch and step."""
+    def state_dict(self) -> dict:
+        return {"state": flax.serialization.to_state_dict(self.host_state()),
+                "lineage": {"seen": self.lineage.seen, "born": self.lineage.born}}
 
-    def __init__(self, group: str, members: list[int], epoch: int, step: int,
-                 message: str | None = None):
-        self.group, self.members, self.epoch, self.step = group, members, epoch, step
-        super().__init__(message or f"{group} member(s) {members} reached a non-finite loss "
-                                    f"at epoch {epoch}, step {step}")
-
-
-def check_finite(step_losses: np.ndarray, name: str, epoch: int, offset: int = 0) -> None:
-    """Raises `TrainingDiverged` naming the first step (1-based, counting ``offset`` steps
-    before ``step_losses`` ``[steps, m]``) where some member's loss is not finite."""
-    bad = ~np.isfinite(step_losses)
-    if bad.any():
-        step = int(np.flatnonzero(bad.any(axis=1))[0])
-        raise TrainingDiverged(name, np.flatnonzero(bad[step]).tolist(), epoch,
-                               offset + step + 1)
+    def load_state_dict(self, state: dict) -> None:
+        self.set_state(self.state_from_dict(state["state"]))
+        self.lineage.seen[:] = state["lineage"]["seen"]
+        self.lineage.born[:] = state["lineage"]["born"]

@@ -24,6 +24,15 @@ import math
 import numpy as np
 
 PLANS = ("bootstrap", "subset", "shards")
+# Independent host random streams of a run, so that changing one part of it (say, evaluation)
+# never shifts the samples another part draws.
+STREAMS = ("ensemble", "baseline", "deletions", "retrain", "shards", "eval")
+
+
+def stream(seed: int, name: str, *more: int) -> np.random.Generator:
+    """The run's random stream ``name`` (one of `STREAMS`), optionally split further by
+    ``more`` (e.g. a phase)."""
+    return np.random.default_rng([seed, STREAMS.index(name), *more])
 
 
 def make_chunks(n_train: int, phases: int) -> list[np.ndarray]:

@@ -1,28 +1,119 @@
-"""Deletion requests on a run folder: `forget`, `audit` and the deletion log.
+"""Deletion requests: where they come from, the queue a run applies them from, and `forget`.
+
+A request has a typed `Source`: scheduled after phase P, asked with `jaxunlearn forget`, or
+re-applied after a fall-back to a checkpoint that predates it. The deletion log
+(``deletions.sqlite``) stores a source as its text (`str`), `parse_source` reads it back.
 
 ``forget`` validates the ids against the run (its newest checkpoint and its deletion log) and
-records the request in the log (``deletions.sqlite``) before anything else. Then:
+records the request in the log before anything else. Then:
 
 * a finished run is locked, reopened at its newest checkpoint, and the request applied at
   once: invalidation, retraining with the run's strategy, a new checkpoint, the purge of every
   kept checkpoint whose lineage holds a deleted id, re-evaluation, ``results.json`` updated,
   and the request's outcome in the log, in that order; a crash anywhere in it is completed the
-  next time the run is opened (`jaxunlearn.experiment.resume`);
+  next time the run is opened;
 * a run in progress (its process holds the lock) picks the request up after its current
   phase; a run that is neither (killed, not finished) applies it when resumed.
-
-``audit`` checks the live state and every kept checkpoint against the log.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
-from typing import Callable
+import re
+from typing import Callable, Iterator, NamedTuple, Union
 
+import jax
 import numpy as np
 
 from jaxunlearn import checkpoint, deletion_log, runlock
-from jaxunlearn.experiment import baseline_unlearned, lineage_violations, resume, saved_config
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheduled:
+    """The deletion schedule's ids after a phase."""
+
+    phase: int
+
+    def __str__(self) -> str:
+        return f"schedule (after phase {self.phase})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Forget:
+    """A `forget` request."""
+
+    via: str = "command"
+
+    def __str__(self) -> str:
+        return f"forget ({self.via})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Reapplied:
+    """Logged deletions applied again after falling back to a checkpoint that predates them."""
+
+    checkpoint: int
+
+    def __str__(self) -> str:
+        return f"re-applied after falling back to checkpoint {self.checkpoint}"
+
+
+Source = Union[Scheduled, Forget, Reapplied]
+_PATTERNS = ((Scheduled, r"schedule \(after phase (\d+)\)", int),
+             (Forget, r"forget \((.*)\)", str),
+             (Reapplied, r"re-applied after falling back to checkpoint (\d+)", int))
+
+
+def parse_source(text: str) -> Source | None:
+    """The source a log entry's text names (None for text no version of jaxunlearn wrote)."""
+    for kind, pattern, convert in _PATTERNS:
+        match = re.fullmatch(pattern, text)
+        if match:
+            return kind(convert(match.group(1)))
+    return None
+
+
+class Request(NamedTuple):
+    """A deletion request: its id in the deletion log (None when not logged), ids, source."""
+
+    id: int | None
+    ids: np.ndarray
+    source: Source
+
+
+class Queue:
+    """The requests a run applies, in order: the schedule's after each phase, then the `forget`
+    requests pending in the deletion log (single process only: other processes cannot read the
+    log)."""
+
+    def __init__(self, log: deletion_log.DeletionLog | None, deletions):
+        self.log, self.deletions = log, deletions
+
+    def record(self, ids: np.ndarray, source: Source) -> int | None:
+        """Logs a request before it is applied; one left pending by a killed process for the
+        same ids and source (or applied before a fall-back) is reused."""
+        if self.log is None:
+            return None
+        for known in self.log.records():
+            if parse_source(known["source"]) == source and known["ids"] == ids.tolist():
+                return known["id"]
+        return self.log.request(ids.tolist(), str(source))
+
+    def scheduled(self, phase: int) -> Request:
+        """The scheduled deletion after ``phase`` (logged when it deletes something)."""
+        ids = self.deletions.scheduled_after(phase)
+        source = Scheduled(phase)
+        return Request(self.record(ids, source) if ids.size else None, ids, source)
+
+    def forgets(self) -> Iterator[Request]:
+        """`forget` requests pending in the log that the run has not applied."""
+        if self.log is None or jax.process_count() > 1:
+            return
+        for entry in self.log.pending():
+            source = parse_source(entry["source"])
+            if isinstance(source, Forget) and entry["id"] not in self.deletions.applied:
+                yield Request(entry["id"], np.asarray(entry["ids"], np.int64), source)
 
 
 class RequestError(ValueError):
@@ -55,30 +146,39 @@ def parse_ids(text: str | None = None, path=None) -> list[int]:
     return ids
 
 
-def _latest_meta(run_dir: pathlib.Path) -> dict:
+def latest_meta(run_dir) -> dict:
+    """The JSON part of the run's newest complete checkpoint (the state tree without arrays)."""
     ckpts = checkpoint.Checkpoints(run_dir, read_only=True)
     try:
-        _, loaded = ckpts.load_latest(lambda s: None, items=("meta",))
+        for step in reversed(ckpts.steps()):
+            try:
+                return ckpts.load_meta(step)
+            except checkpoint.CheckpointFormatError:
+                raise
+            except checkpoint.CheckpointError:
+                continue
+        raise checkpoint.CheckpointError(f"no usable checkpoint in {ckpts.root}")
     finally:
         ckpts.close()
-    return loaded["meta"]
 
 
 def validate(run_dir, ids: list[int]) -> dict:
     """Checks ``ids`` against the run: they exist, are not deleted or requested already, and
-    do not delete every example. Returns the newest checkpoint's meta."""
+    do not delete every example. Returns the newest checkpoint's state tree (arrays left out)."""
+    from jaxunlearn.run import saved_config
+
     run_dir = runlock.check_run_dir(run_dir)
     saved_config(run_dir)
     try:
-        meta = _latest_meta(run_dir)
+        tree = latest_meta(run_dir)["tree"]
     except checkpoint.CheckpointError as e:
         raise RequestError(f"{run_dir} has no usable checkpoint to apply a request to: {e}")
-    n_train = meta["results"]["n_train"]
+    n_train = tree["report"]["results"]["n_train"]
     out_of_range = [i for i in ids if not 0 <= i < n_train]
     if out_of_range:
         raise RequestError(f"example id(s) {out_of_range[:10]} do not exist: this run's "
                            f"training ids are 0..{n_train - 1}")
-    gone = set(meta["deleted"])
+    gone = set(tree["deletions"]["ids"])
     if (run_dir / deletion_log.LOG_NAME).exists():
         with deletion_log.DeletionLog.open(run_dir, create=False) as log:
             gone |= set(log.deleted_ids())
@@ -91,7 +191,7 @@ def validate(run_dir, ids: list[int]) -> dict:
     if len(gone | set(ids)) >= n_train:
         raise RequestError(f"the request would delete every one of the {n_train} training "
                            f"examples")
-    return meta
+    return tree
 
 
 def forget(run_dir, ids: list[int], log: Callable[[str], None] = print,
@@ -100,11 +200,15 @@ def forget(run_dir, ids: list[int], log: Callable[[str], None] = print,
 
     Returns ``{"request", "status": "applied" | "queued", ...}``. Raises RequestError for bad
     ids (nothing recorded)."""
+    from jaxunlearn import driver
+    from jaxunlearn.run import open_run, saved_config
+
     run_dir = pathlib.Path(run_dir)
-    meta = validate(run_dir, ids)
+    tree = validate(run_dir, ids)
+    cfg = saved_config(run_dir)
     with deletion_log.DeletionLog.open(run_dir) as requests:
-        request_id = requests.request(ids, "forget (command)")
-    if meta["phase_done"] < meta["config"]["phases"]:
+        request_id = requests.request(ids, str(Forget()))
+    if tree["progress"]["phase_done"] < cfg.phases:
         try:
             with runlock.run_lock(run_dir, purpose="forget"):
                 doing = (f"the run is not finished; `jaxunlearn run --resume {run_dir}` "
@@ -113,8 +217,13 @@ def forget(run_dir, ids: list[int], log: Callable[[str], None] = print,
             doing = (f"the run is in progress (pid {(e.holder or {}).get('pid')}); it applies "
                      f"request {request_id} after its current phase")
         return {"request": request_id, "status": "queued", "message": doing}
+
+    def reopen(wait_s):
+        return open_run(cfg, run_dir, dataset, log, progress=False, purpose="forget",
+                        wait=wait_s)
+
     try:
-        exp = resume(run_dir, dataset=dataset, log=log, progress=False, purpose="forget")
+        run = reopen(0.0)
     except runlock.RunLocked as e:
         holder = e.holder or {}
         if holder.get("purpose") == "run":  # a `run --resume` finishing: it applies it
@@ -122,93 +231,16 @@ def forget(run_dir, ids: list[int], log: Callable[[str], None] = print,
                     "message": f"the run is open in pid {holder.get('pid')}; it applies "
                                f"request {request_id} before it exits"}
         try:  # another `forget`: wait for it (it may apply this request too)
-            exp = resume(run_dir, dataset=dataset, log=log, progress=False,
-                         purpose="forget", wait=wait)
+            run = reopen(wait)
         except runlock.RunLocked as e:
             return {"request": request_id, "status": "queued", "message": str(e)}
-    try:
-        if exp.phase_done < exp.cfg.phases:
+    with run:
+        if run.progress.phase_done < cfg.phases:  # fell back inside the run: not finished
             return {"request": request_id, "status": "queued",
                     "message": "the run is not finished; it applies the request when resumed"}
-        records = exp.apply_pending()
-        exp.finish(exp.elapsed())
-    finally:
-        exp.close()
-    mine = next((r for r in records if r["request"] == request_id), None)
-    if mine is None:  # applied by another `forget` that held the lock first
-        mine = next((r for r in exp.results.get("requests", []) if r["request"] == request_id),
-                    None)
-    return {"request": request_id, "status": "applied", "record": mine,
-            "results": exp.results}
-
-
-def audit(run_dir) -> tuple[bool, list[str], str]:
-    """Checks that no live lineage and no kept checkpoint holds a deleted id and that every
-    logged request was applied. Returns (ok, violation lines, one-line summary)."""
-    run_dir = runlock.check_run_dir(run_dir)
-    cfg = saved_config(run_dir)
-    problems, notes = [], []
-    records = []
-    if (run_dir / deletion_log.LOG_NAME).exists():
-        with deletion_log.DeletionLog.open(run_dir, create=False) as log:
-            records = log.records()
-    for r in records:
-        if r["outcome"] == deletion_log.PENDING:
-            problems.append(f"request {r['id']} ({len(r['ids'])} ids, {r['source']}) is pending: "
-                            f"not applied yet")
-    logged = sorted({i for r in records if r["outcome"] == "applied" for i in r["ids"]})
-    ckpts = checkpoint.Checkpoints(run_dir, read_only=True)
-    try:
-        steps = ckpts.steps()
-        folders = [p for p in ckpts.root.iterdir() if p.is_dir()] if ckpts.root.exists() else []
-        on_disk = sorted(int(p.name) for p in folders if p.name.isdigit())
-        for step in sorted(set(on_disk) - set(steps)):
-            problems.append(f"checkpoint folder {step} is incomplete (a write that never "
-                            f"finished); `jaxunlearn run --resume {run_dir}` removes it")
-        for tmp in folders:
-            if "tmp" in tmp.name:
-                problems.append(f"checkpoint folder {tmp.name} is a write that never finished; "
-                                f"`jaxunlearn run --resume {run_dir}` removes it")
-        metas, lineages = {}, {}
-        for step in steps:  # one read (and one checksum pass) per checkpoint
-            try:
-                loaded = ckpts.load(step, ("meta", "lineage"))
-            except checkpoint.CheckpointError as e:
-                problems.append(f"{e}: it cannot be audited")
-                continue
-            metas[step], lineages[step] = loaded["meta"], loaded["lineage"]
-        newest = max(metas) if metas else None
-        deleted = sorted(set(logged) | (set(metas[newest]["deleted"]) if newest is not None
-                                        else set()))
-        deleted_arr = np.asarray(deleted, np.int64)
-        if newest is not None:
-            missing = sorted(set(logged) - set(metas[newest]["deleted"]))
-            if missing:
-                problems.append(f"the log says ids {missing[:10]} were deleted, but the newest "
-                                f"checkpoint ({newest}) has not deleted them")
-        unlearned = baseline_unlearned(cfg)
-        for step, lineage in lineages.items():
-            for where, member, ids in lineage_violations(lineage, deleted_arr, unlearned):
-                problems.append(f"checkpoint {step}: {where} member {member} still depends on "
-                                f"deleted id(s) {ids[:10]}")
-            if not unlearned and "baseline" in lineage and deleted_arr.size:
-                held = int(np.asarray(lineage["baseline"]["seen"])[:, deleted_arr].sum())
-                if held and step == newest:
-                    notes.append(f"note: the baseline is a reference the config does not "
-                                 f"unlearn (baseline_unlearning={cfg.baseline_unlearning}); it "
-                                 f"holds {held} deleted id(s)")
-    finally:
-        ckpts.close()
-    live = run_dir / "lineage.npz"
-    if live.exists() and deleted_arr.size:
-        saved = np.load(live)
-        for member in np.flatnonzero(saved["lineage"][:, deleted_arr].any(axis=1)):
-            problems.append(f"lineage.npz (the finished run's live state): member {member} "
-                            f"still depends on a deleted id")
-    summary = (f"{'ok' if not problems else 'FAILED'}: {len(records)} request(s) in the log, "
-               f"{len(deleted)} deleted id(s), {len(steps)} kept checkpoint(s) checked, "
-               f"{len(problems)} violation(s)")
-    return not problems, problems + notes, summary
+        results = driver.complete(run)
+    mine = next((r for r in results.get("requests", []) if r["request"] == request_id), None)
+    return {"request": request_id, "status": "applied", "record": mine, "results": results}
 
 
 def log_text(run_dir) -> str:
@@ -218,14 +250,3 @@ def log_text(run_dir) -> str:
         return "no deletion requests recorded"
     with deletion_log.DeletionLog.open(run_dir, create=False) as log:
         return deletion_log.format_records(log.records())
-
-
-def summary_line(results: dict) -> str:
-    f = results["final"]
-    return (f"final: ensemble acc {f['ensemble']['test_accuracy']:.4f}"
-            + (f", baseline acc {f['baseline']['test_accuracy']:.4f}" if f["baseline"] else "")
-            + f"; {len(results['deleted_ids'])} ids deleted, {results['replacements']} member "
-              f"replacements; lineage audit "
-              f"{'ok' if results['lineage_audit']['ok'] else 'FAILED'}"
-              f"; {results['wall_seconds']:.1f}s")
-

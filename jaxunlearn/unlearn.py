@@ -1,23 +1,12 @@
-"""Unlearning: reinitialise the members whose lineage holds a deleted example.
+"""Unlearning's device primitive: reinitialise the members whose lineage holds a deleted id.
 
 `unlearn(key, state, invalid)` is pure: it draws a fresh initialisation for every member from
 ``key`` and keeps it only where ``invalid`` is true (`jnp.where` over the member axis). The mask
 is a traced array, so a new deletion request never recompiles, and members outside the mask come
 back bit-identical. Applying it twice with the same key equals applying it once.
 
-Retraining strategies decide what an invalidated member trains on afterwards:
-
-* ``replace`` (the original study): the fresh member joins the next phase and trains on that
-  phase's sample like the others; after the last phase it trains at once on a new draw of the
-  last phase's plan (without the deleted examples).
-* ``rewind`` (SISA's slices): the member is restored to its last recorded state (a phase or
-  slice boundary) whose lineage holds none of the deleted ids, then retrained forward over the
-  stages it lost, on its own samples minus the deleted ids, with the batch order it had.
-* ``oracle``: every member is retrained from its initial state on every stage's samples minus
-  the deleted ids: the exact reference, at the full cost of training.
-
-The driver (`jaxunlearn.experiment`) carries out ``rewind`` and ``oracle``; this function is
-the reinitialisation that ``replace`` uses.
+What an invalidated member trains on afterwards is the business of the unlearning strategies
+(`jaxunlearn.strategies`).
 """
 
 from __future__ import annotations
@@ -32,9 +21,6 @@ import optax
 from jaxunlearn import sharding, train
 from jaxunlearn.ensemble import select_members
 from jaxunlearn.train import MemberState, PRNGKey
-
-RETRAIN_STRATEGIES = ("replace", "rewind", "oracle")
-
 
 def make_unlearn(model: nn.Module, tx: optax.GradientTransformation, mesh=None) -> Callable:
     """Returns the pure ``unlearn(key, state, invalid) -> state``.
@@ -69,10 +55,3 @@ def make_unlearn(model: nn.Module, tx: optax.GradientTransformation, mesh=None) 
 
     return sharding.shard(local, mesh, (sharding.REPLICATED, sharding.MEMBERS, sharding.MEMBERS),
                           sharding.MEMBERS)
-
-
-def check_strategy(name: str) -> str:
-    if name not in RETRAIN_STRATEGIES:
-        raise ValueError(f"unknown unlearning strategy {name!r}; choose one of {RETRAIN_STRATEGIES}")
-    return name
-

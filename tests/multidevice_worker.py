@@ -22,21 +22,19 @@ def main(out: str, devices: int, coordinator: str | None = None, processes: int 
         jax.distributed.initialize(coordinator, processes, process_id)
     import numpy as np
 
-    from jaxunlearn import data, experiment
+    from jaxunlearn import checkpoint, data, driver
     from jaxunlearn.config import apply_overrides, get_preset
 
     cfg = apply_overrides(get_preset("smoke"), {
         "members": 4, "phases": 2, "baseline": "none", "eval_every_epoch": False,
         "deletion_rate": 0.02, "devices": devices})
     out = pathlib.Path(out)
-    exp = experiment.prepare(cfg, out / "run", data.load_sample(), log=lambda s: None,
-                             progress=False)
-    for phase in (1, 2):
-        exp.run_phase(phase)
-    exp.finish(0.0)
-    exp.close()
-    params = exp.ens.host_params()  # gathered from every process
-    if jax.process_index() == 0:
+    driver.train_and_evaluate(cfg, out / "run", data.load_sample(), log=lambda s: None,
+                              progress=False)
+    if jax.process_index() == 0:  # the checkpoint holds every process's members
+        ckpts = checkpoint.Checkpoints(out / "run", read_only=True)
+        tree, _ = ckpts.load(ckpts.steps()[-1])
+        params = tree["groups"]["ensemble"]["state"]["params"]
         flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
         np.savez(out / "params.npz", **flat)
 

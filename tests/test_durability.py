@@ -8,22 +8,19 @@ import shutil
 import subprocess
 import sys
 
+import chex
 import jax
 import numpy as np
 import pytest
 
-from jaxunlearn import checkpoint, cli, data, deletion_log, experiment, faults, requests, runlock
+from conftest import checkpoint_tree
+from jaxunlearn import audit, checkpoint, cli, data, deletion_log, driver, faults, requests, runlock
 from jaxunlearn.config import ConfigError, apply_overrides, get_preset
-from jaxunlearn.group import TrainingDiverged
+from jaxunlearn.trainer import TrainingDiverged
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The killed runs and the in-process references share this configuration.
 KILL_SETTINGS = ["checkpoint_every=3", "strategy=rewind", "keep_checkpoints=3"]
-
-
-@pytest.fixture(scope="module")
-def sample():
-    return data.load_sample()
 
 
 def _cfg(**changes):
@@ -40,17 +37,15 @@ def _strip(obj):
     return obj
 
 
-def _final_state(run_dir):
-    ckpts = checkpoint.Checkpoints(run_dir, read_only=True)
-    try:
-        return ckpts.load(ckpts.steps()[-1], ("state", "lineage"))
-    finally:
-        ckpts.close()
+def _assert_same_final_state(a, b):
+    """The newest checkpoints' groups (states and lineages) and strategy states are equal."""
+    ta, tb = checkpoint_tree(a), checkpoint_tree(b)
+    for part in ("groups", "strategies"):
+        chex.assert_trees_all_equal(ta[part], tb[part])
 
 
-def _same_tree(a, b):
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+def _lineage(run_dir, step=None):
+    return checkpoint_tree(run_dir, step)["groups"]["ensemble"]["lineage"]["seen"]
 
 
 def _results(run_dir):
@@ -89,7 +84,7 @@ def reference(tmp_path_factory, sample):
     """The uninterrupted run every killed-and-resumed run must equal."""
     out = tmp_path_factory.mktemp("reference") / "run"
     cfg = apply_overrides(get_preset("smoke"), KILL_SETTINGS)
-    experiment.run(cfg, out, dataset=sample, log=lambda s: None, progress=False)
+    driver.train_and_evaluate(cfg, out, dataset=sample, log=lambda s: None, progress=False)
     return out
 
 
@@ -110,11 +105,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, sample, refer
     (run_dir,) = tmp_path.iterdir()
     assert not _results(run_dir)["complete"]
     messages = []
-    exp = experiment.resume(run_dir, dataset=sample, log=messages.append, progress=False)
-    try:
-        exp.run_all()
-    finally:
-        exp.close()
+    driver.resume(run_dir, dataset=sample, log=messages.append, progress=False)
     assert any("resuming" in m for m in messages)
     if "manifest" in fault:
         assert any("discarded incomplete checkpoint" in m for m in messages)
@@ -123,11 +114,11 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, sample, refer
     for key in ("final", "forget", "retain", "test", "mia", "cost", "deleted_ids",
                 "lineage_audit", "phases"):
         assert _strip(got[key]) == _strip(want[key]), key
-    assert _same_tree(_final_state(run_dir), _final_state(reference))
+    _assert_same_final_state(run_dir, reference)
     lines = [_strip(json.loads(l)) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert lines == [_strip(json.loads(l)) for l in
                      (reference / "metrics.jsonl").read_text().splitlines()]
-    ok, problems, summary = requests.audit(run_dir)
+    ok, problems, summary = audit.audit(run_dir)
     assert ok, problems
     records = deletion_log.DeletionLog.open(run_dir, create=False).records()
     assert [r["outcome"] for r in records] == ["applied", "applied"]
@@ -135,40 +126,32 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, sample, refer
 
 def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, sample, reference):
     cfg = apply_overrides(get_preset("smoke"), KILL_SETTINGS)
-    exp = experiment.prepare(cfg, tmp_path / "run", dataset=sample, log=lambda s: None,
-                             progress=False)
-    exp.run_phase(1)
-    exp.run_phase(2)
-    exp.close()
+    driver.train_and_evaluate(cfg, tmp_path / "run", dataset=sample, log=lambda s: None,
+                              progress=False, stop_after_phase=2)
     ckpts = checkpoint.Checkpoints(tmp_path / "run")
-    newest = ckpts.steps()[-1]
+    previous, newest = ckpts.steps()[-2:]
     victim = max((p for p in (ckpts.root / str(newest)).rglob("*") if p.is_file()),
                  key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     messages = []
-    exp = experiment.resume(tmp_path / "run", dataset=sample, log=messages.append,
-                            progress=False)
-    try:
-        assert exp.ckpt_step < newest
-        exp.run_all()
-    finally:
-        exp.close()
+    driver.resume(tmp_path / "run", dataset=sample, log=messages.append, progress=False)
     assert any(f"checkpoint {newest} is damaged" in m and "falling back" in m for m in messages)
+    (resumed,) = [m for m in messages if m.startswith("resuming")]
+    assert f"from checkpoint {previous} " in resumed
     assert _strip(_results(tmp_path / "run")["final"]) == _strip(_results(reference)["final"])
-    assert _same_tree(_final_state(tmp_path / "run"), _final_state(reference))
+    _assert_same_final_state(tmp_path / "run", reference)
 
 
 @pytest.fixture
 def finished(tmp_path, sample):
     cfg = _cfg(strategy="rewind", keep_checkpoints=10)
     out = tmp_path / "run"
-    experiment.run(cfg, out, dataset=sample, log=lambda s: None, progress=False)
+    driver.train_and_evaluate(cfg, out, dataset=sample, log=lambda s: None, progress=False)
     return out
 
 
 def test_forget_then_audit_is_clean_and_purges_checkpoints_that_held_the_ids(finished, sample):
-    lineage = _final_state(finished)["lineage"]["ensemble"]["seen"]
-    ids = [int(i) for i in np.flatnonzero(lineage[0])[:3]]  # member 0 trained on them
+    ids = [int(i) for i in np.flatnonzero(_lineage(finished)[0])[:3]]  # member 0 saw them
     before = checkpoint.Checkpoints(finished).steps()
     outcome = requests.forget(finished, ids, log=lambda s: None, dataset=sample)
     assert outcome["status"] == "applied"
@@ -176,14 +159,16 @@ def test_forget_then_audit_is_clean_and_purges_checkpoints_that_held_the_ids(fin
     results = _results(finished)
     assert set(ids) <= set(results["deleted_ids"]) and results["lineage_audit"]["ok"]
     assert results["requests"][-1]["ids"] == sorted(ids)
-    ok, problems, summary = requests.audit(finished)
+    ok, problems, summary = audit.audit(finished)
     assert ok, problems
     assert summary.startswith("ok:")
     after = checkpoint.Checkpoints(finished).steps()
     assert len(after) < len(before) + 1  # checkpoints that held the ids were purged
     for step in after:
-        seen = checkpoint.Checkpoints(finished).load(step, ("lineage",))["lineage"]
-        assert not np.asarray(seen["ensemble"]["seen"])[:, ids].any()
+        lineages, _ = checkpoint.Checkpoints(finished).load_lineages(step)
+        ensemble = {w: seen for w, seen in lineages.items() if w != "baseline"}  # a reference
+        assert "live ensemble" in ensemble and "rewind snapshot of stage 0" in ensemble
+        assert not any(seen[:, ids].any() for seen in ensemble.values())
     (record,) = [r for r in deletion_log.DeletionLog.open(finished).records()
                  if r["source"].startswith("forget")]
     assert record["outcome"] == "applied" and record["checkpoints_purged"]
@@ -192,8 +177,7 @@ def test_forget_then_audit_is_clean_and_purges_checkpoints_that_held_the_ids(fin
 
 def test_audit_fails_on_a_kept_checkpoint_that_holds_a_deleted_id(finished, sample, capsys):
     ckpts = checkpoint.Checkpoints(finished)
-    lineage = ckpts.load(ckpts.steps()[-1], ("lineage",))["lineage"]["ensemble"]["seen"]
-    ids = [int(np.flatnonzero(lineage[1])[0])]
+    ids = [int(np.flatnonzero(_lineage(finished)[1])[0])]
     # Keep a copy of every checkpoint, forget, then put the purged ones back.
     saved = finished.parent / "saved"
     shutil.copytree(ckpts.root, saved)
@@ -209,8 +193,7 @@ def test_audit_fails_on_a_kept_checkpoint_that_holds_a_deleted_id(finished, samp
 
 
 def test_concurrent_forget_calls_leave_a_consistent_log(finished, jax_cache):
-    lineage = _final_state(finished)["lineage"]["ensemble"]["seen"]
-    free = [int(i) for i in np.flatnonzero(lineage.any(axis=0))]
+    free = [int(i) for i in np.flatnonzero(_lineage(finished).any(axis=0))]
     env = dict(os.environ, PYTHONPATH=str(ROOT), **_cache_env(jax_cache))
     procs = [subprocess.Popen([sys.executable, "-m", "jaxunlearn.cli", "forget", str(finished),
                                "--ids", str(i)], env=env, stdout=subprocess.PIPE,
@@ -223,7 +206,7 @@ def test_concurrent_forget_calls_leave_a_consistent_log(finished, jax_cache):
     assert all(r["outcome"] == "applied" for r in forgets)
     assert len({r["id"] for r in records}) == len(records)
     assert set(free[:2]) <= set(_results(finished)["deleted_ids"])
-    assert requests.audit(finished)[0]
+    assert audit.audit(finished)[0]
 
 
 @pytest.mark.parametrize("ids, message", [
@@ -246,84 +229,88 @@ def test_bad_requests_change_nothing_on_disk(finished, capsys, ids, message):
 def test_a_second_process_cannot_open_a_locked_run(finished, sample):
     with runlock.run_lock(finished, purpose="run"):
         with pytest.raises(runlock.RunLocked, match="in use by another process"):
-            experiment.resume(finished, dataset=sample, log=lambda s: None)
+            driver.resume(finished, dataset=sample, log=lambda s: None)
         # A forget on a run in progress is recorded and queued, not applied.
         free = int(np.flatnonzero(~np.isin(np.arange(300), _results(finished)["deleted_ids"]))[0])
         outcome = requests.forget(finished, [free], log=lambda s: None, dataset=sample)
         assert outcome["status"] == "queued" and "applies request" in outcome["message"]
-    assert not requests.audit(finished)[0]  # pending: not applied yet
-    exp = experiment.resume(finished, dataset=sample, log=lambda s: None, progress=False)
-    try:
-        exp.run_all()  # a finished run applies its queued requests
-    finally:
-        exp.close()
-    assert free in _results(finished)["deleted_ids"]
-    assert requests.audit(finished)[0]
+    assert not audit.audit(finished)[0]  # pending: not applied yet
+    driver.resume(finished, dataset=sample, log=lambda s: None, progress=False)
+    assert free in _results(finished)["deleted_ids"]  # a finished run applies queued requests
+    assert audit.audit(finished)[0]
 
 
 def test_resume_refuses_a_changed_config_and_says_which_fields(finished, sample):
     before = _tree_digest(finished)
     with pytest.raises(ConfigError, match=r"epochs: 1 -> 2.*--allow-config-change"):
-        experiment.resume(finished, ["epochs=2"], dataset=sample)
+        driver.resume(finished, ["epochs=2"], dataset=sample)
     with pytest.raises(ConfigError, match="cannot resume .* different members"):
-        experiment.resume(finished, ["members=5"], allow_config_change=True, dataset=sample)
+        driver.resume(finished, ["members=5"], allow_config_change=True, dataset=sample)
     with pytest.raises(data.DataError):  # the data is missing
-        experiment.resume(finished, ["data=/nonexistent/cifar"], allow_config_change=True)
+        driver.resume(finished, ["data=/nonexistent/cifar"], allow_config_change=True)
     other = data.load_sample().limit(200, 100)
     with pytest.raises(data.DataError, match="not the data"):
-        experiment.resume(finished, dataset=other)
+        driver.resume(finished, dataset=other)
     assert _tree_digest(finished) == before
-    exp = experiment.resume(finished, ["mia_folds=3"], allow_config_change=True,
+    # A setting that may change is taken, saved, and used from then on.
+    assert _results(finished)["mia"]["ensemble"]["folds"] == 3  # 3 forget ids, 5 folds asked
+    results = driver.resume(finished, ["mia_folds=2"], allow_config_change=True,
                             dataset=sample, log=lambda s: None)
-    exp.close()
+    assert results["config"]["mia_folds"] == 2 and results["mia"]["ensemble"]["folds"] == 2
+    assert json.loads((finished / "config.json").read_text())["mia_folds"] == 2
 
 
 def test_nan_loss_stops_the_phase_and_keeps_the_last_good_checkpoint(tmp_path, sample):
     cfg = _cfg(learning_rate=1e38, optimizer="sgd", phases=2, checkpoint_every=2)
     with pytest.raises(TrainingDiverged) as caught:
-        experiment.run(cfg, tmp_path / "run", dataset=sample, log=lambda s: None)
+        driver.train_and_evaluate(cfg, tmp_path / "run", dataset=sample, log=lambda s: None)
     e = caught.value
     assert e.members and e.step >= 1 and "--resume" in str(e)
     results = _results(tmp_path / "run")
     assert not results["complete"]
     assert results["error"]["kind"] == "diverged" and results["error"]["members"] == e.members
     ckpts = checkpoint.Checkpoints(tmp_path / "run")
-    step, loaded = ckpts.load_latest(lambda s: None)
-    for leaf in jax.tree.leaves(loaded["state"]):
-        if np.issubdtype(np.asarray(leaf).dtype, np.floating):
-            assert np.isfinite(leaf).all()
+    step, tree, _ = ckpts.load_latest(lambda s: None)
+    floats = [leaf for leaf in jax.tree.leaves(tree["groups"])
+              if np.issubdtype(np.asarray(leaf).dtype, np.floating)]
+    assert len(floats) > 10 and all(np.isfinite(leaf).all() for leaf in floats)
 
 
 def test_a_disk_error_while_writing_keeps_the_previous_checkpoint(tmp_path, sample, monkeypatch):
-    exp = experiment.prepare(_cfg(), tmp_path / "run", dataset=sample, log=lambda s: None,
-                             progress=False)
-    exp.run_phase(1)
-    good = exp.ckpts.steps()[-1]
+    import orbax.checkpoint as ocp
 
-    def full_disk(*args, **kwargs):
-        (exp.ckpts.root / "99").mkdir()  # a partial write
-        (exp.ckpts.root / "99" / "junk").write_bytes(b"x" * 10)
+    run = tmp_path / "run"
+    driver.train_and_evaluate(_cfg(), run, dataset=sample, log=lambda s: None, progress=False,
+                              stop_after_phase=1)
+    good = checkpoint.Checkpoints(run).steps()[-1]
+
+    def full_disk(manager, step, *args, **kwargs):
+        (run / "checkpoints" / str(step)).mkdir()  # a partial write
+        (run / "checkpoints" / str(step) / "junk").write_bytes(b"x" * 10)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(exp.ckpts.manager, "save", full_disk)
-    with pytest.raises(checkpoint.CheckpointError, match="No space left.*intact"):
-        exp.run_phase(2)
-    exp.close()
-    ckpts = checkpoint.Checkpoints(tmp_path / "run")
-    step, _ = ckpts.load_latest(lambda s: None)
+    with monkeypatch.context() as patched:
+        patched.setattr(ocp.CheckpointManager, "save", full_disk)
+        with pytest.raises(checkpoint.CheckpointError, match="No space left.*intact"):
+            driver.resume(run, dataset=sample, log=lambda s: None, progress=False)
+    step, _, _ = checkpoint.Checkpoints(run).load_latest(lambda s: None)
     assert step == good
+    assert driver.resume(run, dataset=sample, log=lambda s: None, progress=False)["complete"]
 
 
 def test_log_command_prints_every_request(finished, capsys):
+    deleted = [p["deleted_ids"] for p in _results(finished)["phases"] if p["deleted_ids"]]
     assert cli.main(["log", str(finished)]) == 0
-    out = capsys.readouterr().out
-    assert "schedule (after phase 1)" in out or "applied" in out
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert len(rows) == len(deleted) == 2
+    for phase, (row, ids) in enumerate(zip(rows, deleted), start=1):
+        assert f"schedule (after phase {phase})" in row and "applied" in row and "rewind" in row
+        assert ", ".join(map(str, ids)) in row
     assert cli.main(["log", str(finished.parent / "missing")]) == 2
 
 
 def test_falling_back_past_an_applied_forget_deletes_its_ids_again(finished, sample):
-    seen = _final_state(finished)["lineage"]["ensemble"]["seen"]
-    ids = [int(i) for i in np.flatnonzero(~seen.any(axis=0))[:2]]  # no member holds them
+    ids = [int(i) for i in np.flatnonzero(~_lineage(finished).any(axis=0))[:2]]  # no member has
     assert requests.forget(finished, ids, log=lambda s: None, dataset=sample)["status"] == "applied"
     ckpts = checkpoint.Checkpoints(finished)
     newest = ckpts.steps()[-1]
@@ -331,35 +318,64 @@ def test_falling_back_past_an_applied_forget_deletes_its_ids_again(finished, sam
                   and p.stat().st_size > 100)
     victim.write_bytes(b"\0" * victim.stat().st_size)  # corrupted, same size
     messages = []
-    exp = experiment.resume(finished, dataset=sample, log=messages.append, progress=False)
-    try:
-        assert set(ids) <= set(exp.all_deleted)
-        exp.run_all()
-    finally:
-        exp.close()
+    driver.resume(finished, dataset=sample, log=messages.append, progress=False)
     assert any("does not match its checksum" in m for m in messages)
     assert any("deleting them again" in m for m in messages)
     assert set(ids) <= set(_results(finished)["deleted_ids"])
-    assert requests.audit(finished)[0]
+    (again,) = [r for r in _results(finished)["requests"] if r["source"].startswith("re-applied")]
+    assert again["ids"] == sorted(ids) and again["request"] is None
+    assert audit.audit(finished)[0]
 
 
 def test_sigkill_inside_a_slice_of_the_shards_plan_resumes_exactly(tmp_path, sample, jax_cache):
     settings = ["plan=shards", "fraction=1", "slices=2", "strategy=rewind", "checkpoint_every=2",
                 "keep_checkpoints=3"]
     reference = tmp_path / "reference"
-    experiment.run(apply_overrides(get_preset("smoke"), settings), reference, dataset=sample,
-                   log=lambda s: None, progress=False)
+    driver.train_and_evaluate(apply_overrides(get_preset("smoke"), settings), reference,
+                              dataset=sample, log=lambda s: None, progress=False)
     killed = tmp_path / "killed"
     proc = _cli_run(killed, *settings, faults_spec="phase.step@9", tmp_cache=jax_cache)
     assert proc.returncode == -9, proc.stderr[-2000:]
     (run_dir,) = killed.iterdir()
-    exp = experiment.resume(run_dir, dataset=sample, log=lambda s: None, progress=False)
-    try:
-        assert exp.position is not None  # inside a phase
-        exp.run_all()
-    finally:
-        exp.close()
+    messages = []
+    driver.resume(run_dir, dataset=sample, log=messages.append, progress=False)
+    assert any(m.startswith("resuming") and "inside phase" in m for m in messages)
     got, want = _results(run_dir), _results(reference)
     for key in ("final", "forget", "retain", "test", "mia", "cost", "phases", "lineage_audit"):
         assert _strip(got[key]) == _strip(want[key]), key
-    assert _same_tree(_final_state(run_dir), _final_state(reference))
+    _assert_same_final_state(run_dir, reference)
+
+
+def _format_1_checkpoint(run_dir) -> None:
+    """Replaces a run's checkpoints by one as jaxunlearn 0.1 wrote them: items state, lineage,
+    plan and meta (format 1), with its manifest."""
+    import orbax.checkpoint as ocp
+
+    shutil.rmtree(run_dir / "checkpoints")
+    root = (run_dir / "checkpoints").resolve()
+    (root / "manifests").mkdir(parents=True)
+    manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=False), item_names=("state", "lineage", "plan", "meta"))
+    arrays = {"ensemble": {"00000": np.ones((3, 4), np.float32)}}
+    manager.save(0, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(arrays), lineage=ocp.args.StandardSave(
+            {"ensemble": {"seen": np.zeros((3, 300), bool)}}),
+        plan=ocp.args.StandardSave({"empty": np.array([-1])}),
+        meta=ocp.args.JsonSave({"format": 1, "phase_done": 3, "deleted": [],
+                                "results": {"n_train": 300}})))
+    manager.wait_until_finished()
+    manager.close()
+    checkpoint._fsync_write(root / "manifests" / "0.json",
+                            json.dumps({"step": 0, "files": checkpoint._files(root / "0")}))
+
+
+def test_a_run_folder_of_an_older_format_gets_a_clear_message(finished, sample, capsys):
+    _format_1_checkpoint(finished)
+    before = _tree_digest(finished)
+    with pytest.raises(checkpoint.CheckpointFormatError, match="format 1.*reads format 2"):
+        driver.resume(finished, dataset=sample, log=lambda s: None)
+    for command in (["audit", str(finished)], ["forget", str(finished), "--ids", "5"],
+                    ["run", "--resume", str(finished)]):
+        assert cli.main(command) == 2
+        assert "format 1" in capsys.readouterr().err
+    assert _tree_digest(finished) == before

@@ -40,8 +40,7 @@ def _batch(seed, pad=0):
 
 
 def _assert_trees_equal(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    chex.assert_trees_all_equal(a, b)  # structure, shapes, dtypes and values
 
 
 def test_member_axis_first_on_every_leaf(setup):

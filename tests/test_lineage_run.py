@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from jaxunlearn import data, experiment, plans
+from jaxunlearn import data, driver, plans
 from jaxunlearn.config import apply_overrides, get_preset
 
 
@@ -12,7 +12,7 @@ def test_lineage_keeps_earlier_phases_examples(tmp_path):
     cfg = apply_overrides(get_preset("smoke"), {
         "plan": "subset", "fraction": 0.5, "phases": 2, "deletion_rate": 0.0,
         "baseline": "none", "eval_every_epoch": False})
-    experiment.run(cfg, tmp_path / "run", dataset=data.load_sample(), log=lambda s: None)
+    driver.train_and_evaluate(cfg, tmp_path / "run", dataset=data.load_sample(), log=lambda s: None)
     lineage = np.load(tmp_path / "run" / "lineage.npz")["lineage"]
     chunk1, chunk2 = plans.make_chunks(300, 2)
     # Each member saw half of each chunk (without replacement, every drawn id fed once).

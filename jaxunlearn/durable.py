@@ -1,0 +1,135 @@
+"""A run's durable state: one tree composed of its components' states, written as a checkpoint,
+restored from one, and the commit sequence that makes a phase or a deletion durable.
+
+The tree: ``groups`` (each group's stacked state and lineage), ``strategies`` (each group's
+strategy state), ``stages``, ``deletions``, ``ledger``, ``report`` and ``progress``. Each
+component writes and reads its own part (`state_dict`/`load_state_dict`), so a checkpoint is
+never assembled field by field.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from jaxunlearn import checkpoint, faults
+
+
+def state_tree(run) -> dict:
+    """The run's whole state, as the checkpoint stores it."""
+    return {"groups": {name: unit.group.state_dict() for name, unit in run.units.items()},
+            "strategies": {name: unit.state for name, unit in run.units.items()},
+            "stages": run.stages.state_dict(),
+            "deletions": run.deletions.state_dict(),
+            "ledger": run.ledger.state_dict(),
+            "report": run.report.state_dict(),
+            "progress": {**run.progress.state_dict(), "elapsed": run.elapsed()}}
+
+
+def load_state_tree(run, tree: dict) -> None:
+    """Puts the run back in the state ``tree`` (from `state_tree`) describes."""
+    for name, unit in run.units.items():
+        unit.group.load_state_dict(tree["groups"][name])
+        unit.state = tree["strategies"][name]
+    run.stages.load_state_dict(tree["stages"])
+    run.deletions.load_state_dict(tree["deletions"])
+    run.ledger.load_state_dict(tree["ledger"])
+    run.report.load_state_dict(tree["report"])
+    run.progress.load_state_dict(tree["progress"])
+    run.t0 = time.perf_counter()
+
+
+def lineage_index(run) -> list[dict]:
+    """Where the state tree holds lineage matrices: the live groups' and those their strategies
+    keep (rewind snapshots), each ``{"where", "group", "path"}``."""
+    out = []
+    for name, unit in run.units.items():
+        out.append({"where": "live ensemble" if name == "ensemble" else name, "group": name,
+                    "path": ["groups", name, "lineage", "seen"]})
+        for where, path in unit.strategy.lineage_paths(unit.state).items():
+            out.append({"where": where, "group": name,
+                        "path": ["strategies", name, *map(str, path)]})
+    return out
+
+
+def violations(lineages: dict[str, np.ndarray], index: list[dict], deleted: np.ndarray,
+               checked_groups) -> list[tuple[str, int, list[int]]]:
+    """``(where, member, ids)`` for each lineage matrix of a group in ``checked_groups`` that
+    holds one of the ``deleted`` ids."""
+    out = []
+    for entry in index:
+        if entry["group"] not in checked_groups or not deleted.size:
+            continue
+        hit = np.asarray(lineages[entry["where"]])[:, deleted]
+        for member in np.flatnonzero(hit.any(axis=1)):
+            out.append((entry["where"], int(member), deleted[hit[member]].tolist()))
+    return out
+
+
+def write_checkpoint(run) -> int:
+    """Writes the next checkpoint. Every process gathers the state (a collective); the primary
+    one writes it."""
+    run.progress.checkpoint += 1
+    tree = state_tree(run)
+    if run.primary:
+        run.ckpts.save(run.progress.checkpoint, tree, lineage_index(run))
+    return run.progress.checkpoint
+
+
+def trim(run) -> list[int]:
+    """Deletes all but the newest ``keep_checkpoints`` complete checkpoints."""
+    if not run.primary:
+        return []
+    old = run.ckpts.steps()[:-run.cfg.keep_checkpoints]
+    for step in old:
+        run.ckpts.delete(step)
+    return old
+
+
+def purge(run) -> list[int]:
+    """Deletes every kept checkpoint but the newest whose lineages (of groups whose strategy
+    unlearns) hold a deleted id, and all but the newest ``keep_checkpoints``. Returns the
+    deleted steps."""
+    if not run.primary:
+        return []
+    purged = trim(run)  # first: no need to read what goes anyway
+    deleted = run.deletions.sorted_ids()
+    checked = [name for name, unit in run.units.items() if unit.strategy.unlearns]
+    for step in run.ckpts.steps()[:-1] if deleted.size else []:
+        try:
+            lineages, meta = run.ckpts.load_lineages(step)
+            dirty = bool(violations(lineages, meta["lineages"], deleted, checked))
+        except checkpoint.CheckpointError:
+            dirty = True  # unreadable: it cannot be shown clean, so it goes
+        if dirty:
+            run.ckpts.delete(step)
+            purged.append(step)
+    return purged
+
+
+def commit(run) -> None:
+    """The durable step after a phase or a request: checkpoint, purge, then the deletion log's
+    outcomes and the results file (a crash anywhere in it is completed on resume)."""
+    write_checkpoint(run)
+    faults.point("checkpoint.before_purge")
+    purged = purge(run)
+    if run.primary:  # the live lineage, for `audit`
+        run.ensemble.lineage.save(run.out / "lineage.npz", run.deletions.ids)
+    run.report.save()
+    complete_requests(run, purged)
+
+
+def complete_requests(run, purged: list[int]) -> None:
+    """Writes the outcome of every logged request the run has applied and the log does not
+    know yet."""
+    if run.log is None:
+        return
+    for pending in run.log.pending():
+        outcome = run.deletions.applied.get(pending["id"])
+        if outcome is None:
+            continue
+        faults.point("forget.before_outcome")
+        run.log.outcome(pending["id"], "applied", members_invalidated=outcome["invalidated"],
+                        strategy=run.strategy.name, cost=outcome["cost"],
+                        checkpoints_purged=[str(p) for p in purged], message=outcome["message"])

@@ -1,0 +1,313 @@
+"""A run: its components, and the one "restore or initialise" path that opens it.
+
+`open_run` checks everything that can be checked (config, data, deletion schedule, an existing
+run's configuration and data), locks the run folder, builds the components, and then either
+writes checkpoint 0 of a new run or puts an existing run back in the state of its newest
+complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from jaxunlearn import checkpoint, config as config_lib, data as data_lib, deletion_log
+from jaxunlearn import deletions as deletions_lib, durable, evaluators, plans, strategies
+from jaxunlearn.config import Config, ConfigError
+from jaxunlearn.group import ModelGroup
+from jaxunlearn.ledger import Ledger
+from jaxunlearn.report import Report
+from jaxunlearn.stages import Stages
+from jaxunlearn.trainer import Trainer
+
+# Settings a resumed run may change (with allow_config_change): they change how the rest of
+# the run trains, evaluates or is stored, not the shapes or meaning of what is checkpointed.
+RESUMABLE_CHANGES = frozenset({
+    "data", "eval_batch_size", "eval_every_epoch", "checkpoint_every", "keep_checkpoints",
+    "oracle_reference", "retain_eval", "mia_folds", "member_parallel", "devices",
+    "learning_rate", "weight_decay", "epochs", "batch_size", "evaluators"})
+
+
+@dataclasses.dataclass
+class Unit:
+    """A trained group with the strategy that unlearns it and that strategy's state."""
+
+    group: ModelGroup
+    strategy: strategies.Strategy
+    state: dict
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands: phases done (deletions included), a mid-phase checkpoint's position,
+    optimiser steps of phase training so far, the last checkpoint written, seconds worked."""
+
+    phase_done: int = 0
+    position: dict | None = None
+    steps_done: int = 0
+    checkpoint: int = -1
+    elapsed: float = 0.0
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class Run:
+    """Everything one run holds: the model groups with their strategies, the stages, the
+    deletions, the cost ledger, the report, the checkpoints and the deletion log."""
+
+    def __init__(self, cfg: Config, ds: data_lib.Dataset, out: pathlib.Path,
+                 schedule: dict | None, log: Callable[[str], None], progress: bool,
+                 lock: contextlib.ExitStack):
+        self.cfg, self.out, self.lock, self.say = cfg, out, lock, log
+        # With several processes (hosts), every process computes everything; the first writes
+        # the run folder and keeps the deletion log.
+        self.primary = jax.process_index() == 0
+        self.t0 = time.perf_counter()
+        self.chunks = plans.make_chunks(ds.n_train, cfg.phases)
+        self.train_labels, self.test_labels = ds.train_labels, ds.test_labels
+        k_ens, k_base, self.k_unlearn = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
+        arrays = (ds.train_images, ds.train_labels, ds.test_images, ds.test_labels)
+        ensemble = ModelGroup("ensemble", "ensemble", cfg.model, cfg.members, cfg, k_ens,
+                              arrays, devices=cfg.devices)
+        self.stages = Stages(cfg, self.chunks)
+        self.deletions = deletions_lib.Deletions(cfg.seed, cfg.deletion_rate, self.chunks,
+                                                 schedule)
+        epochs = cfg.phases * cfg.epochs * ((cfg.baseline != "none") +
+                                            self.stages.slices("ensemble"))
+        self.report = Report(cfg, out, self._header(ds, ensemble), log, progress,
+                             self.primary, epochs)
+        self.trainer = Trainer(cfg, self.report, self.deletions.mask, ds.test_labels)
+        groups = {"ensemble": ensemble}
+        if cfg.baseline != "none":
+            groups["baseline"] = ModelGroup("baseline", "baseline", cfg.baseline, 1, cfg, k_base,
+                                            arrays)
+        self.units = {name: Unit(groups[name], strategy, {})
+                      for name, strategy in strategies.for_run(cfg).items()}
+        for unit in self.units.values():
+            unit.state = unit.strategy.init(self.context(unit))
+        self.reference = strategies.Reference(self.strategy)
+        self.evaluators = evaluators.make(cfg)
+        self.logits = evaluators.LogitCache(cfg.eval_batch_size)
+        self.ledger, self.progress = Ledger(), Progress()
+        self.ckpts = checkpoint.Checkpoints(out, read_only=not self.primary)
+        self.log = deletion_log.DeletionLog.open(out) if self.primary else None
+
+    def _header(self, ds, ensemble: ModelGroup) -> dict:
+        return {"data_source": ds.source, "n_train": ds.n_train, "n_test": ds.n_test,
+                "member_parallel": ensemble.strategy,
+                "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+                "devices": ensemble.mesh.size if ensemble.mesh is not None else 1,
+                "processes": jax.process_count(),
+                "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                             "flax": _version("flax"), "optax": _version("optax")},
+                "data_fingerprint": data_fingerprint(ds)}
+
+    @property
+    def ensemble(self) -> ModelGroup:
+        return self.units["ensemble"].group
+
+    @property
+    def baseline(self) -> ModelGroup | None:
+        unit = self.units.get("baseline")
+        return unit.group if unit else None
+
+    @property
+    def strategy(self) -> strategies.Strategy:
+        return self.units["ensemble"].strategy
+
+    def context(self, unit: Unit) -> strategies.Context:
+        return strategies.Context(self.cfg, unit.group, self.trainer, self.stages,
+                                  self.deletions.mask, self.k_unlearn)
+
+    def elapsed(self) -> float:
+        """Seconds of work on this run so far, over every process that resumed it."""
+        return self.progress.elapsed + time.perf_counter() - self.t0
+
+    def model(self, name: str, group: ModelGroup, live=None) -> evaluators.Model:
+        method = self.cfg.aggregation if group.members > 1 else "mean_logits"
+        return evaluators.Model(name, group, live, method)
+
+    def test_logits(self, group: ModelGroup, live=None) -> np.ndarray:
+        """``group``'s member logits on the test set (cached until a member changes)."""
+        return self.logits.get(group, [group.test_ids], live)[0]
+
+    def evaluate(self, models: list[evaluators.Model], forget: np.ndarray,
+                 retain: np.ndarray) -> dict:
+        """Every configured evaluator's blocks for ``models``."""
+        evaluation = evaluators.Evaluation(self.logits, models, forget, retain,
+                                           self.train_labels, self.test_labels)
+        return evaluators.evaluate(self.evaluators, evaluation)
+
+    def retain_ids(self, phase: int) -> np.ndarray:
+        return evaluators.retain_ids(self.cfg, self.chunks, phase, self.deletions.mask)
+
+    def close(self) -> None:
+        self.report.close()
+        self.ckpts.close()
+        if self.log is not None:
+            self.log.close()
+        self.lock.close()
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def data_fingerprint(ds: data_lib.Dataset) -> str:
+    """A short hash of the labels and a few pixels: a resumed run checks it has its data."""
+    h = hashlib.sha256()
+    for x in (ds.train_labels, ds.test_labels, ds.train_images[:: max(1, ds.n_train // 64)]):
+        h.update(np.ascontiguousarray(x).tobytes())
+    return h.hexdigest()[:16]
+
+
+def saved_config(run_dir) -> Config:
+    """The configuration a run folder was made with."""
+    path = pathlib.Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (no config.json); pass the folder "
+                          f"that `jaxunlearn run` printed")
+    try:
+        return Config(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{path} is not a readable configuration: {e}") from None
+
+
+def config_changes(old: Config, new: Config) -> dict[str, tuple]:
+    return {f.name: (getattr(old, f.name), getattr(new, f.name))
+            for f in dataclasses.fields(Config) if getattr(old, f.name) != getattr(new, f.name)}
+
+
+def open_run(cfg: Config, workdir, dataset: data_lib.Dataset | None = None,
+             log: Callable[[str], None] = print, progress: bool | None = None, *,
+             allow_config_change: bool = False, purpose: str = "run",
+             wait: float = 0.0) -> Run:
+    """Opens the run ``cfg`` describes in ``workdir``: a new one when ``workdir`` holds no run
+    (it is created, and checkpoint 0 written), else the existing run at its newest complete
+    checkpoint. Nothing changes on disk until every check passed and the run is locked.
+
+    Raises ConfigError (a setting that cannot work, or differs from an existing run's without
+    ``allow_config_change`` or cannot change at all), DataError (the data is missing or not the
+    run's), ScheduleError, `RunLocked` (another process has the run), or CheckpointError (no
+    usable checkpoint)."""
+    out = pathlib.Path(workdir)
+    existing = (out / "config.json").is_file()
+    changes = (_check_changes(out, saved_config(out), cfg, allow_config_change) if existing
+               else {})
+    ds = dataset if dataset is not None else data_lib.load_dataset(cfg.data)
+    ds = ds.limit(cfg.train_limit or None, cfg.test_limit or None)
+    results = out / "results.json"
+    if existing and results.is_file():
+        expected = json.loads(results.read_text()).get("data_fingerprint")
+        if expected and expected != data_fingerprint(ds):
+            raise data_lib.DataError(
+                f"the data found ({ds.source}) is not the data {out} was trained on; pass "
+                f"the run's dataset (data=PATH --allow-config-change)")
+    config_lib.check(cfg, ds.n_train)
+    schedule = deletions_lib.load_schedule(cfg.deletions) if cfg.deletions else None
+    if schedule is not None and not existing:
+        deletions_lib.validate_schedule(schedule, plans.make_chunks(ds.n_train, cfg.phases))
+    if not existing and jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=out.is_dir() and not any(out.iterdir()))
+        (out / "plots").mkdir()
+        (out / "config.json").write_text(cfg.to_json())
+    run = _locked(cfg, ds, out, schedule, log, progress, purpose, wait)
+    try:
+        if existing:
+            _restore(run, changes, log)
+        else:
+            durable.write_checkpoint(run)  # step 0: the initial state
+            run.report.save()
+    except BaseException:
+        run.close()
+        raise
+    return run
+
+
+def _check_changes(out: pathlib.Path, old: Config, cfg: Config, allow: bool) -> dict:
+    changes = config_changes(old, cfg)
+    if changes:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        fixed = sorted(set(changes) - RESUMABLE_CHANGES)
+        if fixed:
+            raise ConfigError(f"cannot resume {out} with a different {', '.join(fixed)} "
+                              f"({listed}): the checkpoints depend on it; start a new run")
+        if not allow:
+            raise ConfigError(f"{out} was made with a different configuration ({listed}); "
+                              f"pass --allow-config-change to resume with it, or drop the "
+                              f"overrides")
+    return changes
+
+
+def _locked(cfg, ds, out, schedule, log, progress, purpose, wait) -> Run:
+    """Locks the run folder (the primary process), then builds its `Run`."""
+    from jaxunlearn import runlock
+
+    lock = contextlib.ExitStack()
+    try:
+        if jax.process_index() == 0:
+            lock.enter_context(runlock.run_lock(out, wait=wait, purpose=purpose))
+        return Run(cfg, ds, out, schedule, log,
+                   sys.stderr.isatty() if progress is None else progress, lock)
+    except BaseException:
+        lock.close()
+        raise
+
+
+def _restore(run: Run, changes: dict, log: Callable[[str], None]) -> None:
+    """Puts an existing run back in the state of its newest complete checkpoint and finishes
+    the durable step a crash interrupted."""
+    from jaxunlearn import driver
+
+    if run.primary:
+        gone = run.ckpts.discard_incomplete()
+        if gone:
+            log(f"discarded incomplete checkpoint(s) {gone} (a write that never finished)")
+    step, tree, _ = run.ckpts.load_latest(log)
+    position = tree["progress"]["position"]
+    moved = sorted({"epochs", "batch_size"} & set(changes))
+    if position is not None and moved:
+        raise ConfigError(f"checkpoint {step} is inside phase {position['phase']}: "
+                          f"{', '.join(moved)} cannot change until the phase is over")
+    if run.primary:
+        for bad in run.ckpts.damaged:  # useless, and perhaps holding deleted ids
+            run.ckpts.delete(bad)
+            log(f"removed damaged checkpoint {bad}")
+        if changes:  # the accepted configuration is the run's from now on
+            tmp = run.out / "config.json.tmp"
+            tmp.write_text(run.cfg.to_json())
+            os.replace(tmp, run.out / "config.json")
+    durable.load_state_tree(run, tree)
+    run.progress.checkpoint = step
+    run.report.results["config"] = run.cfg.to_dict()
+    driver.reapply_logged_deletions(run, step, log)
+    # Finish a durable step a crash interrupted: the purge and the log's outcomes.
+    durable.complete_requests(run, durable.purge(run))
+    where = (f"inside phase {run.progress.position['phase']}" if run.progress.position else
+             f"after phase {run.progress.phase_done}")
+    log(f"resuming {run.out} from checkpoint {step} ({where})")
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except (ImportError, AttributeError):
+        return "unknown"

@@ -1,0 +1,146 @@
+"""Stages: what each model group trains on, drawn under its sampling plan and recorded.
+
+A group trains in *stages*: one per phase, or ``slices`` per phase for the ``shards`` plan
+(each slice a point `rewind` can return to). Stage ``t`` (1-based, ``t = (phase - 1) * slices +
+slice``) records every member's sample as drawn; a replay trains on it minus the ids deleted
+since. Each group draws from its own random stream, so changing one part of a run never shifts
+the samples another part draws.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from jaxunlearn import plans
+from jaxunlearn.config import Config
+
+# A group's stages and batch orders: the ensemble's (also replayed by its oracle) or the
+# baseline's. The index enters every batch-order seed.
+SOURCES = {"ensemble": 0, "baseline": 1}
+
+
+class Stage(NamedTuple):
+    """One training stage of a group."""
+
+    source: str  # whose stages: "ensemble" or "baseline"
+    t: int  # the stage's index, 1-based
+    phase: int
+    slice: int  # 1..slices
+    slices: int  # slices per phase of this source
+    samples: list  # each member's ids as drawn (ragged)
+    pool: np.ndarray | None  # what a bootstrap/subset member drew from (None: deterministic)
+
+
+class _Plan(NamedTuple):
+    plan: str
+    fraction: float
+    members: int
+    slices: int
+
+
+class Stages:
+    """The recorded stages of every group, and the draws of new ones."""
+
+    def __init__(self, cfg: Config, chunks: list[np.ndarray]):
+        self.chunks = chunks
+        self.plans = {"ensemble": _Plan(cfg.plan, cfg.fraction, cfg.members,
+                                        cfg.slices if cfg.plan == "shards" else 1),
+                      "baseline": _Plan(cfg.baseline_plan, cfg.baseline_fraction, 1, 1)}
+        self.rngs = {source: plans.stream(cfg.seed, source) for source in SOURCES}
+        self.shards = (plans.make_shards(plans.stream(cfg.seed, "shards"), chunks, cfg.members,
+                                         cfg.slices) if cfg.plan == "shards" else None)
+        self.recorded: dict[str, dict[int, Stage]] = {source: {} for source in SOURCES}
+
+    def slices(self, source: str) -> int:
+        return self.plans[source].slices
+
+    def last(self, source: str, phase: int) -> int:
+        """The index of the last stage of ``phase``."""
+        return phase * self.slices(source)
+
+    def get(self, source: str, t: int) -> Stage:
+        return self.recorded[source][t]
+
+    def draw(self, source: str, phase: int, slice_: int, deleted: np.ndarray) -> Stage:
+        """Draws and records the samples of stage (``phase``, ``slice_``) under the source's
+        plan, never drawing a ``deleted`` id."""
+        stage = self._draw(source, phase, slice_, deleted, self.rngs[source])
+        self.recorded[source][stage.t] = stage
+        return stage
+
+    def redraw(self, source: str, phase: int, deleted: np.ndarray,
+               rng: np.random.Generator) -> Stage:
+        """A new draw of the last stage of ``phase`` from ``rng`` (shards: the members' own
+        shards again), not recorded: what `replace` retrains a fresh member on after the last
+        phase."""
+        stage = self._draw(source, phase, self.slices(source), deleted, rng)
+        return stage._replace(pool=None)
+
+    def _draw(self, source, phase, slice_, deleted, rng) -> Stage:
+        p = self.plans[source]
+        make = lambda samples, pool=None: Stage(source, (phase - 1) * p.slices + slice_, phase,
+                                                slice_, p.slices, list(samples), pool)
+        if p.plan == "shards":
+            return make(plans.shard_samples(self.shards, phase, slice_, deleted))
+        if p.plan == "full":
+            return make([plans.working_set(self.chunks, phase, deleted)] * p.members)
+        return make(plans.draw_samples(rng, p.plan, p.fraction, p.members, self.chunks, phase,
+                                       deleted), plans.pool(p.plan, self.chunks, phase, deleted))
+
+    def retrain_cost(self, source: str, upto: int, deleted: np.ndarray, epochs: int) -> dict:
+        """What retraining every member of ``source`` from scratch on stages ``1..upto`` minus
+        the ``deleted`` ids costs (computed, not run)."""
+        examples = sum(len(s) for t in range(1, upto + 1)
+                       for s in plans.without(self.get(source, t).samples, deleted))
+        return {"member_epochs": self.plans[source].members * upto * epochs,
+                "member_examples": examples * epochs}
+
+    def expected_invalidated(self, source: str, ids: np.ndarray, born: np.ndarray,
+                             upto: int) -> float:
+        """The expected number of members whose lineage holds any of ``ids``, from the plan:
+        each member's probability of drawing none of them in the stages since its birth."""
+        plan, expected = self.plans[source].plan, 0.0
+        for i in range(len(born)):
+            avoid = 1.0
+            for t in range(1, upto + 1):
+                stage = self.get(source, t)
+                if stage.phase > born[i]:
+                    avoid *= plans.avoid_probability(plan, stage.pool, stage.samples[i], ids)
+            expected += 1.0 - avoid
+        return expected
+
+    # ---- durable state -------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        recorded = {source: {str(t): {"phase": s.phase, "slice": s.slice,
+                                      "samples": pack_ragged(s.samples),
+                                      **({"pool": s.pool} if s.pool is not None else {})}
+                             for t, s in by_t.items()}
+                    for source, by_t in self.recorded.items()}
+        return {"recorded": recorded,
+                "rngs": {source: rng.bit_generator.state for source, rng in self.rngs.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for source, by_t in state["recorded"].items():
+            self.recorded[source] = {
+                int(t): Stage(source, int(t), s["phase"], s["slice"], self.slices(source),
+                              unpack_ragged(s["samples"]),
+                              np.asarray(s["pool"]) if "pool" in s else None)
+                for t, s in by_t.items()}
+        for source, rng in self.rngs.items():
+            rng.bit_generator.state = state["rngs"][source]
+
+
+def pack_ragged(arrays: list[np.ndarray]) -> dict:
+    """A list of 1-D int arrays as ``{"ids": flat, "offsets": [len + 1]}``."""
+    lengths = [len(a) for a in arrays]
+    flat = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+    return {"ids": np.asarray(flat, np.int64),
+            "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)}
+
+
+def unpack_ragged(packed: dict) -> list[np.ndarray]:
+    ids, offsets = np.asarray(packed["ids"]), np.asarray(packed["offsets"])
+    return [ids[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]

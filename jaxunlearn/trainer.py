@@ -1,0 +1,139 @@
+"""Training: one primitive, "train these members of this group on this stage", and its cost.
+
+Every kind of training goes through `Trainer.train`: a phase's stages, `replace`'s retraining
+after the last phase, `rewind`'s and the oracle's replays. A stage's samples lose the ids
+deleted since it was drawn; member ``i``'s batch order in epoch ``e`` comes from a generator
+seeded with ``(seed, source, t, round, e, i)`` (`jaxunlearn.plans.member_rngs`), so a member
+retrained on a stage sees exactly the batches it saw the first time, minus deleted ids.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from jaxunlearn import metrics, plans, sharding
+from jaxunlearn.config import Config
+from jaxunlearn.group import ModelGroup
+from jaxunlearn.stages import SOURCES, Stage
+
+
+class Cost(NamedTuple):
+    """What some training cost: member-epochs, member-examples fed and wall seconds. Adds up."""
+
+    member_epochs: int = 0
+    member_examples: int = 0
+    seconds: float = 0.0
+
+    def __add__(self, other: "Cost") -> "Cost":  # a sum, not tuple concatenation
+        return Cost(*(a + b for a, b in zip(self, other)))
+
+    def as_dict(self) -> dict:
+        return self._asdict()
+
+
+class Start(NamedTuple):
+    """Where training of a stage (re)starts: an epoch, the steps already done in it and their
+    loss sums (``[m]``; None at a step 0)."""
+
+    epoch: int = 1
+    step: int = 0
+    loss: list | None = None
+
+
+class TrainingDiverged(FloatingPointError):
+    """A member's loss became NaN or infinite; says which member, epoch and step."""
+
+    def __init__(self, group: str, members: list[int], epoch: int, step: int,
+                 message: str | None = None):
+        self.group, self.members, self.epoch, self.step = group, members, epoch, step
+        super().__init__(message or f"{group} member(s) {members} reached a non-finite loss "
+                                    f"at epoch {epoch}, step {step}")
+
+
+def check_finite(step_losses: np.ndarray, name: str, epoch: int, offset: int = 0) -> None:
+    """Raises `TrainingDiverged` naming the first step (1-based, counting ``offset`` steps
+    before ``step_losses`` ``[steps, m]``) where some member's loss is not finite."""
+    bad = ~np.isfinite(step_losses)
+    if bad.any():
+        step = int(np.flatnonzero(bad.any(axis=1))[0])
+        raise TrainingDiverged(name, np.flatnonzero(bad[step]).tolist(), epoch,
+                               offset + step + 1)
+
+
+class Trainer:
+    """Trains members of model groups on stages; reports each epoch through ``report``."""
+
+    def __init__(self, cfg: Config, report, deleted: np.ndarray, test_labels: np.ndarray):
+        """``deleted``: the run's bool ``[n_train]`` deletion mask (read at every call)."""
+        self.cfg, self.report, self.deleted, self.test_labels = cfg, report, deleted, test_labels
+
+    def train(self, group: ModelGroup, stage: Stage, members: np.ndarray, *,
+              kind: str = "epoch", round_: int = 0, start: Start | None = None,
+              on_step: Callable | None = None) -> Cost:
+        """Trains ``members`` (bool ``[m]``) of ``group`` on ``stage`` for the configured epochs.
+
+        A stage started afresh (``start`` None) at the first slice of a phase gives the members
+        a fresh optimiser state when the config resets it each phase. ``kind`` names the
+        training in the metrics log (``epoch`` for a phase's own training, else ``retrain``,
+        ``rewind``, ``oracle``). After each step ``on_step(epoch, steps_done, partial_loss)``
+        may checkpoint; ``partial_loss()`` gives the epoch's loss sums so far and raises
+        `TrainingDiverged` if one is not finite. Returns what the training cost.
+        """
+        cfg, t0 = self.cfg, time.perf_counter()
+        members = np.asarray(members, bool)
+        if start is None and cfg.reset_optimizer_each_phase and stage.slice == 1:
+            group.reset_optimizer(members)
+        start = start or Start()
+        if kind != "epoch":
+            self.report.extend_progress(cfg.epochs)
+        samples = [s if a else s[:0] for s, a in
+                   zip(plans.without(stage.samples, self.deleted), members)]
+        sizes = np.array([len(s) for s in samples])
+        active = group.place_members(members)
+        seed_key = (cfg.seed, SOURCES[stage.source], stage.t, round_)
+        for epoch in range(start.epoch, cfg.epochs + 1):
+            rngs = plans.member_rngs(seed_key, epoch, group.members)
+            idx, weight = plans.epoch_batches(rngs, samples, cfg.batch_size)
+            per_step = P(None, sharding.MEMBER_AXIS)
+            idx_dev, weight_dev = group.place(idx, per_step), group.place(weight, per_step)
+            resumed = epoch == start.epoch
+            offset = start.step if resumed else 0
+            carried = (np.asarray(start.loss, np.float64) if resumed and start.loss is not None
+                       else np.zeros(group.members))
+            losses = []
+
+            def partial_loss(losses=losses, offset=offset, carried=carried, epoch=epoch):
+                if not losses:
+                    return carried
+                per = np.asarray(sharding.to_host(jnp.stack(losses)), np.float64)
+                check_finite(per, group.name, epoch, offset)
+                return carried + per.sum(axis=0)
+
+            for s in range(offset, idx.shape[0]):
+                losses.append(group.step(idx_dev[s], weight_dev[s], active, members))
+                group.lineage.record(idx[s], weight[s], members)
+                if on_step is not None:
+                    on_step(epoch, s + 1, partial_loss)
+            self._epoch_done(group, stage, kind, epoch, partial_loss() / np.maximum(sizes, 1),
+                             members, time.perf_counter() - t0)
+        return Cost(int(members.sum()) * cfg.epochs, int(sizes.sum()) * cfg.epochs,
+                    time.perf_counter() - t0)
+
+    def _epoch_done(self, group, stage, kind, epoch, train_loss, members, seconds) -> None:
+        line = {"kind": kind, "phase": stage.phase, "model": group.name, "epoch": epoch,
+                "train_loss": [float(x) if a else None for x, a in zip(train_loss, members)],
+                "seconds": seconds}
+        if stage.slices > 1:
+            line["slice"] = stage.slice
+        if self.cfg.eval_every_epoch:
+            logits = group.member_logits(self.cfg.eval_batch_size)
+            line["members"] = [metrics.score(l, self.test_labels) for l in logits]
+            if group.members > 1:
+                line["ensemble"] = metrics.aggregate(logits, self.test_labels, None,
+                                                     self.cfg.aggregation)
+        self.report.epoch(line, f"phase {stage.phase}/{self.cfg.phases} {group.name}")

@@ -1,0 +1,155 @@
+"""Unlearning a deletion, and the run's end state, with what they are scored and cost.
+
+`delete` scores the ensemble before, marks the ids deleted, unlearns them with the ensemble's
+strategy (and the baseline's), trains the oracle reference where the config asks for it, scores
+everything after, and accounts the cost against the oracle's. `finish` writes the end state.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from jaxunlearn import metrics
+
+
+def member_records(logits, labels, valid, born) -> list[dict]:
+    return [dict(member=i, **metrics.score(logits[i], labels), valid=bool(valid[i]),
+                 born=int(born[i])) for i in range(logits.shape[0])]
+
+
+def _wants_reference(run, phase: int) -> bool:
+    ref = run.cfg.oracle_reference
+    return (run.strategy.reference or ref == "deletions"
+            or (ref == "end" and phase == run.cfg.phases))
+
+
+def delete(run, phase: int, ids: np.ndarray, invalid: np.ndarray) -> dict:
+    """Deletes ``ids`` (none deleted yet) after ``phase``; ``invalid`` (bool ``[m]``) marks
+    the ensemble members whose lineage holds one. Returns the deletion's blocks: the
+    evaluators' (before and after unlearning, the oracle and the baseline), ``cost`` and
+    ``after_unlearning``."""
+    cfg, unit, labels = run.cfg, run.units["ensemble"], run.test_labels
+    ens = unit.group
+    upto = run.stages.last(ens.source, phase)
+    expected = run.stages.expected_invalidated(ens.source, ids, ens.lineage.born, upto)
+    forget = np.asarray(sorted(run.deletions.ids + ids.tolist()), np.int64)
+    before = run.evaluate([run.model("ensemble_before", ens)], forget, run.retain_ids(phase))
+    run.deletions.mark(ids)
+
+    t0 = time.perf_counter()
+    unit.state, outcome = unit.strategy.unlearn(unit.state, run.context(unit), phase, ids,
+                                                invalid)
+    run.ledger.replacements += outcome.replaced
+    cost = {"strategy": unit.strategy.name, "ids": int(ids.size),
+            "invalidated_observed": int(invalid.sum()), "invalidated_expected": expected,
+            **outcome.cost.as_dict(), **outcome.details}
+    cost["seconds"] = time.perf_counter() - t0
+    oracle_cost = run.stages.retrain_cost(ens.source, upto, run.deletions.mask, cfg.epochs)
+    cost["oracle"] = dict(oracle_cost, seconds=None)
+    if run.baseline is not None:
+        cost["baseline"] = _unlearn_baseline(run, phase, ids)
+
+    models = [run.model("ensemble", ens, outcome.live)]
+    if _wants_reference(run, phase):
+        oracle, measured = run.reference.get(run.context(unit), upto)
+        if measured is not None:
+            cost["oracle"]["seconds"] = measured.seconds
+        models.append(run.model("oracle", oracle))
+    if run.baseline is not None:
+        models.append(run.model("baseline", run.baseline))
+    after = run.evaluate(models, forget, run.retain_ids(phase))
+    ran = cost["member_examples"]
+    cost["speedup_vs_oracle"] = (oracle_cost["member_examples"] / ran) if ran else None
+    run.ledger.events.append(cost)
+
+    record = {k: {**before.get(k, {}), **after.get(k, {})} for k in {**before, **after}}
+    record["cost"] = cost
+    test = run.test_logits(ens, outcome.live)
+    record["after_unlearning"] = {
+        "ensemble": metrics.aggregate(test, labels, outcome.live, cfg.aggregation)}
+    if outcome.retrained:
+        record["after_unlearning"]["members"] = member_records(
+            test, labels, np.ones(ens.members, bool), ens.lineage.born)
+    if run.baseline is not None and run.units["baseline"].strategy.unlearns and "test" in after:
+        record["after_unlearning"]["baseline"] = after["test"]["baseline"]
+    return record
+
+
+def _unlearn_baseline(run, phase: int, ids: np.ndarray) -> dict:
+    """The baseline's unlearning (by its strategy: oracle when asked, else none, as in the
+    original study) and its cost."""
+    unit = run.units["baseline"]
+    invalid = unit.group.lineage.invalid(ids)
+    cost = {"unlearning": unit.strategy.name, "invalidated": bool(invalid[0]),
+            "member_epochs": 0, "member_examples": 0, "seconds": 0.0,
+            "oracle": run.stages.retrain_cost(unit.group.source,
+                                              run.stages.last(unit.group.source, phase),
+                                              run.deletions.mask, run.cfg.epochs)}
+    unit.state, outcome = unit.strategy.unlearn(unit.state, run.context(unit), phase, ids,
+                                                invalid)
+    cost.update(outcome.cost.as_dict())
+    return cost
+
+
+def finish(run) -> dict:
+    """Writes the end state: ``final``, the evaluators' blocks against the oracle, the cost
+    totals, the lineage audit, ``lineage.npz`` and the plot."""
+    from jaxunlearn.strategies.base import at_path
+
+    cfg, labels, results = run.cfg, run.test_labels, run.report.results
+    ens, unit = run.ensemble, run.units["ensemble"]
+    last = results["phases"][-1]
+    final = {k: last[k] for k in ("phase", "deleted_ids", "invalidated", "seconds")}
+    test = run.test_logits(ens)  # the live state, after every deletion and request
+    final["ensemble"] = metrics.aggregate(test, labels, None, cfg.aggregation)
+    final["members"] = member_records(test, labels, np.ones(cfg.members, bool),
+                                      ens.lineage.born)
+    final["baseline"] = (metrics.score(run.test_logits(run.baseline)[0], labels)
+                         if run.baseline else None)
+    upto = run.stages.last(ens.source, cfg.phases)
+    forget = run.deletions.sorted_ids()
+    models = [run.model("ensemble", ens)]
+    oracle_seconds = None
+    if forget.size and (cfg.oracle_reference != "none" or run.strategy.reference):
+        oracle, measured = run.reference.get(run.context(unit), upto)
+        models.append(run.model("oracle", oracle))
+        oracle_seconds = measured.seconds if measured is not None else None
+    if run.baseline is not None:
+        models.append(run.model("baseline", run.baseline))
+    blocks = run.evaluate(models, forget, run.retain_ids(cfg.phases))
+    for evaluator in run.evaluators:
+        befores = [p[evaluator.name]["ensemble_before"] for p in results["phases"]
+                   if evaluator.name in p]
+        if evaluator.carry_before and befores:
+            blocks[evaluator.name]["ensemble_before_last_deletion"] = befores[-1]
+    violations = ens.lineage.violations(run.deletions.ids)
+    held = unit.strategy.lineage_paths(unit.state)
+    held_violations = sum(int(at_path(unit.state, path)[:, forget].sum())
+                          for path in held.values())
+    results.update({
+        "complete": True,
+        "final": final,
+        **blocks,
+        "cost": run.ledger.totals(unit.strategy.name, oracle_seconds,
+                                  run.units["baseline"].strategy.name if run.baseline else None),
+        "deleted_ids": sorted(run.deletions.ids),
+        "replacements": run.ledger.replacements,
+        "lineage_audit": {"ok": violations == 0 and held_violations == 0,
+                          "violations": violations, "members": cfg.members,
+                          "deleted": len(run.deletions.ids),
+                          **({"snapshots": len(held), "snapshot_violations": held_violations}
+                             if held else {})},
+        # The baseline is a reference model, as in the original study: it never trains on a
+        # deleted id after its deletion but is not unlearned (unless baseline_unlearning is
+        # oracle); this counts what it holds.
+        "baseline_deleted_ids_in_lineage": (run.baseline.lineage.violations(run.deletions.ids)
+                                            if run.baseline else None),
+        "wall_seconds": run.elapsed(),
+    })
+    if run.primary:
+        ens.lineage.save(run.out / "lineage.npz", run.deletions.ids)
+        run.report.save()
+        run.report.plot()
+    return results
