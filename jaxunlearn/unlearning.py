@@ -34,9 +34,10 @@ def delete(run, phase: int, ids: np.ndarray, invalid: np.ndarray) -> dict:
     ens = unit.group
     upto = run.stages.last(ens.source, phase)
     expected = run.stages.expected_invalidated(ens.source, ids, ens.lineage.born, upto)
-    forget = np.asarray(sorted(run.deletions.ids + ids.tolist()), np.int64)
-    before = run.evaluate([run.model("ensemble_before", ens)], forget, run.retain_ids(phase))
     run.deletions.mark(ids)
+    # Before and after unlearning, the models are scored on the same sets.
+    forget, retain = run.deletions.sorted_ids(), run.retain_ids(phase)
+    before = run.evaluate([run.model("ensemble_before", ens)], forget, retain)
 
     t0 = time.perf_counter()
     unit.state, outcome = unit.strategy.unlearn(unit.state, run.context(unit), phase, ids,
@@ -59,7 +60,7 @@ def delete(run, phase: int, ids: np.ndarray, invalid: np.ndarray) -> dict:
         models.append(run.model("oracle", oracle))
     if run.baseline is not None:
         models.append(run.model("baseline", run.baseline))
-    after = run.evaluate(models, forget, run.retain_ids(phase))
+    after = run.evaluate(models, forget, retain)
     ran = cost["member_examples"]
     cost["speedup_vs_oracle"] = (oracle_cost["member_examples"] / ran) if ran else None
     run.ledger.events.append(cost)

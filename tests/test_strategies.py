@@ -115,6 +115,11 @@ def test_no_live_lineage_holds_a_deleted_id(tmp_path, sample, strategy):
         assert len(snapshots) == 1 + cfg.phases
         assert all(not s["seen"][:, deleted].any() for s in snapshots.values())
     assert results["forget"]["ensemble"]["n"] == len(deleted)
+    for phase in results["phases"]:  # before and after unlearning: the same example sets
+        for block in ("forget", "retain", "test"):
+            assert phase[block]["ensemble_before"]["n"] == phase[block]["ensemble"]["n"]
+        assert phase["retain"]["ensemble"]["n"] == phase["working_set"] - len(
+            phase["deleted_ids"])
     for block in ("forget", "retain", "test"):
         assert {"ensemble", "oracle"} <= set(results[block])
         assert 0.0 <= results[block]["ensemble"]["accuracy"] <= 1.0
