@@ -225,6 +225,10 @@ def main(argv=None) -> int:
 
     commands = {"run": cmd_run, "forget": cmd_forget, "audit": cmd_audit, "log": cmd_log,
                 "presets": cmd_presets, "data": cmd_data}
+    if args.command in ("run", "forget"):
+        from jaxunlearn import cache
+
+        cache.use_compilation_cache()
     try:
         return commands[args.command](args)
     except (DataError, ScheduleError, config_lib.ConfigError, RequestError, RunLocked,

@@ -1,7 +1,17 @@
-"""Shared fixtures and readers of what a run leaves on disk (its public outputs)."""
+"""Shared fixtures and readers of what a run leaves on disk (its public outputs).
+
+The session shares one XLA compilation cache (a temporary folder) with every subprocess it
+starts, so a killed-and-resumed run, a `forget` or a multi-device worker does not compile
+again what the session compiled already. It also compiles with XLA:CPU's backend (LLVM)
+optimisation off: the tests check behaviour, not speed, and most of their time is compiling,
+which this halves (the programs compute the same floating-point operations).
+"""
 
 import json
+import os
 import pathlib
+import shutil
+import tempfile
 
 import chex
 import jax
@@ -9,6 +19,26 @@ import numpy as np
 import pytest
 
 from jaxunlearn import checkpoint, data
+
+_CACHE = {"JAX_COMPILATION_CACHE_DIR": None,
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+
+
+def pytest_configure(config):
+    folder = tempfile.mkdtemp(prefix="jaxunlearn-test-xla-")
+    config._jaxunlearn_cache = folder
+    os.environ.update({**_CACHE, "JAX_COMPILATION_CACHE_DIR": folder})
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_backend_optimization_level" not in flags:  # read when the backend starts
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(getattr(config, "_jaxunlearn_cache", ""), ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
