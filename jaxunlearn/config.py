@@ -38,7 +38,8 @@ class Config:
     members: int = 5
     model: str = "resnet18"
     stem: str = "imagenet"
-    member_parallel: str = "auto"  # auto, vmap, map, hybrid:K (vmap groups of K, map over groups)
+    member_parallel: str = "auto"  # auto, vmap, map, unroll, hybrid:K (vmap groups of K, map over groups)
+    substacks: str = "auto"  # how a retraining of some members cuts them: auto, pow2, ones, exact, full
     precision: str = "fp32"  # fp32, or bf16 compute with fp32 parameters and optimizer state
     devices: int = 1  # shard the member axis over N devices with shard_map (0: all, 1: none)
     aggregation: str = "mean_logits"  # mean_logits, mean_probs, vote
@@ -163,6 +164,7 @@ def check(cfg: Config, n_train: int) -> None:
     need(cfg.precision in PRECISIONS,
          f"unknown precision {cfg.precision!r}; choose one of {sorted(PRECISIONS)}")
     choice("plan", cfg.plan, plans.PLANS)
+    choice("substacks", cfg.substacks, ("auto",) + ensemble.SUBSTACK_POLICIES)
     choice("aggregation", cfg.aggregation, metrics.AGGREGATIONS)
     choice("oracle_reference", cfg.oracle_reference, ORACLE_REFERENCES)
     choice("baseline_plan", cfg.baseline_plan, BASELINE_PLANS)
@@ -187,7 +189,8 @@ def check(cfg: Config, n_train: int) -> None:
     try:
         strategies.for_run(cfg)
         evaluators.names(cfg)
-        member_parallel = ensemble.resolve_strategy(cfg.member_parallel, arch=cfg.model)
+        member_parallel = ensemble.resolve_strategy(cfg.member_parallel, arch=cfg.model,
+                                                    stem=cfg.stem, members=cfg.members)
         per_device = cfg.members
         if cfg.devices != 1:
             mesh = sharding.member_mesh(cfg.devices)

@@ -1,17 +1,26 @@
 """The stacked ensemble: one `MemberState` pytree with the member axis first on every leaf.
 
-Member-parallel execution is a strategy, not a hard-coded `vmap`:
+Member-parallel execution (the *layout*) is a strategy, not a hard-coded `vmap`:
 
 * ``vmap``: `jax.vmap` over members. Every convolution becomes one grouped convolution.
 * ``map``: `jax.lax.map` (a scan) over members inside the same jit: M dense convolutions one
   after another. Measured ~2x faster than ``vmap`` on an H100 for ResNets, because XLA's
-  grouped convolutions are slow there; on CPU it is the other way round (``benchmarks/``).
-
+  grouped convolutions are slow there.
+* ``unroll``: the members as M separate dense computations in the same jit (a Python loop over
+  member slices). It compiles M copies of the member; on a CPU it runs a small CIFAR net ~5x
+  faster than ``vmap``, whose grouped convolutions lose XLA:CPU's fast path there.
 * ``hybrid:K``: vmap over groups of K members, map over the groups.
 
 All run the same pure single-member step on the same stacked state, so they are
-interchangeable and give the same result up to floating-point reassociation.
-The functions returned here are not jitted: the driver jits them (with donated state).
+interchangeable and give the same result up to floating-point reassociation; ``unroll`` and
+``map`` compute each member as it would be computed alone, so their results do not depend on
+how many members share the stack. ``auto`` takes the measured fastest per backend,
+architecture, stem and member count (`MEASURED_LAYOUTS`). The functions returned here are not
+jitted: the driver jits them (with donated state).
+
+Training some members only (a retraining after a deletion) runs them as a smaller stack:
+`substacks` cuts the members into stacks of a few bounded sizes, so a group compiles a bounded
+number of variants of its step.
 """
 
 from __future__ import annotations
@@ -22,35 +31,89 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxunlearn import train
 from jaxunlearn.train import MemberState, PRNGKey
 
-STRATEGIES = ("vmap", "map")
-# `auto`, from measurements (benchmarks/README.md): (backend, architecture) -> strategy.
-# Measured: ResNet-18 (both stems) on a 2-core CPU, where the scan over members is 6-9x slower
-# than vmap (XLA:CPU loses its fast convolution path inside the loop body), and on an H100,
-# where map is ~2x faster than vmap (XLA's grouped convolutions are slow there). Other
-# architectures take their backend's ResNet-18 entry until measured.
-MEASURED_STRATEGY = {("cpu", "resnet18"): "vmap", ("gpu", "resnet18"): "map"}
-_MEASURED_REFERENCE = "resnet18"
+STRATEGIES = ("vmap", "map", "unroll")
+# `auto`, from measurements (benchmarks/README.md, benchmarks/results/layouts_*.json):
+# (backend, architecture, stem) -> [(up to this many members or None, layout), ...]. A pair
+# without an entry takes its architecture's first entry on the backend, then the backend's
+# ResNet-18 entry for the stem.
+MEASURED_LAYOUTS = {
+    ("cpu", "tiny", "cifar"): [(None, "unroll")],
+    ("cpu", "tiny", "imagenet"): [(None, "unroll")],
+    ("cpu", "resnet18", "imagenet"): [(None, "vmap")],
+    ("cpu", "resnet18", "cifar"): [(None, "unroll")],
+    ("gpu", "resnet18", "imagenet"): [(None, "map")],
+    ("gpu", "resnet18", "cifar"): [(None, "map")],
+}
+# How each layout cuts a partial stack (`substacks`), from benchmarks/retrain_cost.py.
+SUBSTACK_POLICY = {"vmap": "pow2", "map": "pow2", "unroll": "ones"}
+SUBSTACK_POLICIES = ("pow2", "ones", "exact", "full")
 
 
-def resolve_strategy(name: str, backend: str | None = None, arch: str = "resnet18") -> str:
-    """``auto`` -> the measured strategy for ``backend`` (default: JAX's) and ``arch``.
+def resolve_strategy(name: str, backend: str | None = None, arch: str = "resnet18",
+                     stem: str = "imagenet", members: int = 5) -> str:
+    """``auto`` -> the measured layout for ``backend`` (default: JAX's), ``arch``, ``stem`` and
+    ``members``; other names are checked and returned.
 
-    Names: ``vmap``, ``map``, or ``hybrid:K`` (vmap over groups of K members, map over the
-    groups; the member count must be a multiple of K).
+    Names: ``vmap``, ``map``, ``unroll``, or ``hybrid:K`` (vmap over groups of K members, map
+    over the groups; the member count must be a multiple of K).
     """
     if name == "auto":
         backend = backend or jax.default_backend()
-        return MEASURED_STRATEGY.get((backend, arch),
-                                     MEASURED_STRATEGY.get((backend, _MEASURED_REFERENCE), "vmap"))
+        rules = (MEASURED_LAYOUTS.get((backend, arch, stem))
+                 or next((v for (b, a, _), v in MEASURED_LAYOUTS.items()
+                          if (b, a) == (backend, arch)), None)
+                 or MEASURED_LAYOUTS.get((backend, "resnet18", stem))
+                 or [(None, "vmap")])
+        return next(layout for limit, layout in rules if limit is None or members <= limit)
     if name in STRATEGIES or hybrid_group_size(name):
         return name
-    raise ValueError(f"unknown member-parallel strategy {name!r}; choose auto, vmap, map or "
-                     "hybrid:K (K members per vmapped group)")
+    raise ValueError(f"unknown member-parallel strategy {name!r}; choose auto, vmap, map, "
+                     "unroll or hybrid:K (K members per vmapped group)")
+
+
+def substacks(members: np.ndarray, multiple: int = 1, policy: str = "pow2") -> list[np.ndarray]:
+    """Cuts the ``members`` (bool ``[m]``) to train into stacks of member indices.
+
+    Every stack's size is a multiple of ``multiple`` (the device count: a stack shards over the
+    devices); a stack that the chosen members do not fill is padded with other members, which
+    the caller keeps inactive. Sizes by ``policy``: ``pow2``, the chosen count (in units of
+    ``multiple``) as a sum of distinct powers of two (3 -> 2 + 1), so at most log2(m) + 1 sizes
+    ever compile and only the last stack is padded, by less than ``multiple``; ``ones``, stacks
+    of one unit; ``exact``, one stack of the rounded-up count (up to m sizes may compile);
+    ``full``, the whole group (no sub-stack: the others computed and discarded). With every
+    member chosen: one stack of all.
+    """
+    members = np.asarray(members, bool)
+    m, chosen = len(members), np.flatnonzero(members)
+    if policy not in SUBSTACK_POLICIES:
+        raise ValueError(f"unknown sub-stack policy {policy!r}; choose one of "
+                         f"{', '.join(SUBSTACK_POLICIES)}")
+    if not chosen.size:
+        return []
+    if members.all() or policy == "full":
+        return [np.arange(m, dtype=np.int32)]
+    units = -(-len(chosen) // multiple)
+    if units * multiple >= m:  # padded to the whole group: the group itself, in order
+        return [np.arange(m, dtype=np.int32)]
+    if policy == "pow2":
+        sizes = [1 << b for b in reversed(range(units.bit_length())) if units >> b & 1]
+    elif policy == "ones":
+        sizes = [1] * units
+    else:
+        sizes = [units]
+    others, out, start = np.flatnonzero(~members), [], 0
+    for size in sizes:
+        take = chosen[start:start + size * multiple]
+        start += len(take)
+        pad = size * multiple - len(take)
+        out.append(np.concatenate([take, others[:pad]]).astype(np.int32))
+    return out
 
 
 def hybrid_group_size(strategy: str) -> int | None:
@@ -72,6 +135,10 @@ def over_members(strategy: str, fn: Callable, per_member, *shared):
         return vmapped(per_member)
     if strategy == "map":
         return jax.lax.map(lambda a: fn(*a, *shared), per_member)
+    if strategy == "unroll":  # M dense programs in one jit
+        m = jax.tree.leaves(per_member)[0].shape[0]
+        outs = [fn(*jax.tree.map(lambda x, i=i: x[i], per_member), *shared) for i in range(m)]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
     k = hybrid_group_size(strategy)
     if k:
         m = jax.tree.leaves(per_member)[0].shape[0]

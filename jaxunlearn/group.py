@@ -38,6 +38,16 @@ class Compiled(NamedTuple):
     logits: Callable
     unlearn: Callable
     reset_optimizer: Callable
+    gather: Callable  # (state, sel int [k]) -> the members sel as a stack of k
+    scatter: Callable  # (state, sub, sel) -> state with sub's rows written at sel
+
+
+def _gather(state, sel):
+    return jax.tree.map(lambda x: x[sel], state)
+
+
+def _scatter(state, sub, sel):
+    return jax.tree.map(lambda x, y: x.at[sel].set(y), state, sub)
 
 
 def setup_compiler_options() -> dict | None:
@@ -49,19 +59,21 @@ def setup_compiler_options() -> dict | None:
     return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=64)
 def compile_group(arch: str, stem: str, precision: str, optimizer: str, learning_rate: float,
                   weight_decay: float, member_parallel: str, augment: bool,
-                  devices: int = 1) -> Compiled:
+                  devices: int = 1, members: int = 5) -> Compiled:
     """Builds (once per process and setting) the jitted functions of one model group, so that
-    repeated runs in one process, as in sweeps and tests, reuse their compilations.
+    repeated runs in one process, as in sweeps and tests, reuse their compilations. Each
+    compiles once per stack size it is called with.
 
     ``devices`` other than 1 shards the member axis over that many devices (0: all) with
-    `jax.shard_map`, the single-device ``member_parallel`` strategy running inside.
+    `jax.shard_map`, the single-device ``member_parallel`` layout running inside; ``members``
+    only informs ``auto``.
     """
     model = make_model(arch, stem, dtype=PRECISIONS[precision])
     tx = make_optimizer(optimizer, learning_rate, weight_decay)
-    strategy = ensemble.resolve_strategy(member_parallel, arch=arch)
+    strategy = ensemble.resolve_strategy(member_parallel, arch=arch, stem=stem, members=members)
     step = ensemble.make_train_step(model, tx, strategy, augment)
     logits = ensemble.make_eval_logits(model, strategy)
     reset = functools.partial(ensemble.reset_optimizer, tx)
@@ -75,7 +87,8 @@ def compile_group(arch: str, stem: str, precision: str, optimizer: str, learning
             step=jax.jit(step, donate_argnums=0),
             logits=jax.jit(logits),
             unlearn=jax.jit(unlearn.make_unlearn(model, tx), donate_argnums=1),
-            reset_optimizer=jax.jit(reset, donate_argnums=0))
+            reset_optimizer=jax.jit(reset, donate_argnums=0),
+            gather=jax.jit(_gather), scatter=jax.jit(_scatter, donate_argnums=0))
     M, R = sharding.MEMBERS, sharding.REPLICATED
     return Compiled(
         model=model, tx=tx, strategy=strategy, mesh=mesh,
@@ -84,7 +97,9 @@ def compile_group(arch: str, stem: str, precision: str, optimizer: str, learning
         step=jax.jit(sharding.shard(step, mesh, (M, R, R, M, M, M), (M, M)), donate_argnums=0),
         logits=jax.jit(sharding.shard(logits, mesh, (M, R, R), M)),
         unlearn=jax.jit(unlearn.make_unlearn(model, tx, mesh), donate_argnums=1),
-        reset_optimizer=jax.jit(sharding.shard(reset, mesh, (M, M), M), donate_argnums=0))
+        reset_optimizer=jax.jit(sharding.shard(reset, mesh, (M, M), M), donate_argnums=0),
+        gather=jax.jit(_gather, out_shardings=NamedSharding(mesh, M)),
+        scatter=jax.jit(_scatter, out_shardings=NamedSharding(mesh, M), donate_argnums=0))
 
 
 _VERSIONS = itertools.count()
@@ -99,21 +114,26 @@ class ModelGroup:
     """
 
     def __init__(self, name: str, source: str, arch: str, members: int, cfg: Config, key,
-                 data: tuple, devices: int = 1):
+                 data: tuple, devices: int = 1, initialise: bool = True):
         """``source``: whose stages it trains on (`jaxunlearn.stages.SOURCES`); ``data``: host
-        arrays (train images, train labels, test images, test labels)."""
+        arrays (train images, train labels, test images, test labels). Without
+        ``initialise`` the state is only its shape until `load_state_dict` or `set_state`
+        (a run restored from a checkpoint initialises nothing)."""
         self.name, self.source = name, source
         # A group of one (the baseline) needs no member parallelism: vmap over one member is
         # the plain model.
         parallel = cfg.member_parallel if members > 1 else "vmap"
         self._fns = fns = compile_group(arch, cfg.stem, cfg.precision, cfg.optimizer,
                                         cfg.learning_rate, cfg.weight_decay, parallel,
-                                        cfg.augment, devices)
+                                        cfg.augment, devices, members)
         self.strategy, self.mesh = fns.strategy, fns.mesh
+        self.substack_policy = (ensemble.SUBSTACK_POLICY.get(fns.strategy, "pow2")
+                                if cfg.substacks == "auto" else cfg.substacks)
         if self.mesh is not None:
             sharding.check_divisible(members, self.mesh)
         self.key, self.members = key, members
-        self.state = self.initial_state()
+        self.state = (self.initial_state() if initialise else
+                      jax.eval_shape(self._fns.init, self._host(key), members))
         self.versions = np.full(members, next(_VERSIONS), np.int64)
         # Training and test images live in one resident array (test ids follow the training
         # ids), so one compiled logits function scores both.
@@ -124,23 +144,28 @@ class ModelGroup:
                              self.place(np.concatenate([train_labels, test_labels]),
                                         sharding.REPLICATED))
         self.lineage = Lineage.empty(members, self.n_train)
+        self.classes = int(jax.eval_shape(fns.logits, self.state, self.train_arrays[0],
+                                          jnp.zeros(1, jnp.int32)).shape[-1])
 
-    def fresh(self, name: str) -> "ModelGroup":
+    def fresh(self, name: str, initialise: bool = True) -> "ModelGroup":
         """A new group of the same kind at its initial state (same keys, empty lineage), sharing
-        this group's compiled functions and device data: an oracle's starting point."""
+        this group's compiled functions and device data: an oracle's starting point. Without
+        ``initialise``, only the state's shape (for `load_state_dict`)."""
         other = object.__new__(ModelGroup)
         other.__dict__.update(self.__dict__)
         other.name = name
-        other.reinitialise()
+        other.reinitialise(initialise)
         return other
 
     def initial_state(self):
         """The members as initialised from the group key (bit-identical on every call)."""
         return self._fns.init(self._host(self.key), self.members)
 
-    def reinitialise(self) -> None:
-        """Every member back to its initial state, with an empty lineage."""
-        self.state = self.initial_state()
+    def reinitialise(self, initialise: bool = True) -> None:
+        """Every member back to its initial state (its shape only, without ``initialise``),
+        with an empty lineage."""
+        self.state = (self.initial_state() if initialise else
+                      jax.eval_shape(self._fns.init, self._host(self.key), self.members))
         self.lineage = Lineage.empty(self.members, self.n_train)
         self.versions = np.full(self.members, next(_VERSIONS), np.int64)
 
@@ -157,12 +182,35 @@ class ModelGroup:
         # Keys enter sharded functions as host values (identical in every process).
         return key if self.mesh is None else np.asarray(key)
 
-    def step(self, idx, weight, active, members: np.ndarray):
-        """One optimiser step of the ``active`` members (device mask; ``members`` the same on
-        the host) on their batches ``idx``/``weight`` ``[m, b]``; returns the loss sums ``[m]``."""
-        self.state, loss = self._fns.step(self.state, *self.train_arrays, idx, weight, active)
+    def substacks(self, members: np.ndarray) -> list[np.ndarray]:
+        """The stacks of member indices that training ``members`` (bool ``[m]``) runs
+        (`jaxunlearn.ensemble.substacks`, in multiples of the device count)."""
+        multiple = ((self.mesh.size if self.mesh is not None else 1)
+                    * (ensemble.hybrid_group_size(self.strategy) or 1))
+        return ensemble.substacks(members, multiple, self.substack_policy)
+
+    def gather(self, sel: np.ndarray):
+        """The members ``sel`` (int ``[k]``) as a stack of their own."""
+        return self._fns.gather(self.state, self.place(np.asarray(sel, np.int32),
+                                                       sharding.REPLICATED))
+
+    def scatter(self, sub, sel: np.ndarray, changed: np.ndarray) -> None:
+        """Writes the stack ``sub`` back as members ``sel``; ``changed`` (bool ``[m]``) marks
+        the members it changed."""
+        self.state = self._fns.scatter(self.state, sub, self.place(np.asarray(sel, np.int32),
+                                                                   sharding.REPLICATED))
+        self._changed(changed)
+
+    def step(self, state, idx, weight, active):
+        """One optimiser step of the ``active`` members (device mask ``[k]``) of the stack
+        ``state`` on their batches ``idx``/``weight`` ``[k, b]``; returns the new stack and the
+        loss sums ``[k]``. The group's own state is the stack of all its members."""
+        return self._fns.step(state, *self.train_arrays, idx, weight, active)
+
+    def set_trained(self, state, members: np.ndarray) -> None:
+        """Takes ``state``, the whole stack, after training ``members`` (bool ``[m]``)."""
+        self.state = state
         self._changed(members)
-        return loss
 
     def reset_optimizer(self, mask: np.ndarray | None = None) -> None:
         """Fresh optimiser state for the members in ``mask`` (bool ``[m]``; all when None)."""
@@ -210,19 +258,33 @@ class ModelGroup:
         """The test images' ids in the resident array (after the training images)."""
         return self.n_train + np.arange(self.n_test)
 
-    def member_logits(self, batch_size: int, ids: np.ndarray | None = None) -> np.ndarray:
-        """Logits of every member, ``[m, n, classes]``, on resident images ``ids`` (training
-        ids, or `test_ids`; default: the test set)."""
-        images = self.train_arrays[0]
+    def member_logits(self, batch_size: int, ids: np.ndarray | None = None,
+                      members: np.ndarray | None = None) -> np.ndarray:
+        """Logits ``[m, n, classes]`` on resident images ``ids`` (training ids, or `test_ids`;
+        default: the test set) of ``members`` (bool ``[m]``; default all), computed as
+        sub-stacks of those members only; the other members' rows are NaN."""
         ids = self.test_ids if ids is None else np.asarray(ids)
-        n, out = len(ids), []
-        if n == 0:
-            return np.zeros((self.members, 0, 0), np.float32)
+        members = (np.ones(self.members, bool) if members is None
+                   else np.asarray(members, bool))
+        n = len(ids)
+        parts = self.substacks(members)
+        out = np.full((self.members, n, self.classes), np.nan, np.float32)
+        for sel in parts:
+            whole = np.array_equal(sel, np.arange(self.members))
+            state = self.state if whole else self.gather(sel)
+            logits = self._stack_logits(state, ids, batch_size)
+            real = members[sel]
+            out[sel[real]] = logits[real]
+        return out
+
+    def _stack_logits(self, state, ids: np.ndarray, batch_size: int) -> np.ndarray:
+        images, n, out = self.train_arrays[0], len(ids), []
         for start in range(0, n, batch_size):
             idx = ids[np.arange(start, start + batch_size) % n].astype(np.int32)  # wrap last
-            logits = self._fns.logits(self.state, images, self.place(idx, sharding.REPLICATED))
+            logits = self._fns.logits(state, images, self.place(idx, sharding.REPLICATED))
             out.append(sharding.to_host(logits))
-        return np.concatenate(out, axis=1)[:, :n]
+        k = jax.tree.leaves(state)[0].shape[0]
+        return np.concatenate(out, axis=1)[:, :n] if out else np.zeros((k, 0, self.classes))
 
     def host_params(self):
         """The members' parameters as numpy (gathered from every process)."""

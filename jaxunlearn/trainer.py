@@ -9,14 +9,13 @@ retrained on a stage sees exactly the batches it saw the first time, minus delet
 
 from __future__ import annotations
 
-import time
 from typing import Callable, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxunlearn import metrics, plans, sharding
+from jaxunlearn import metrics, plans, sharding, timing
 from jaxunlearn.config import Config
 from jaxunlearn.group import ModelGroup
 from jaxunlearn.stages import SOURCES, Stage
@@ -71,20 +70,23 @@ class Trainer:
     def __init__(self, cfg: Config, report, deleted: np.ndarray, test_labels: np.ndarray):
         """``deleted``: the run's bool ``[n_train]`` deletion mask (read at every call)."""
         self.cfg, self.report, self.deleted, self.test_labels = cfg, report, deleted, test_labels
+        self.eval_seconds = 0.0  # spent scoring after epochs (eval_every_epoch)
 
     def train(self, group: ModelGroup, stage: Stage, members: np.ndarray, *,
               kind: str = "epoch", round_: int = 0, start: Start | None = None,
               on_step: Callable | None = None) -> Cost:
         """Trains ``members`` (bool ``[m]``) of ``group`` on ``stage`` for the configured epochs.
 
-        A stage started afresh (``start`` None) at the first slice of a phase gives the members
-        a fresh optimiser state when the config resets it each phase. ``kind`` names the
-        training in the metrics log (``epoch`` for a phase's own training, else ``retrain``,
-        ``rewind``, ``oracle``). After each step ``on_step(epoch, steps_done, partial_loss)``
-        may checkpoint; ``partial_loss()`` gives the epoch's loss sums so far and raises
-        `TrainingDiverged` if one is not finite. Returns what the training cost.
+        Some members only train as stacks of their own (`ModelGroup.substacks`): the others are
+        not computed, and stay bit-identical. A stage started afresh (``start`` None) at the
+        first slice of a phase gives the members a fresh optimiser state when the config resets
+        it each phase. ``kind`` names the training in the metrics log (``epoch`` for a phase's
+        own training, else ``retrain``, ``rewind``, ``oracle``). After each step of a whole
+        group, ``on_step(epoch, steps_done, partial_loss)`` may checkpoint; ``partial_loss()``
+        gives the epoch's loss sums so far and raises `TrainingDiverged` if one is not finite.
+        Returns the cost, its seconds without compilation, callbacks and evaluation.
         """
-        cfg, t0 = self.cfg, time.perf_counter()
+        cfg, clock = self.cfg, timing.Clock()
         members = np.asarray(members, bool)
         if start is None and cfg.reset_optimizer_each_phase and stage.slice == 1:
             group.reset_optimizer(members)
@@ -94,44 +96,63 @@ class Trainer:
         samples = [s if a else s[:0] for s, a in
                    zip(plans.without(stage.samples, self.deleted), members)]
         sizes = np.array([len(s) for s in samples])
-        active = group.place_members(members)
+        parts = group.substacks(members)
+        whole = len(parts) == 1 and np.array_equal(parts[0], np.arange(group.members))
+        if on_step is not None and not whole:
+            raise ValueError("per-step callbacks need the whole group training")
+        stacks = [group.state] if whole else [group.gather(sel) for sel in parts]
+        actives = [group.place_members(members[sel]) for sel in parts]
         seed_key = (cfg.seed, SOURCES[stage.source], stage.t, round_)
+        per_step = P(None, sharding.MEMBER_AXIS)
         for epoch in range(start.epoch, cfg.epochs + 1):
             rngs = plans.member_rngs(seed_key, epoch, group.members)
             idx, weight = plans.epoch_batches(rngs, samples, cfg.batch_size)
-            per_step = P(None, sharding.MEMBER_AXIS)
-            idx_dev, weight_dev = group.place(idx, per_step), group.place(weight, per_step)
+            batches = [(group.place(idx[:, sel], per_step), group.place(weight[:, sel], per_step))
+                       for sel in parts]
             resumed = epoch == start.epoch
             offset = start.step if resumed else 0
             carried = (np.asarray(start.loss, np.float64) if resumed and start.loss is not None
                        else np.zeros(group.members))
-            losses = []
+            losses = [[] for _ in parts]
 
             def partial_loss(losses=losses, offset=offset, carried=carried, epoch=epoch):
-                if not losses:
-                    return carried
-                per = np.asarray(sharding.to_host(jnp.stack(losses)), np.float64)
-                check_finite(per, group.name, epoch, offset)
-                return carried + per.sum(axis=0)
+                total = carried.copy()
+                for sel, part in zip(parts, losses):
+                    if part:
+                        per = np.zeros((len(part), group.members))
+                        per[:, sel] = np.asarray(sharding.to_host(jnp.stack(part)), np.float64)
+                        check_finite(per, group.name, epoch, offset)
+                        total += per.sum(axis=0)
+                return total
 
             for s in range(offset, idx.shape[0]):
-                losses.append(group.step(idx_dev[s], weight_dev[s], active, members))
+                for j, (idx_dev, weight_dev) in enumerate(batches):
+                    stacks[j], loss = group.step(stacks[j], idx_dev[s], weight_dev[s], actives[j])
+                    losses[j].append(loss)
                 group.lineage.record(idx[s], weight[s], members)
-                if on_step is not None:
+                if whole:
+                    group.set_trained(stacks[0], members)
+                if on_step is not None:  # a mid-phase checkpoint counts as training time
                     on_step(epoch, s + 1, partial_loss)
-            self._epoch_done(group, stage, kind, epoch, partial_loss() / np.maximum(sizes, 1),
-                             members, time.perf_counter() - t0)
+            if not whole:  # the group's own state, for the epoch's scores and the caller
+                for sel, stack in zip(parts, stacks):
+                    group.scatter(stack, sel, np.isin(np.arange(group.members), sel) & members)
+            train_loss = partial_loss() / np.maximum(sizes, 1)  # waits for the epoch's steps
+            self._epoch_done(group, stage, kind, epoch, train_loss, members, clock)
         return Cost(int(members.sum()) * cfg.epochs, int(sizes.sum()) * cfg.epochs,
-                    time.perf_counter() - t0)
+                    clock.seconds())
 
-    def _epoch_done(self, group, stage, kind, epoch, train_loss, members, seconds) -> None:
+    def _epoch_done(self, group, stage, kind, epoch, train_loss, members, clock) -> None:
         line = {"kind": kind, "phase": stage.phase, "model": group.name, "epoch": epoch,
                 "train_loss": [float(x) if a else None for x, a in zip(train_loss, members)],
-                "seconds": seconds}
+                "seconds": clock.seconds()}
         if stage.slices > 1:
             line["slice"] = stage.slice
         if self.cfg.eval_every_epoch:
-            logits = group.member_logits(self.cfg.eval_batch_size)
+            with clock.paused():  # evaluation time is not training time
+                scoring = timing.Clock()
+                logits = group.member_logits(self.cfg.eval_batch_size)
+                self.eval_seconds += scoring.seconds()
             line["members"] = [metrics.score(l, self.test_labels) for l in logits]
             if group.members > 1:
                 line["ensemble"] = metrics.aggregate(logits, self.test_labels, None,

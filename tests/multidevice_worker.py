@@ -3,10 +3,13 @@ tests/test_sharding.py, which starts it in a subprocess with fake CPU devices.
 
     python tests/multidevice_worker.py OUT_DIR DEVICES [COORDINATOR NUM_PROCESSES PROCESS_ID]
     python tests/multidevice_worker.py unlearn-check
+    python tests/multidevice_worker.py substack-check
 
 The first writes OUT_DIR/run (the run folder) and OUT_DIR/params.npz (every member's
 parameters) from process 0. The second checks, on 4 devices, that a sharded unlearn changes
-only the shards of invalid members and equals the unsharded one; it exits non-zero otherwise.
+only the shards of invalid members and equals the unsharded one; the third, that retraining 2
+of 8 members sharded over 4 devices (a sub-stack of 4, padded with 2 inactive members) leaves
+the others bit-identical and equals the unsharded retraining. They exit non-zero otherwise.
 """
 
 import pathlib
@@ -76,9 +79,56 @@ def unlearn_check() -> None:
     print("unlearn-check ok")
 
 
+def substack_check() -> None:
+    import jax
+    import numpy as np
+
+    from jaxunlearn import config, data, sharding
+    from jaxunlearn.group import ModelGroup
+    from jaxunlearn.stages import Stage
+    from jaxunlearn.trainer import Trainer
+
+    class Quiet:
+        def epoch(self, line, description):
+            pass
+
+        def extend_progress(self, epochs):
+            pass
+
+    assert jax.device_count() == 4, jax.devices()
+    ds = data.load_sample().limit(128, 8)
+    arrays = (ds.train_images, ds.train_labels, ds.test_images, ds.test_labels)
+    stage = Stage("ensemble", 1, 1, 1, 1, [np.arange(i * 16, i * 16 + 12) for i in range(8)],
+                  None)
+    chosen = np.zeros(8, bool)
+    chosen[[1, 6]] = True
+    trained = {}
+    for devices, policy in ((4, "pow2"), (1, "full")):
+        cfg = config.apply_overrides(config.get_preset("smoke"), {
+            "members": 8, "model": "tiny", "stem": "cifar", "member_parallel": "vmap",
+            "substacks": policy, "batch_size": 8, "epochs": 2, "devices": devices,
+            "eval_every_epoch": False, "optimizer": "sgd", "learning_rate": 0.05})
+        group = ModelGroup("ensemble", "ensemble", "tiny", 8, cfg, jax.random.PRNGKey(0),
+                           arrays, devices=devices)
+        if devices == 4:
+            assert [len(s) for s in group.substacks(chosen)] == [4]
+        before = group.host_state()
+        Trainer(cfg, Quiet(), np.zeros(128, bool), ds.test_labels).train(group, stage, chosen)
+        after = group.host_state()
+        for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
+            np.testing.assert_array_equal(sharding.to_host(a)[~chosen], b[~chosen])
+        trained[devices] = after.params
+    for a, b in zip(jax.tree.leaves(trained[4]), jax.tree.leaves(trained[1])):
+        np.testing.assert_allclose(a[chosen], b[chosen], rtol=1e-4, atol=1e-5)
+    print("substack-check ok")
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     if args == ["unlearn-check"]:
         unlearn_check()
+        sys.exit(0)
+    if args == ["substack-check"]:
+        substack_check()
         sys.exit(0)
     main(args[0], int(args[1]), *(args[2:3]), *(int(a) for a in args[3:5]))

@@ -15,7 +15,8 @@ WORKER = pathlib.Path(__file__).with_name("multidevice_worker.py")
 
 
 def _run(args, devices_per_process, timeout=600):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count="
+    env = dict(os.environ, XLA_FLAGS=f"{flags}{devices_per_process}".strip())
     return subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -75,3 +76,7 @@ def test_two_processes_agree_with_one(tmp_path, single):
 
 def test_sharded_unlearn_touches_only_invalid_members_shards():
     assert "unlearn-check ok" in _wait(_run(["unlearn-check"], 4))
+
+
+def test_sharded_sub_stack_retrains_only_its_members():
+    assert "substack-check ok" in _wait(_run(["substack-check"], 4))

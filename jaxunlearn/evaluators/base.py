@@ -18,7 +18,7 @@ from typing import ClassVar, NamedTuple
 
 import numpy as np
 
-from jaxunlearn import metrics, plans
+from jaxunlearn import metrics, plans, timing
 from jaxunlearn.config import Config
 from jaxunlearn.group import ModelGroup
 
@@ -36,11 +36,13 @@ class Model(NamedTuple):
 
 
 class LogitCache:
-    """Member logits per (group, example set), recomputed only for members that changed."""
+    """Member logits per (group, example set), recomputed only for members that changed, and
+    for those only (as a stack of their own)."""
 
     def __init__(self, batch_size: int):
         self.batch_size = batch_size
-        self._rows: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self._rows: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # -> (versions, logits)
+        self.seconds = 0.0  # spent computing logits (compilation left out)
 
     @staticmethod
     def _key(group: ModelGroup, ids: np.ndarray) -> tuple:
@@ -50,18 +52,33 @@ class LogitCache:
     def get(self, group: ModelGroup, sets: list[np.ndarray],
             needed: np.ndarray | None = None) -> list[np.ndarray]:
         """Logits ``[m, n, classes]`` of ``group`` on each id array of ``sets`` (resident ids).
-        Members outside ``needed`` (bool ``[m]``; all when None) may be stale: their rows are
-        NaN unless current. Sets to compute go through the model in one pass."""
+        Only members in ``needed`` (bool ``[m]``; all when None) are brought up to date; the
+        rows of the others are NaN unless current. The members and sets to compute go through
+        the model in one pass."""
         needed = np.ones(group.members, bool) if needed is None else np.asarray(needed, bool)
         keys = [self._key(group, ids) for ids in sets]
-        stale = [i for i, key in enumerate(keys) if key not in self._rows or
-                 (needed & (self._rows[key][0] != group.versions)).any()]
+        stale = {}
+        for i, key in enumerate(keys):
+            versions = self._rows[key][0] if key in self._rows else None
+            todo = needed if versions is None else needed & (versions != group.versions)
+            if todo.any():
+                stale[i] = todo
         if stale:
+            todo = np.logical_or.reduce(list(stale.values()))
             ids = [np.asarray(sets[i]) for i in stale]
-            logits = group.member_logits(self.batch_size, np.concatenate(ids))
+            clock = timing.Clock()
+            logits = group.member_logits(self.batch_size, np.concatenate(ids), todo)
+            self.seconds += clock.seconds()
             bounds = np.cumsum([0] + [len(x) for x in ids])
             for n, i in enumerate(stale):
-                self._rows[keys[i]] = (group.versions.copy(), logits[:, bounds[n]:bounds[n + 1]])
+                new = logits[:, bounds[n]:bounds[n + 1]]
+                if keys[i] in self._rows:
+                    versions, old = self._rows[keys[i]]
+                    new = np.where(todo[:, None, None], new, old)
+                    versions = np.where(todo, group.versions, versions)
+                else:
+                    versions = np.where(todo, group.versions, -1)
+                self._rows[keys[i]] = (versions, new)
         out = []
         for key in keys:
             versions, logits = self._rows[key]

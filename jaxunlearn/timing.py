@@ -1,0 +1,47 @@
+"""Timings that mean what they say: wall seconds without XLA compilation.
+
+A function compiles once per shape, whenever it first runs; `compile_seconds` sums the
+process's compilation time (tracing, lowering, backend) from JAX's monitoring events, and a
+`Clock` leaves it out, along with the spans it is told to pause for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import jax
+
+_compiling = [0.0]
+
+
+def _on_duration(event: str, seconds: float, **kwargs) -> None:
+    if event.startswith("/jax/core/compile/"):
+        _compiling[0] += seconds
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent compiling so far."""
+    return _compiling[0]
+
+
+class Clock:
+    """Wall seconds since creation, without compilation and without the ``paused`` spans."""
+
+    def __init__(self):
+        self.t0, self.c0, self.excluded = time.perf_counter(), compile_seconds(), 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0, c0 = time.perf_counter(), compile_seconds()
+        try:
+            yield
+        finally:  # compilation inside a pause is already excluded with it
+            self.excluded += time.perf_counter() - t0 - (compile_seconds() - c0)
+
+    def seconds(self) -> float:
+        return (time.perf_counter() - self.t0 - (compile_seconds() - self.c0)
+                - self.excluded)
