@@ -22,7 +22,8 @@ def audit(run_dir) -> tuple[bool, list[str], str]:
     run_dir = runlock.check_run_dir(run_dir)
     cfg = saved_config(run_dir)
     units = strategies.for_run(cfg)
-    exact = [name for name, s in units.items() if s.unlearns and s.exact]
+    # The oracle reference is exact by construction (trained without the deleted ids).
+    exact = ["oracle"] + [name for name, s in units.items() if s.unlearns and s.exact]
     problems, notes, records = [], [], []
     if (run_dir / deletion_log.LOG_NAME).exists():
         with deletion_log.DeletionLog.open(run_dir, create=False) as log:
@@ -58,6 +59,7 @@ def audit(run_dir) -> tuple[bool, list[str], str]:
                                 f"deleted id(s) {ids[:10]}")
         if newest is not None:
             notes += _notes(cfg, units, loaded[newest], deleted)
+        problems += _unnamed_snapshots(run_dir, units, [meta for _, meta in loaded.values()])
     finally:
         ckpts.close()
     live = run_dir / "lineage.npz"
@@ -82,6 +84,23 @@ def _unfinished_writes(ckpts, steps, run_dir) -> list[str]:
             f"`jaxunlearn run --resume {run_dir}` removes it"
             for tmp in folders if "tmp" in tmp.name]
     return out
+
+
+def _unnamed_snapshots(run_dir, units, metas) -> list[str]:
+    """Snapshots on disk that no kept checkpoint names: their lineage is unknown to the
+    audit, so they may hold a deleted id (a write a crash left, or a purge that stopped)."""
+    from jaxunlearn.snapshots import SnapshotStore
+    from jaxunlearn.strategies.oracle import Reference
+
+    named = set()
+    for meta in metas:
+        tree = meta["tree"]
+        for name, strategy in units.items():
+            named |= strategy.snapshot_names(tree["strategies"][name])
+        named |= Reference(units["ensemble"]).snapshot_names(tree["reference"])
+    return [f"snapshot {name} is not named by any kept checkpoint (a write or purge that did "
+            f"not finish); `jaxunlearn run --resume {run_dir}` removes it"
+            for name in sorted(SnapshotStore(run_dir, read_only=True).names() - named)]
 
 
 def _notes(cfg, units, newest, deleted) -> list[str]:

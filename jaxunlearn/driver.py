@@ -81,7 +81,7 @@ def run_phase(run: Run, phase: int) -> dict:
     when resumed), scores, applies the deletions due, and makes it durable."""
     cfg, queue = run.cfg, Queue(run.log, run.deletions)
     resume, run.progress.position = run.progress.position, None
-    t0 = time.perf_counter()
+    t0, scored = time.perf_counter(), run.eval_seconds()
     record = resume["record"] if resume else {"phase": phase, "working_set": int(
         len(plans.working_set(run.chunks, phase, run.deletions.mask)))}
     seconds = record.setdefault("seconds_by_model", {})
@@ -101,6 +101,7 @@ def run_phase(run: Run, phase: int) -> dict:
             cost = run.trainer.train(unit.group, stage, everyone, start=start,
                                      on_step=_step_hook(run, phase, name, slice_, record))
             seconds[source] = seconds.get(source, 0.0) + cost.seconds
+            run.stages.seconds[source][stage.t] = cost.seconds
             run.ledger.training += cost
             unit.state = unit.strategy.after_stage(unit.state, run.context(unit), stage, everyone)
             if name == "ensemble":
@@ -127,6 +128,7 @@ def run_phase(run: Run, phase: int) -> dict:
     run.report.results["phases"].append(record)
     for request in queue.forgets():
         apply(run, phase, request)
+    seconds["evaluation"] = run.eval_seconds() - scored
     record["seconds"] = time.perf_counter() - t0
     run.report.phase(record)
     durable.commit(run)
@@ -139,14 +141,15 @@ def apply(run: Run, phase: int, request: Request) -> dict:
     record; any other goes into ``results["requests"]``."""
     ids = np.setdiff1d(request.ids, run.deletions.ids).astype(np.int64)
     invalid = run.ensemble.lineage.invalid(ids)
-    blocks = unlearning.delete(run, phase, ids, invalid) if ids.size else {}
+    scheduled = isinstance(request.source, Scheduled)
+    blocks = unlearning.delete(run, phase, ids, invalid, scheduled) if ids.size else {}
     if request.id is not None:
         cost = blocks.get("cost", {})
         run.deletions.applied[request.id] = {
             "invalidated": np.flatnonzero(invalid).tolist(),
             "cost": {k: cost.get(k) for k in ("member_epochs", "member_examples", "seconds")},
             "message": "" if ids.size else "nothing left to delete: already deleted"}
-    if not isinstance(request.source, Scheduled):
+    if not scheduled:
         record = {"request": request.id, "phase": phase, "ids": ids.tolist(),
                   "source": str(request.source), "invalidated": np.flatnonzero(invalid).tolist(),
                   **blocks}
@@ -156,7 +159,8 @@ def apply(run: Run, phase: int, request: Request) -> dict:
 
 def complete(run: Run) -> dict:
     """A finished run's end: the requests pending in its log applied (each made durable),
-    then the end state written; again while requests arrived meanwhile."""
+    then the end state written and made durable (the oracle reference included); again while
+    requests arrived meanwhile."""
     queue = Queue(run.log, run.deletions)
     while True:
         applied = 0
@@ -167,6 +171,7 @@ def complete(run: Run) -> dict:
         if not applied and run.report.results["complete"]:
             return run.report.results
         unlearning.finish(run)
+        durable.commit(run)
 
 
 def reapply_logged_deletions(run: Run, step: int, log: Callable[[str], None]) -> None:

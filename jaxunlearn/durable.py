@@ -2,9 +2,11 @@
 restored from one, and the commit sequence that makes a phase or a deletion durable.
 
 The tree: ``groups`` (each group's stacked state and lineage), ``strategies`` (each group's
-strategy state), ``stages``, ``deletions``, ``ledger``, ``report`` and ``progress``. Each
-component writes and reads its own part (`state_dict`/`load_state_dict`), so a checkpoint is
-never assembled field by field.
+strategy state), ``reference`` (the oracle reference, when kept), ``stages``, ``deletions``,
+``ledger``, ``report`` and ``progress``. Each component writes and reads its own part
+(`state_dict`/`load_state_dict`), so a checkpoint is never assembled field by field. Snapshots
+that strategies keep on disk (`jaxunlearn.snapshots`) are named in the tree; one that neither
+the live state nor a kept checkpoint names is deleted with the purge.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ def state_tree(run) -> dict:
     """The run's whole state, as the checkpoint stores it."""
     return {"groups": {name: unit.group.state_dict() for name, unit in run.units.items()},
             "strategies": {name: unit.state for name, unit in run.units.items()},
+            "reference": run.reference.state_dict(),
             "stages": run.stages.state_dict(),
             "deletions": run.deletions.state_dict(),
             "ledger": run.ledger.state_dict(),
@@ -32,6 +35,7 @@ def load_state_tree(run, tree: dict) -> None:
     for name, unit in run.units.items():
         unit.group.load_state_dict(tree["groups"][name])
         unit.state = tree["strategies"][name]
+    run.reference.load_state_dict(tree["reference"], run.context(run.units["ensemble"]))
     run.stages.load_state_dict(tree["stages"])
     run.deletions.load_state_dict(tree["deletions"])
     run.ledger.load_state_dict(tree["ledger"])
@@ -50,7 +54,21 @@ def lineage_index(run) -> list[dict]:
         for where, path in unit.strategy.lineage_paths(unit.state).items():
             out.append({"where": where, "group": name,
                         "path": ["strategies", name, *map(str, path)]})
+    for where, path in run.reference.lineage_paths().items():
+        out.append({"where": where, "group": "oracle", "path": ["reference", *map(str, path)]})
     return out
+
+
+def snapshot_names(run, tree: dict | None = None) -> set[str]:
+    """The snapshots a state tree names (default: the live state's)."""
+    if tree is None:  # (the states only: no collective gathering of parameters)
+        states = {name: unit.state for name, unit in run.units.items()}
+        reference = {"strategy": run.reference.state}
+    else:
+        states, reference = tree["strategies"], tree["reference"]
+    names = set().union(*(unit.strategy.snapshot_names(states[name])
+                          for name, unit in run.units.items() if name in states))
+    return names | run.reference.snapshot_names(reference)
 
 
 def violations(lineages: dict[str, np.ndarray], index: list[dict], deleted: np.ndarray,
@@ -71,6 +89,7 @@ def write_checkpoint(run) -> int:
     """Writes the next checkpoint. Every process gathers the state (a collective); the primary
     one writes it."""
     run.progress.checkpoint += 1
+    run.snapshots.wait()  # every snapshot the checkpoint names is complete first
     tree = state_tree(run)
     if run.primary:
         run.ckpts.save(run.progress.checkpoint, tree, lineage_index(run))
@@ -95,7 +114,7 @@ def purge(run) -> list[int]:
         return []
     purged = trim(run)  # first: no need to read what goes anyway
     deleted = run.deletions.sorted_ids()
-    checked = [name for name, unit in run.units.items() if unit.strategy.unlearns]
+    checked = ["oracle"] + [name for name, unit in run.units.items() if unit.strategy.unlearns]
     for step in run.ckpts.steps()[:-1] if deleted.size else []:
         try:
             lineages, meta = run.ckpts.load_lineages(step)
@@ -105,6 +124,13 @@ def purge(run) -> list[int]:
         if dirty:
             run.ckpts.delete(step)
             purged.append(step)
+    used = snapshot_names(run)
+    for step in run.ckpts.steps():
+        try:
+            used |= snapshot_names(run, run.ckpts.load_meta(step)["tree"])
+        except checkpoint.CheckpointError:
+            pass  # a damaged checkpoint is never restored from: its snapshots may go
+    run.snapshots.keep_only(used)
     return purged
 
 

@@ -8,7 +8,8 @@ out-of-memory kill would end it. The tests use it to kill runs mid-phase and mid
 
 Points: ``phase.step`` (after an optimiser step of a phase, once its mid-phase checkpoint is
 due or written), ``checkpoint.before_write``, ``checkpoint.before_manifest``,
-``checkpoint.before_purge``, ``forget.before_outcome``.
+``checkpoint.before_purge``, ``forget.before_outcome``, ``snapshot.before_digest`` (a
+snapshot written, its digest not yet).
 """
 
 from __future__ import annotations

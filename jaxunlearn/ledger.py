@@ -19,16 +19,17 @@ class Ledger:
         def total(key, events=self.events):
             return sum(e[key] for e in events)
 
-        ran = total("member_examples")
-        oracle = {"member_epochs": sum(e["oracle"]["member_epochs"] for e in self.events),
-                  "member_examples": sum(e["oracle"]["member_examples"] for e in self.events)}
+        ran, spent = total("member_examples"), total("seconds")
+        oracle = {key: sum(e["oracle"][key] for e in self.events)
+                  for key in ("member_epochs", "member_examples", "seconds")}
         out = {"strategy": strategy, "events": len(self.events),
                "ids": total("ids"), "member_epochs": total("member_epochs"),
-               "member_examples": ran, "seconds": total("seconds"),
+               "member_examples": ran, "seconds": spent,
                "invalidated_observed": total("invalidated_observed"),
                "invalidated_expected": total("invalidated_expected"),
                "oracle": oracle, "oracle_final_seconds": oracle_seconds,
                "speedup_vs_oracle": oracle["member_examples"] / ran if ran else None,
+               "speedup_vs_oracle_seconds": oracle["seconds"] / spent if ran and spent else None,
                "training": self.training.as_dict()}
         if baseline_unlearning is not None:
             base = [e["baseline"] for e in self.events]

@@ -29,6 +29,7 @@ class Report:
         self.bar = tqdm(total=planned_epochs, disable=not progress, unit="epoch", leave=False,
                         dynamic_ncols=True)
         self._metrics_path = out / "metrics.jsonl"
+        self._plotted = -1  # phases in the plot drawn last
         self.metrics = open(self._metrics_path if primary else os.devnull, "a", buffering=1)
 
     def close(self) -> None:
@@ -61,22 +62,26 @@ class Report:
             os.replace(tmp, self.out / "results.json")
 
     def plot(self) -> None:
+        """Draws ``plots/accuracy_loss.png`` (per phase: it is drawn again only when the phases
+        changed since)."""
         from jaxunlearn import plots
 
-        if self.primary:
-            plots.plot_phases(self.results, self.out / "plots" / "accuracy_loss.png")
+        path = self.out / "plots" / "accuracy_loss.png"
+        if self.primary and (self._plotted != len(self.results["phases"]) or not path.exists()):
+            plots.plot_phases(self.results, path)
+            self._plotted = len(self.results["phases"])
 
     # ---- durable state -------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         self.metrics.flush()
-        return {"results": self.results,
+        return {"results": self.results, "plotted": self._plotted,
                 "metrics_bytes": self.metrics.tell() if self.primary else 0}
 
     def load_state_dict(self, state: dict) -> None:
         """Back to a checkpoint: its results, and the metrics log without the lines a killed
         process wrote after it."""
-        self.results = state["results"]
+        self.results, self._plotted = state["results"], state["plotted"]
         if self.primary:
             self.metrics.close()
             with open(self._metrics_path, "r+b") as f:

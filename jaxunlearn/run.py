@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxunlearn import checkpoint, config as config_lib, data as data_lib, deletion_log
 from jaxunlearn import deletions as deletions_lib, durable, evaluators, plans, strategies
+from jaxunlearn.snapshots import SnapshotStore
 from jaxunlearn.config import Config, ConfigError
 from jaxunlearn.group import ModelGroup
 from jaxunlearn.ledger import Ledger
@@ -36,7 +37,7 @@ from jaxunlearn.trainer import Trainer
 RESUMABLE_CHANGES = frozenset({
     "data", "eval_batch_size", "eval_every_epoch", "checkpoint_every", "keep_checkpoints",
     "oracle_reference", "retain_eval", "mia_folds", "member_parallel", "devices",
-    "learning_rate", "weight_decay", "epochs", "batch_size", "evaluators"})
+    "learning_rate", "weight_decay", "epochs", "batch_size", "evaluators", "substacks"})
 
 
 @dataclasses.dataclass
@@ -73,7 +74,9 @@ class Run:
 
     def __init__(self, cfg: Config, ds: data_lib.Dataset, out: pathlib.Path,
                  schedule: dict | None, log: Callable[[str], None], progress: bool,
-                 lock: contextlib.ExitStack):
+                 lock: contextlib.ExitStack, initialise: bool = True):
+        """``initialise``: draw the initial state (a new run), else only its shape (a run about
+        to be restored)."""
         self.cfg, self.out, self.lock, self.say = cfg, out, lock, log
         # With several processes (hosts), every process computes everything; the first writes
         # the run folder and keeps the deletion log.
@@ -84,8 +87,9 @@ class Run:
         k_ens, k_base, self.k_unlearn = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
         arrays = (ds.train_images, ds.train_labels, ds.test_images, ds.test_labels)
         ensemble = ModelGroup("ensemble", "ensemble", cfg.model, cfg.members, cfg, k_ens,
-                              arrays, devices=cfg.devices)
+                              arrays, devices=cfg.devices, initialise=initialise)
         self.stages = Stages(cfg, self.chunks)
+        self.snapshots = SnapshotStore(out, read_only=not self.primary)
         self.deletions = deletions_lib.Deletions(cfg.seed, cfg.deletion_rate, self.chunks,
                                                  schedule)
         epochs = cfg.phases * cfg.epochs * ((cfg.baseline != "none") +
@@ -96,7 +100,7 @@ class Run:
         groups = {"ensemble": ensemble}
         if cfg.baseline != "none":
             groups["baseline"] = ModelGroup("baseline", "baseline", cfg.baseline, 1, cfg, k_base,
-                                            arrays)
+                                            arrays, initialise=initialise)
         self.units = {name: Unit(groups[name], strategy, {})
                       for name, strategy in strategies.for_run(cfg).items()}
         for unit in self.units.values():
@@ -133,7 +137,7 @@ class Run:
 
     def context(self, unit: Unit) -> strategies.Context:
         return strategies.Context(self.cfg, unit.group, self.trainer, self.stages,
-                                  self.deletions.mask, self.k_unlearn)
+                                  self.deletions.mask, self.k_unlearn, self.snapshots)
 
     def elapsed(self) -> float:
         """Seconds of work on this run so far, over every process that resumed it."""
@@ -142,6 +146,10 @@ class Run:
     def model(self, name: str, group: ModelGroup, live=None) -> evaluators.Model:
         method = self.cfg.aggregation if group.members > 1 else "mean_logits"
         return evaluators.Model(name, group, live, method)
+
+    def eval_seconds(self) -> float:
+        """Seconds spent scoring so far in this process (compilation left out)."""
+        return self.logits.seconds + self.trainer.eval_seconds
 
     def test_logits(self, group: ModelGroup, live=None) -> np.ndarray:
         """``group``'s member logits on the test set (cached until a member changes)."""
@@ -158,6 +166,7 @@ class Run:
         return evaluators.retain_ids(self.cfg, self.chunks, phase, self.deletions.mask)
 
     def close(self) -> None:
+        self.snapshots.close()
         self.report.close()
         self.ckpts.close()
         if self.log is not None:
@@ -229,7 +238,7 @@ def open_run(cfg: Config, workdir, dataset: data_lib.Dataset | None = None,
         out.mkdir(parents=True, exist_ok=out.is_dir() and not any(out.iterdir()))
         (out / "plots").mkdir()
         (out / "config.json").write_text(cfg.to_json())
-    run = _locked(cfg, ds, out, schedule, log, progress, purpose, wait)
+    run = _locked(cfg, ds, out, schedule, log, progress, purpose, wait, not existing)
     try:
         if existing:
             _restore(run, changes, log)
@@ -257,7 +266,7 @@ def _check_changes(out: pathlib.Path, old: Config, cfg: Config, allow: bool) -> 
     return changes
 
 
-def _locked(cfg, ds, out, schedule, log, progress, purpose, wait) -> Run:
+def _locked(cfg, ds, out, schedule, log, progress, purpose, wait, initialise) -> Run:
     """Locks the run folder (the primary process), then builds its `Run`."""
     from jaxunlearn import runlock
 
@@ -266,7 +275,7 @@ def _locked(cfg, ds, out, schedule, log, progress, purpose, wait) -> Run:
         if jax.process_index() == 0:
             lock.enter_context(runlock.run_lock(out, wait=wait, purpose=purpose))
         return Run(cfg, ds, out, schedule, log,
-                   sys.stderr.isatty() if progress is None else progress, lock)
+                   sys.stderr.isatty() if progress is None else progress, lock, initialise)
     except BaseException:
         lock.close()
         raise
@@ -298,6 +307,8 @@ def _restore(run: Run, changes: dict, log: Callable[[str], None]) -> None:
     durable.load_state_tree(run, tree)
     run.progress.checkpoint = step
     run.report.results["config"] = run.cfg.to_dict()
+    if changes:  # a finished run is evaluated again under its new settings
+        run.report.results["complete"] = False
     driver.reapply_logged_deletions(run, step, log)
     # Finish a durable step a crash interrupted: the purge and the log's outcomes.
     durable.complete_requests(run, durable.purge(run))

@@ -52,6 +52,9 @@ class Stages:
         self.shards = (plans.make_shards(plans.stream(cfg.seed, "shards"), chunks, cfg.members,
                                          cfg.slices) if cfg.plan == "shards" else None)
         self.recorded: dict[str, dict[int, Stage]] = {source: {} for source in SOURCES}
+        # Wall seconds of each stage's training of the whole group, as first run (compilation
+        # left out): what retraining it from scratch takes.
+        self.seconds: dict[str, dict[int, float]] = {source: {} for source in SOURCES}
 
     def slices(self, source: str) -> int:
         return self.plans[source].slices
@@ -97,6 +100,11 @@ class Stages:
         return {"member_epochs": self.plans[source].members * upto * epochs,
                 "member_examples": examples * epochs}
 
+    def retrain_seconds(self, source: str, upto: int) -> float:
+        """Seconds the run's own training of stages ``1..upto`` of ``source`` took: what the
+        oracle retraining everything from scratch would take (measured, not modelled)."""
+        return float(sum(self.seconds[source].get(t, 0.0) for t in range(1, upto + 1)))
+
     def expected_invalidated(self, source: str, ids: np.ndarray, born: np.ndarray,
                              upto: int) -> float:
         """The expected number of members whose lineage holds any of ``ids``, from the plan:
@@ -120,7 +128,9 @@ class Stages:
                              for t, s in by_t.items()}
                     for source, by_t in self.recorded.items()}
         return {"recorded": recorded,
-                "rngs": {source: rng.bit_generator.state for source, rng in self.rngs.items()}}
+                "rngs": {source: rng.bit_generator.state for source, rng in self.rngs.items()},
+                "seconds": {source: {str(t): s for t, s in by_t.items()}
+                            for source, by_t in self.seconds.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         for source, by_t in state["recorded"].items():
@@ -131,6 +141,8 @@ class Stages:
                 for t, s in by_t.items()}
         for source, rng in self.rngs.items():
             rng.bit_generator.state = state["rngs"][source]
+        self.seconds = {source: {int(t): s for t, s in state["seconds"][source].items()}
+                        for source in SOURCES}
 
 
 def pack_ragged(arrays: list[np.ndarray]) -> dict:

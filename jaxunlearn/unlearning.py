@@ -1,8 +1,15 @@
 """Unlearning a deletion, and the run's end state, with what they are scored and cost.
 
 `delete` scores the ensemble before, marks the ids deleted, unlearns them with the ensemble's
-strategy (and the baseline's), trains the oracle reference where the config asks for it, scores
-everything after, and accounts the cost against the oracle's. `finish` writes the end state.
+strategy (and the baseline's), brings the oracle reference up to date where the config asks
+for it, scores everything after, and accounts the cost against the oracle's, in
+member-examples and in seconds. `finish` writes the end state.
+
+The oracle's seconds for a deletion are those the run's own training of the stages it would
+retrain took (`jaxunlearn.stages.Stages.retrain_seconds`): measured in the same run, never
+paid again. The reference model itself (``oracle_reference``) is trained from scratch once
+(after the first deletion with ``deletions``, at the end of the phases with ``end``) and kept
+up to date incrementally after that; a `forget` request updates it only with ``deletions``.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ import time
 
 import numpy as np
 
-from jaxunlearn import metrics
+from jaxunlearn import metrics, timing
 
 
 def member_records(logits, labels, valid, born) -> list[dict]:
@@ -19,50 +26,62 @@ def member_records(logits, labels, valid, born) -> list[dict]:
                  born=int(born[i])) for i in range(logits.shape[0])]
 
 
-def _wants_reference(run, phase: int) -> bool:
-    ref = run.cfg.oracle_reference
-    return (run.strategy.reference or ref == "deletions"
-            or (ref == "end" and phase == run.cfg.phases))
+def _reference(run, upto: int, train: bool):
+    """The oracle reference at stage ``upto`` and what bringing it up to date cost: trained or
+    updated when ``train``, else only if it is kept and current (None when there is none)."""
+    ref, unit = run.reference, run.units["ensemble"]
+    if not train:
+        ref.follow(run.deletions.mask)  # drops it if it depends on a deleted id
+        if ref.group is None or ref.upto != upto:
+            return (unit.group, None, False) if run.strategy.reference else (None, None, False)
+    return ref.get(run.context(unit), upto)
 
 
-def delete(run, phase: int, ids: np.ndarray, invalid: np.ndarray) -> dict:
+def delete(run, phase: int, ids: np.ndarray, invalid: np.ndarray, scheduled: bool) -> dict:
     """Deletes ``ids`` (none deleted yet) after ``phase``; ``invalid`` (bool ``[m]``) marks
-    the ensemble members whose lineage holds one. Returns the deletion's blocks: the
-    evaluators' (before and after unlearning, the oracle and the baseline), ``cost`` and
-    ``after_unlearning``."""
+    the ensemble members whose lineage holds one; ``scheduled``: the run's own deletion (else a
+    request). Returns the deletion's blocks: the evaluators' (before and after unlearning, the
+    oracle and the baseline), ``cost`` and ``after_unlearning``."""
     cfg, unit, labels = run.cfg, run.units["ensemble"], run.test_labels
     ens = unit.group
     upto = run.stages.last(ens.source, phase)
     expected = run.stages.expected_invalidated(ens.source, ids, ens.lineage.born, upto)
     run.deletions.mark(ids)
+    run.report.results["complete"] = False  # the end state no longer describes the run
     # Before and after unlearning, the models are scored on the same sets.
     forget, retain = run.deletions.sorted_ids(), run.retain_ids(phase)
     before = run.evaluate([run.model("ensemble_before", ens)], forget, retain)
 
-    t0 = time.perf_counter()
+    t0, clock = time.perf_counter(), timing.Clock()
     unit.state, outcome = unit.strategy.unlearn(unit.state, run.context(unit), phase, ids,
                                                 invalid)
     run.ledger.replacements += outcome.replaced
     cost = {"strategy": unit.strategy.name, "ids": int(ids.size),
             "invalidated_observed": int(invalid.sum()), "invalidated_expected": expected,
             **outcome.cost.as_dict(), **outcome.details}
-    cost["seconds"] = time.perf_counter() - t0
-    oracle_cost = run.stages.retrain_cost(ens.source, upto, run.deletions.mask, cfg.epochs)
-    cost["oracle"] = dict(oracle_cost, seconds=None)
+    cost["seconds"] = clock.seconds()
+    cost["compile_seconds"] = time.perf_counter() - t0 - cost["seconds"]
+    cost["oracle"] = {**run.stages.retrain_cost(ens.source, upto, run.deletions.mask, cfg.epochs),
+                      "seconds": run.stages.retrain_seconds(ens.source, upto)}
     if run.baseline is not None:
         cost["baseline"] = _unlearn_baseline(run, phase, ids)
 
     models = [run.model("ensemble", ens, outcome.live)]
-    if _wants_reference(run, phase):
-        oracle, measured = run.reference.get(run.context(unit), upto)
-        if measured is not None:
-            cost["oracle"]["seconds"] = measured.seconds
+    ref = cfg.oracle_reference
+    train = ref == "deletions" or (ref == "end" and scheduled and phase == cfg.phases)
+    oracle, measured, fresh = _reference(run, upto, train or run.strategy.reference)
+    if measured is not None:
+        cost["oracle"]["reference_seconds"] = measured.seconds
+        cost["oracle"]["reference_from_scratch"] = fresh
+    if oracle is not None:
         models.append(run.model("oracle", oracle))
     if run.baseline is not None:
         models.append(run.model("baseline", run.baseline))
     after = run.evaluate(models, forget, retain)
-    ran = cost["member_examples"]
-    cost["speedup_vs_oracle"] = (oracle_cost["member_examples"] / ran) if ran else None
+    ran, spent = cost["member_examples"], cost["seconds"]
+    cost["speedup_vs_oracle"] = cost["oracle"]["member_examples"] / ran if ran else None
+    cost["speedup_vs_oracle_seconds"] = (cost["oracle"]["seconds"] / spent
+                                         if ran and spent > 0 else None)
     run.ledger.events.append(cost)
 
     record = {k: {**before.get(k, {}), **after.get(k, {})} for k in {**before, **after}}
@@ -83,11 +102,12 @@ def _unlearn_baseline(run, phase: int, ids: np.ndarray) -> dict:
     original study) and its cost."""
     unit = run.units["baseline"]
     invalid = unit.group.lineage.invalid(ids)
+    upto = run.stages.last(unit.group.source, phase)
     cost = {"unlearning": unit.strategy.name, "invalidated": bool(invalid[0]),
             "member_epochs": 0, "member_examples": 0, "seconds": 0.0,
-            "oracle": run.stages.retrain_cost(unit.group.source,
-                                              run.stages.last(unit.group.source, phase),
-                                              run.deletions.mask, run.cfg.epochs)}
+            "oracle": {**run.stages.retrain_cost(unit.group.source, upto, run.deletions.mask,
+                                                 run.cfg.epochs),
+                       "seconds": run.stages.retrain_seconds(unit.group.source, upto)}}
     unit.state, outcome = unit.strategy.unlearn(unit.state, run.context(unit), phase, ids,
                                                 invalid)
     cost.update(outcome.cost.as_dict())
@@ -114,8 +134,11 @@ def finish(run) -> dict:
     models = [run.model("ensemble", ens)]
     oracle_seconds = None
     if forget.size and (cfg.oracle_reference != "none" or run.strategy.reference):
-        oracle, measured = run.reference.get(run.context(unit), upto)
-        models.append(run.model("oracle", oracle))
+        # Trained at the end of the phases; later (after a `forget`) only kept, if still exact.
+        train = cfg.oracle_reference == "deletions" or not run.reference.trained
+        oracle, measured, _ = _reference(run, upto, train or run.strategy.reference)
+        if oracle is not None:
+            models.append(run.model("oracle", oracle))
         oracle_seconds = measured.seconds if measured is not None else None
     if run.baseline is not None:
         models.append(run.model("baseline", run.baseline))
@@ -147,6 +170,7 @@ def finish(run) -> dict:
         # oracle); this counts what it holds.
         "baseline_deleted_ids_in_lineage": (run.baseline.lineage.violations(run.deletions.ids)
                                             if run.baseline else None),
+        "compile_seconds": timing.compile_seconds(),
         "wall_seconds": run.elapsed(),
     })
     if run.primary:

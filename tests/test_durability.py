@@ -58,21 +58,12 @@ def _tree_digest(folder) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
-def _cache_env(folder) -> dict:
-    """A shared persistent compilation cache: each fresh process compiles less."""
-    return {"JAX_COMPILATION_CACHE_DIR": str(folder),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
-
-
-def _cli_run(out, *settings, faults_spec="", tmp_cache=None):
+def _cli_run(out, *settings, faults_spec=""):
     """`jaxunlearn run --preset smoke` in a fresh process (SIGKILLed at ``faults_spec``)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop(faults.ENV_VAR, None)
     if faults_spec:
         env[faults.ENV_VAR] = faults_spec
-    if tmp_cache:
-        env.update(_cache_env(tmp_cache))
     proc = subprocess.run([sys.executable, "-m", "jaxunlearn.cli", "run", "--preset", "smoke",
                            "--out", str(out), "--quiet", *settings], env=env,
                           capture_output=True, text=True, timeout=600)
@@ -88,19 +79,14 @@ def reference(tmp_path_factory, sample):
     return out
 
 
-@pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("jax-cache")
-
-
 @pytest.mark.parametrize("fault", [
     "phase.step@8",  # mid-phase 1, after a mid-phase checkpoint (every 3 steps)
     "checkpoint.before_manifest@4",  # mid-checkpoint: orbax wrote it, its manifest never came
     "checkpoint.before_purge@2",  # a deletion checkpointed, its purge and log outcome not yet
+    "snapshot.before_digest@2",  # a rewind snapshot written to disk, not yet complete
 ])
-def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, sample, reference,
-                                                         jax_cache, fault):
-    proc = _cli_run(tmp_path, *KILL_SETTINGS, faults_spec=fault, tmp_cache=jax_cache)
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, sample, reference, fault):
+    proc = _cli_run(tmp_path, *KILL_SETTINGS, faults_spec=fault)
     assert proc.returncode == -9, proc.stderr[-2000:]  # killed by SIGKILL
     (run_dir,) = tmp_path.iterdir()
     assert not _results(run_dir)["complete"]
@@ -109,6 +95,10 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, sample, refer
     assert any("resuming" in m for m in messages)
     if "manifest" in fault:
         assert any("discarded incomplete checkpoint" in m for m in messages)
+    if "snapshot" in fault:  # the unfinished snapshot is gone, replaced by a complete one
+        snapshots = run_dir / "snapshots"
+        assert sorted(p.name for p in snapshots.glob("*.sha256")) == sorted(
+            f"{p.name}.sha256" for p in snapshots.iterdir() if p.is_dir())
     got, want = _results(run_dir), _results(reference)
     assert got["complete"]
     for key in ("final", "forget", "retain", "test", "mia", "cost", "deleted_ids",
@@ -192,9 +182,9 @@ def test_audit_fails_on_a_kept_checkpoint_that_holds_a_deleted_id(finished, samp
     assert "FAILED" in out
 
 
-def test_concurrent_forget_calls_leave_a_consistent_log(finished, jax_cache):
+def test_concurrent_forget_calls_leave_a_consistent_log(finished):
     free = [int(i) for i in np.flatnonzero(_lineage(finished).any(axis=0))]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **_cache_env(jax_cache))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     procs = [subprocess.Popen([sys.executable, "-m", "jaxunlearn.cli", "forget", str(finished),
                                "--ids", str(i)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in free[:2]]
@@ -313,10 +303,13 @@ def test_falling_back_past_an_applied_forget_deletes_its_ids_again(finished, sam
     ids = [int(i) for i in np.flatnonzero(~_lineage(finished).any(axis=0))[:2]]  # no member has
     assert requests.forget(finished, ids, log=lambda s: None, dataset=sample)["status"] == "applied"
     ckpts = checkpoint.Checkpoints(finished)
-    newest = ckpts.steps()[-1]
-    victim = next(p for p in (ckpts.root / str(newest)).rglob("*") if p.is_file()
-                  and p.stat().st_size > 100)
-    victim.write_bytes(b"\0" * victim.stat().st_size)  # corrupted, same size
+    after = [step for step in ckpts.steps()  # the checkpoints that record the deletion
+             if set(ids) <= set(ckpts.load_meta(step)["tree"]["deletions"]["ids"])]
+    assert after and len(after) < len(ckpts.steps())
+    for step in after:
+        victim = next(p for p in (ckpts.root / str(step)).rglob("*") if p.is_file()
+                      and p.stat().st_size > 100)
+        victim.write_bytes(b"\0" * victim.stat().st_size)  # corrupted, same size
     messages = []
     driver.resume(finished, dataset=sample, log=messages.append, progress=False)
     assert any("does not match its checksum" in m for m in messages)
@@ -327,14 +320,14 @@ def test_falling_back_past_an_applied_forget_deletes_its_ids_again(finished, sam
     assert audit.audit(finished)[0]
 
 
-def test_sigkill_inside_a_slice_of_the_shards_plan_resumes_exactly(tmp_path, sample, jax_cache):
+def test_sigkill_inside_a_slice_of_the_shards_plan_resumes_exactly(tmp_path, sample):
     settings = ["plan=shards", "fraction=1", "slices=2", "strategy=rewind", "checkpoint_every=2",
                 "keep_checkpoints=3"]
     reference = tmp_path / "reference"
     driver.train_and_evaluate(apply_overrides(get_preset("smoke"), settings), reference,
                               dataset=sample, log=lambda s: None, progress=False)
     killed = tmp_path / "killed"
-    proc = _cli_run(killed, *settings, faults_spec="phase.step@9", tmp_cache=jax_cache)
+    proc = _cli_run(killed, *settings, faults_spec="phase.step@9")
     assert proc.returncode == -9, proc.stderr[-2000:]
     (run_dir,) = killed.iterdir()
     messages = []
@@ -379,3 +372,58 @@ def test_a_run_folder_of_an_older_format_gets_a_clear_message(finished, sample, 
         assert cli.main(command) == 2
         assert "format 1" in capsys.readouterr().err
     assert _tree_digest(finished) == before
+
+
+def _metrics(run_dir) -> list[dict]:
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _reference_lineage(run_dir):
+    group = checkpoint_tree(run_dir)["reference"]["group"]
+    return group["lineage"]["seen"] if group else None
+
+
+def test_a_forget_that_no_model_saw_retrains_nothing(finished, sample):
+    seen = _lineage(finished).any(axis=0) | _reference_lineage(finished).any(axis=0)
+    ids = [int(i) for i in np.flatnonzero(~seen)[:2]]
+    lines = len(_metrics(finished))
+    outcome = requests.forget(finished, ids, log=lambda s: None, dataset=sample)
+    assert outcome["record"]["invalidated"] == [] and outcome["record"]["cost"]["member_epochs"] == 0
+    trained = [l for l in _metrics(finished)[lines:] if "train_loss" in l]
+    assert trained == []  # no member of the ensemble or of the oracle reference trained
+    results = _results(finished)  # the reference, still exact, is still compared
+    assert results["test"]["oracle"] == results["test"]["ensemble"]
+    assert audit.audit(finished)[0]
+
+
+def test_a_forget_drops_an_oracle_reference_it_does_not_update(finished, sample):
+    reference = _reference_lineage(finished)
+    ids = [int(np.flatnonzero(reference[0])[0])]  # the reference trained on it
+    lines = len(_metrics(finished))
+    requests.forget(finished, ids, log=lambda s: None, dataset=sample)  # oracle_reference=end
+    assert not any(l.get("model") == "oracle" for l in _metrics(finished)[lines:])
+    assert _reference_lineage(finished) is None  # nothing kept depends on the id
+    results = _results(finished)
+    assert "oracle" not in results["test"] and set(ids) <= set(results["deleted_ids"])
+    assert audit.audit(finished)[0]
+
+
+def test_oracle_reference_follows_deletions_incrementally(tmp_path, sample):
+    cfg = _cfg(strategy="replace", oracle_reference="deletions", keep_checkpoints=10)
+    run = tmp_path / "run"
+    driver.train_and_evaluate(cfg, run, dataset=sample, log=lambda s: None, progress=False)
+    results = _results(run)
+    events = [p["cost"]["oracle"] for p in results["phases"] if "cost" in p]
+    assert [e["reference_from_scratch"] for e in events] == [True] + [False] * (len(events) - 1)
+    reference = _reference_lineage(run)
+    ids = [int(np.flatnonzero(reference[1])[0])]
+    lines = len(_metrics(run))
+    outcome = requests.forget(run, ids, log=lambda s: None, dataset=sample)
+    oracle = outcome["record"]["cost"]["oracle"]
+    assert not oracle["reference_from_scratch"] and oracle["reference_seconds"] >= 0
+    retrained = [l for l in _metrics(run)[lines:] if l.get("model") == "oracle"]
+    hit = reference[:, ids].any(axis=1)
+    assert retrained and all([x is not None for x in l["train_loss"]] == hit.tolist()
+                             for l in retrained)  # only the reference members that saw it
+    assert not _reference_lineage(run)[:, ids].any()
+    assert _results(run)["test"]["oracle"]["n"] > 0 and audit.audit(run)[0]

@@ -13,6 +13,7 @@ from conftest import assert_same_models, checkpoint_tree, group_state, results_o
 from jaxunlearn import driver, plans, strategies
 from jaxunlearn.config import ConfigError, apply_overrides, get_preset
 from jaxunlearn.group import compile_group
+from jaxunlearn.snapshots import SnapshotStore
 from jaxunlearn.stages import unpack_ragged
 
 
@@ -87,16 +88,21 @@ def test_rewind_restores_exactly_the_state_before_the_deleted_id_entered(tmp_pat
     cost = results["phases"][1]["cost"]
     assert results["phases"][1]["invalidated"] == np.flatnonzero(invalid).tolist()
     assert cost["rewound_to"] == {str(i): 1 for i in np.flatnonzero(invalid)}
-    # What each invalid member was rewound to is its state at the end of phase 1, exactly.
-    snapshot = checkpoint_tree(run, step=2)["strategies"]["ensemble"]["snapshots"]["1"]
+    # What each invalid member was rewound to is its state at the end of phase 1, exactly:
+    # the stage-1 snapshot on disk, as the checkpoint after the deletion names it.
+    stage1 = checkpoint_tree(run, step=2)["strategies"]["ensemble"]["stages"]["1"]
     want = group_state(after_1)
-    for part in ("params", "batch_stats", "step", "key"):
-        jax.tree.map(np.testing.assert_array_equal, rows(snapshot["state"][part], invalid),
-                     rows(want[part], invalid))
-    np.testing.assert_array_equal(snapshot["seen"][invalid],
+    store = SnapshotStore(run, read_only=True)
+    for i in np.flatnonzero(invalid):
+        snapshot = store.read(stage1["files"][i])["state"]
+        assert set(snapshot) == {"params", "batch_stats", "step", "key"}  # optimiser: reset
+        for part in snapshot:
+            jax.tree.map(np.testing.assert_array_equal, snapshot[part],
+                         rows(want[part], i))
+    np.testing.assert_array_equal(stage1["seen"][invalid],
                                   checkpoint_tree(after_1)["groups"]["ensemble"]["lineage"]
                                   ["seen"][invalid])
-    assert not snapshot["seen"][:, ids].any()
+    assert not stage1["seen"][:, ids].any()
 
 
 @pytest.mark.parametrize("strategy", ["replace", "rewind", "oracle"])
@@ -110,10 +116,19 @@ def test_no_live_lineage_holds_a_deleted_id(tmp_path, sample, strategy):
     assert saved["deleted"].tolist() == deleted and not saved["lineage"][:, deleted].any()
     assert results["lineage_audit"]["ok"] and results["lineage_audit"]["violations"] == 0
     if strategy == "rewind":  # no kept snapshot holds a deleted id either
-        snapshots = checkpoint_tree(run)["strategies"]["ensemble"]["snapshots"]
+        stages = checkpoint_tree(run)["strategies"]["ensemble"]["stages"]
         assert results["lineage_audit"]["snapshot_violations"] == 0
-        assert len(snapshots) == 1 + cfg.phases
-        assert all(not s["seen"][:, deleted].any() for s in snapshots.values())
+        assert len(stages) == 1 + cfg.phases
+        assert all(not s["seen"][:, deleted].any() for s in stages.values())
+        # every snapshot on disk is one that a stage of the ensemble or of the oracle reference
+        # names (so its lineage, checked above and by the audit, holds no deleted id)
+        tree = checkpoint_tree(run)
+        named = {f for s in stages.values() for f in s["files"] if f}
+        assert len(named) == cfg.members * cfg.phases
+        reference = tree["reference"]["strategy"]["stages"]
+        assert all(not s["seen"][:, deleted].any() for s in reference.values())
+        named |= {f for s in reference.values() for f in s["files"] if f}
+        assert SnapshotStore(run).names() == named
     assert results["forget"]["ensemble"]["n"] == len(deleted)
     for phase in results["phases"]:  # before and after unlearning: the same example sets
         for block in ("forget", "retain", "test"):
@@ -158,11 +173,19 @@ def test_rewind_equals_its_oracle_reference_in_the_results(tmp_path, sample):
 def test_oracle_with_nothing_left_to_unlearn_equals_the_plain_run(tmp_path, sample):
     plain, _ = _run(_cfg(deletion_rate=0.0), tmp_path, sample, "plain")
     unseen = np.flatnonzero(~np.load(plain / "lineage.npz")["lineage"].any(axis=0))
-    cfg = _cfg(strategy="oracle", deletions=_schedule(tmp_path, {"3": unseen[:1].tolist()}))
-    run, results = _run(cfg, tmp_path, sample, "oracle")
+    schedule = _schedule(tmp_path, {"3": unseen[:1].tolist()})
+    # The oracle strategy: no member saw the id, so there is nothing to retrain.
+    run, results = _run(_cfg(strategy="oracle", deletions=schedule), tmp_path, sample, "oracle")
     (event,) = [p["cost"] for p in results["phases"] if "cost" in p]
-    assert event["member_epochs"] == cfg.members * cfg.phases * cfg.epochs
+    assert event["member_epochs"] == 0 and event["invalidated_observed"] == 0
     assert_same_models(group_state(run), group_state(plain))
+    # The oracle reference, trained from scratch without the id, reproduces the run bit for bit.
+    run, results = _run(_cfg(deletions=schedule), tmp_path, sample, "reference")
+    (event,) = [p["cost"] for p in results["phases"] if "cost" in p]
+    assert event["oracle"]["reference_from_scratch"]
+    reference = checkpoint_tree(run)["reference"]["group"]["state"]
+    assert_same_models(reference, group_state(plain))
+    assert results["test"]["oracle"] == results["test"]["ensemble"]
 
 
 @pytest.mark.parametrize("strategy", ["replace", "rewind"])
@@ -226,8 +249,8 @@ def test_shards_with_slices_rewind_and_vote(tmp_path, sample):
     for p in results["phases"]:
         if "cost" in p:  # with disjoint shards the expected count is exact
             assert p["cost"]["invalidated_expected"] == p["cost"]["invalidated_observed"]
-    snapshots = checkpoint_tree(run)["strategies"]["ensemble"]["snapshots"]
-    assert len(snapshots) == results["lineage_audit"]["snapshots"] == 1 + 3 * 2
+    stages = checkpoint_tree(run)["strategies"]["ensemble"]["stages"]
+    assert len(stages) == results["lineage_audit"]["snapshots"] == 1 + 3 * 2
     assert results["lineage_audit"]["ok"]
     oracle, _ = _run(_cfg(strategy="oracle", **settings), tmp_path, sample, "oracle")
     assert_same_models(group_state(run), group_state(oracle))

@@ -50,5 +50,5 @@ def for_baseline(cfg: Config) -> Strategy:
     oracle), else left untouched as the original study's reference."""
     if cfg.baseline_unlearning == "oracle" or (cfg.baseline_unlearning == "auto"
                                                and make(cfg.strategy).reference):
-        return Oracle(always=False)
+        return Oracle()
     return Untouched()

@@ -33,8 +33,8 @@ REGISTRY: dict[str, type["Strategy"]] = {}
 
 class Context(NamedTuple):
     """What a strategy works with: the run's config, the group it unlearns, the trainer, the
-    recorded stages, the deletion mask (the ids being unlearned included) and a key for fresh
-    members."""
+    recorded stages, the deletion mask (the ids being unlearned included), a key for fresh
+    members, and the run's snapshot store (`jaxunlearn.snapshots`)."""
 
     cfg: Config
     group: ModelGroup
@@ -42,6 +42,7 @@ class Context(NamedTuple):
     stages: Stages
     deleted: np.ndarray  # bool [n_train]
     key: jax.Array
+    snapshots: object
 
 
 class Outcome(NamedTuple):
@@ -88,6 +89,11 @@ class Strategy:
         ("rewind snapshot of stage 3") -> its path of keys in ``state``. Empty when it keeps
         none."""
         return {}
+
+    def snapshot_names(self, state: dict) -> set[str]:
+        """The snapshots (`jaxunlearn.snapshots`) that ``state`` names; read from a
+        checkpoint's JSON part too, so it must not need the state's arrays."""
+        return set()
 
 
 def at_path(tree: dict, path) -> object:

@@ -1,12 +1,14 @@
 """``rewind`` (SISA's slices): an invalid member is restored to its last recorded stage (a
 phase, or a slice with ``plan=shards slices=S``) whose lineage holds none of the deleted ids,
 then retrained forward over the stages it lost, on its own samples minus the deleted ids, with
-the batch order it had. Its parameters equal the oracle's bit for bit, at a fraction of the
-cost.
+the batch order it had: what retraining it from scratch would give, at a fraction of the cost.
 
-State: ``snapshots``, every member's state and lineage at each stage boundary ("0": the
-initial state). A member replayed over a stage replaces its rows of that stage's snapshot, so
-no snapshot keeps a deleted id."""
+State: for each stage ``t`` (``"0"``: the initial state) every member's lineage then and the
+name of the snapshot holding its state then (`jaxunlearn.snapshots`; the initial state needs
+none: it is drawn again from the group's key). A member replayed over a stage gets a new
+snapshot of it, so no snapshot the state names holds a deleted id; the old one is deleted once
+no kept checkpoint names it.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import flax.serialization
 import jax
 import numpy as np
 
+from jaxunlearn.snapshots import SnapshotError
 from jaxunlearn.strategies.base import Context, Outcome, Strategy, replay
 
 
@@ -22,31 +25,36 @@ class Rewind(Strategy):
     order = 1
 
     def init(self, ctx: Context) -> dict:
-        return {"snapshots": self._record({}, ctx, 0, np.ones(ctx.group.members, bool))}
+        m = ctx.group.members
+        return {"stages": {"0": {"seen": np.zeros_like(ctx.group.lineage.seen),
+                                 "files": [""] * m}}, "written": 0}
 
     def after_stage(self, state, ctx, stage, members):
-        return {"snapshots": self._record(state["snapshots"], ctx, stage.t, members)}
+        return self._record(state, ctx, stage.t, members)
 
     def unlearn(self, state, ctx, phase, ids, invalid):
-        group, snapshots = ctx.group, dict(state["snapshots"])
+        group = ctx.group
         points = np.full(group.members, -1, np.int64)
         for i in np.flatnonzero(invalid):  # the last stage whose lineage holds none of ids
-            points[i] = max(int(t) for t, snap in snapshots.items()
+            points[i] = max(int(t) for t, snap in state["stages"].items()
                             if not snap["seen"][i, ids].any())
-        self._restore(ctx, snapshots, points)
+        points = self._restore(state, ctx, points)
+        kept = [state]
 
         def record(stage, active):
-            snapshots.update(self._record(snapshots, ctx, stage.t, active))
+            kept[0] = self._record(kept[0], ctx, stage.t, active)
 
         cost = replay(ctx, invalid, points, ctx.stages.last(group.source, phase), "rewind", record)
         rewound = {int(i): int(points[i]) for i in np.flatnonzero(invalid)}
-        return {"snapshots": snapshots}, Outcome(
-            cost, np.ones(group.members, bool), bool(invalid.any()), int(invalid.sum()),
-            {"rewound_to": rewound})
+        return kept[0], Outcome(cost, np.ones(group.members, bool), bool(invalid.any()),
+                                int(invalid.sum()), {"rewound_to": rewound})
 
     def lineage_paths(self, state):
-        return {f"rewind snapshot of stage {t}": ("snapshots", t, "seen")
-                for t in sorted(state["snapshots"], key=int)}
+        return {f"rewind snapshot of stage {t}": ("stages", t, "seen")
+                for t in sorted(state["stages"], key=int)}
+
+    def snapshot_names(self, state) -> set[str]:
+        return {f for snap in state["stages"].values() for f in snap["files"] if f}
 
     @staticmethod
     def _keeps_optimizer(ctx: Context) -> bool:
@@ -55,29 +63,52 @@ class Rewind(Strategy):
         return not (ctx.cfg.reset_optimizer_each_phase
                     and ctx.stages.slices(ctx.group.source) == 1)
 
-    def _record(self, snapshots: dict, ctx: Context, t: int, members: np.ndarray) -> dict:
-        """``snapshots`` with ``members``' current state and lineage as their state at stage
-        ``t``."""
-        state = flax.serialization.to_state_dict(ctx.group.host_state())
+    def _record(self, state: dict, ctx: Context, t: int, members: np.ndarray) -> dict:
+        """``state`` with ``members``' current states written as their snapshots of stage
+        ``t``, and their lineages noted."""
+        group, written = ctx.group, state["written"]
+        host = flax.serialization.to_state_dict(group.host_state())
         if not self._keeps_optimizer(ctx):
-            state.pop("opt_state")
-        snap = {"state": state, "seen": ctx.group.lineage.seen.copy()}
-        old = snapshots.get(str(t))
-        if old is not None and not members.all():
-            def pick(new, kept):
-                return np.where(members.reshape((-1,) + (1,) * (kept.ndim - 1)), new, kept)
+            host.pop("opt_state")
+        old = state["stages"].get(str(t))
+        seen = group.lineage.seen.copy() if old is None else old["seen"].copy()
+        files = [""] * group.members if old is None else list(old["files"])
+        for i in np.flatnonzero(members):
+            files[i] = f"{group.name}-t{t}-m{i}-{written}"
+            written += 1
+            ctx.snapshots.write(files[i], {"state": jax.tree.map(lambda x: x[i], host)})
+            seen[i] = group.lineage.seen[i]
+        return {"stages": {**state["stages"], str(t): {"seen": seen, "files": files}},
+                "written": written}
 
-            snap = jax.tree.map(pick, snap, old)
-        return {**snapshots, str(t): snap}
-
-    def _restore(self, ctx: Context, snapshots: dict, points: np.ndarray) -> None:
-        """Restores each member with a point (>= 0) to its snapshot at that stage."""
+    def _restore(self, state: dict, ctx: Context, points: np.ndarray) -> np.ndarray:
+        """Restores each member with a point (>= 0) to its snapshot at that stage; a member
+        whose snapshot cannot be read goes back to the previous clean one (the initial state
+        at the latest). Returns the points used."""
         group = ctx.group
-        current = flax.serialization.to_state_dict(group.host_state())
-        for t in np.unique(points[points >= 0]):
-            mask = points == t
-            snap = snapshots[str(int(t))]
-            # Without a saved optimiser state, keep the current one: the replay resets it.
-            state = {"opt_state": current["opt_state"], **snap["state"]}
-            group.set_members(mask, group.state_from_dict(state))
-            group.lineage.seen[mask] = snap["seen"][mask]
+        host = flax.serialization.to_state_dict(group.host_state())
+        initial = None
+        for i in np.flatnonzero(points >= 0):
+            while True:
+                name = state["stages"][str(points[i])]["files"][i]
+                try:
+                    row = ctx.snapshots.read(name)["state"] if name else None
+                    break
+                except SnapshotError:  # an earlier stage's state is clean too, if older
+                    points[i] = max(int(t) for t in state["stages"] if int(t) < points[i])
+            if row is None:  # the initial state, drawn again from the key
+                if initial is None:
+                    initial = flax.serialization.to_state_dict(
+                        jax.tree.map(np.asarray, group.initial_state()))
+                row = jax.tree.map(lambda x: x[i], initial)
+            for key, value in row.items():  # without an optimiser state: the replay resets it
+                host[key] = jax.tree.map(lambda h, r: _set_row(h, i, r), host[key], value)
+            group.lineage.seen[i] = state["stages"][str(points[i])]["seen"][i]
+        group.set_members(points >= 0, group.state_from_dict(host))
+        return points
+
+
+def _set_row(stacked: np.ndarray, i: int, row) -> np.ndarray:
+    stacked = np.array(stacked)
+    stacked[i] = row
+    return stacked
