@@ -16,6 +16,7 @@ EPILOG = """examples:
   jaxunlearn run --preset seed --data ~/data/cifar-10-batches-bin
   jaxunlearn run --preset demo epochs=2 members=3 --deletions deletions.json
   jaxunlearn run --preset seed devices=0 members=8         # members sharded over all GPUs
+  jaxunlearn data --download                  # CIFAR-10 into ~/.cache/jaxunlearn, once
   jaxunlearn data --data ~/data/cifar-10-python.tar.gz
   jaxunlearn run --resume runs/demo-20261127-101500-seed0  # continue a killed run
   jaxunlearn forget runs/demo-20261127-101500-seed0 --ids 12,345
@@ -89,8 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     presets = sub.add_parser("presets", help="list the presets")
     presets.add_argument("-v", "--verbose", action="store_true", help="show every setting")
 
-    data = sub.add_parser("data", help="say which CIFAR-10 source is found, its counts and balance")
+    data = sub.add_parser("data", help="download CIFAR-10, or say which source is found, its "
+                                       "counts and balance")
     data.add_argument("--data", metavar="PATH", help="source to inspect (default: auto search)")
+    data.add_argument("--download", action="store_true",
+                      help="fetch the official CIFAR-10 binary archive, check its published MD5 "
+                           "and unpack it into the user cache (once; later calls reuse it)")
+    data.add_argument("--dir", metavar="DIR", help="with --download: where to put it (default: "
+                                                   "$JAXUNLEARN_CACHE/cifar10, else "
+                                                   "~/.cache/jaxunlearn/cifar10)")
     return parser
 
 
@@ -205,6 +213,17 @@ def cmd_presets(args) -> int:
 def cmd_data(args) -> int:
     from jaxunlearn import data as data_lib
 
+    if args.download:
+        from jaxunlearn import download
+
+        folder = download.download(args.dir, log=functools.partial(print, flush=True))
+        if args.dir:
+            print(f"use it with --data {folder}")
+        else:
+            print("`--data cifar10` (the seed preset's default) finds it from now on")
+        return 0
+    if args.dir:
+        raise config_lib.ConfigError("--dir goes with --download")
     try:
         print(data_lib.describe(args.data))
     except data_lib.DataError as e:

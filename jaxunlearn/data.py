@@ -48,6 +48,8 @@ _PY_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 _DOWNLOAD_HOST = ("www.cs.toronto.edu", 443)  # the tfds cifar10 builder downloads from here
 _HOW_TO_PROVIDE = (
     "Ways to provide CIFAR-10:\n"
+    "  jaxunlearn data --download   fetch the official archive once into the user cache\n"
+    "                        (then --data cifar10, or no --data with the seed preset, finds it)\n"
     f"  --data PATH           a '{_BIN_DIR}/' or '{_PY_DIR}/' folder, a folder\n"
     f"                        holding one, or the official '{_BIN_ARCHIVE}' or\n"
     f"                        '{_PY_ARCHIVE}' archive\n"
@@ -444,9 +446,10 @@ def load_dataset(spec: str | None) -> Dataset:
     """Loads CIFAR-10 from `spec`: "sample", "tfds", "tfds:DATA_DIR", a local path, or auto.
 
     "tfds" downloads and prepares the dataset when needed. Auto (None, "" or "cifar10"): the
-    path in $JAXUNLEARN_DATA if set, else tensorflow-datasets when installed and already
-    prepared in its default folder (never downloads), else `DataError` naming what was looked
-    for and how to provide data.
+    path in $JAXUNLEARN_DATA if set, else the copy `jaxunlearn data --download` put in the user
+    cache (`jaxunlearn.download`), else tensorflow-datasets when installed and already prepared
+    in its default folder (never downloads), else `DataError` naming what was looked for and
+    how to provide data.
     """
     if spec == "sample":
         return load_sample()
@@ -460,10 +463,16 @@ def load_dataset(spec: str | None) -> Dataset:
             return _load_local(env)
         except DataError as e:
             raise DataError(f"${ENV_VAR}={env}: {e}") from e
+    from jaxunlearn import download
+
+    found = download.cached()
+    if found is not None:
+        return load_binary(found)
     prepared, looked = _tfds_prepared_default()
     if prepared:
         return load_tfds(download=False)
-    raise DataError(f"No CIFAR-10 data found: ${ENV_VAR} is not set, and {looked}.\n"
+    raise DataError(f"No CIFAR-10 data found: ${ENV_VAR} is not set, the cache "
+                    f"{download.default_dir()} holds no download, and {looked}.\n"
                     + _HOW_TO_PROVIDE)
 
 

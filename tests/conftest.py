@@ -28,7 +28,8 @@ _CACHE = {"JAX_COMPILATION_CACHE_DIR": None,
 def pytest_configure(config):
     folder = tempfile.mkdtemp(prefix="jaxunlearn-test-xla-")
     config._jaxunlearn_cache = folder
-    os.environ.update({**_CACHE, "JAX_COMPILATION_CACHE_DIR": folder})
+    os.environ.update({**_CACHE, "JAX_COMPILATION_CACHE_DIR": folder,
+                       "JAXUNLEARN_CACHE": os.path.join(folder, "user-cache")})
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_backend_optimization_level" not in flags:  # read when the backend starts
         os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
