@@ -55,6 +55,11 @@ class Config:
     optimizer: str = "adam"
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd: Nesterov momentum
+    lr_schedule: str = "constant"  # constant, onecycle (warm up, then down to 0, each phase)
+    lr_warmup: float = 0.2  # onecycle: the fraction of a phase spent warming up
+    label_smoothing: float = 0.0
+    tta: bool = False  # evaluation averages each image's logits with its mirror image's
     reset_optimizer_each_phase: bool = True
     augment: bool = False
     eval_every_epoch: bool = True
@@ -179,6 +184,13 @@ def check(cfg: Config, n_train: int) -> None:
          f"set fraction=1 (got {cfg.fraction})")
     need(np.isfinite(cfg.learning_rate) and cfg.learning_rate > 0,
          f"learning_rate must be a positive number, got {cfg.learning_rate}")
+    from jaxunlearn.train import LR_SCHEDULES
+
+    choice("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
+    need(0 <= cfg.lr_warmup < 1, f"lr_warmup must be in [0, 1), got {cfg.lr_warmup}")
+    need(0 <= cfg.label_smoothing < 1,
+         f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    need(0 <= cfg.momentum < 1, f"momentum must be in [0, 1), got {cfg.momentum}")
     need(cfg.checkpoint_every >= 0, f"checkpoint_every must be 0 (phase ends only) or a number "
                                     f"of steps, got {cfg.checkpoint_every}")
     need(cfg.keep_checkpoints >= 1, f"keep_checkpoints must be at least 1, got "

@@ -40,9 +40,10 @@ from jaxunlearn.train import MemberState, PRNGKey
 STRATEGIES = ("vmap", "map", "unroll")
 # `auto`, from measurements (benchmarks/README.md, benchmarks/results/layouts_*.json):
 # (backend, architecture, stem) -> [(up to this many members or None, layout), ...]. A pair
-# without an entry takes its architecture's first entry on the backend, then the backend's
-# ResNet-18 entry for the stem.
+# without an entry takes its architecture's first entry on the backend, then its family's
+# measured member's (air-s for the air nets, ResNet-18 for the ResNets) for the stem.
 MEASURED_LAYOUTS = {
+    ("cpu", "air-s", "cifar"): [(None, "unroll")],
     ("cpu", "tiny", "cifar"): [(None, "unroll")],
     ("cpu", "tiny", "imagenet"): [(None, "unroll")],
     ("cpu", "resnet18", "imagenet"): [(None, "vmap")],
@@ -65,10 +66,13 @@ def resolve_strategy(name: str, backend: str | None = None, arch: str = "resnet1
     """
     if name == "auto":
         backend = backend or jax.default_backend()
+        family = "air-s" if arch.startswith("air") else "resnet18"
         rules = (MEASURED_LAYOUTS.get((backend, arch, stem))
                  or next((v for (b, a, _), v in MEASURED_LAYOUTS.items()
                           if (b, a) == (backend, arch)), None)
-                 or MEASURED_LAYOUTS.get((backend, "resnet18", stem))
+                 or MEASURED_LAYOUTS.get((backend, family, stem))
+                 or next((v for (b, a, _), v in MEASURED_LAYOUTS.items()
+                          if (b, a) == (backend, family)), None)
                  or [(None, "vmap")])
         return next(layout for limit, layout in rules if limit is None or members <= limit)
     if name in STRATEGIES or hybrid_group_size(name):
@@ -161,29 +165,39 @@ def init_ensemble(model: nn.Module, tx: optax.GradientTransformation, key: PRNGK
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, strategy: str,
-                    use_augment: bool = False) -> Callable:
-    """Returns ``step(state, images, labels, idx, weight, active) -> (state, loss_sums)``.
+                    use_augment: bool = False, label_smoothing: float = 0.0) -> Callable:
+    """Returns ``step(state, images, labels, idx, weight, active, lr_scale=None) -> (state,
+    loss_sums)``.
 
-    Shapes: ``idx`` int32 ``[m, b]``, ``weight`` float32 ``[m, b]``, ``active`` bool ``[m]``;
+    Shapes: ``idx`` int32 ``[m, b]``, ``weight`` float32 ``[m, b]``, ``active`` bool ``[m]``,
+    ``lr_scale`` float32 ``[m]`` (each member's learning-rate multiplier) or None;
     ``images``/``labels`` are the resident training set shared by all members; ``loss_sums`` is
     float32 ``[m]``, each member's weighted loss sum on its batch.
     """
-    member_step = functools.partial(train.train_step, model, tx, use_augment)
+    member_step = functools.partial(train.train_step, model, tx, use_augment,
+                                    label_smoothing=label_smoothing)
 
-    def step(state, images, labels, idx, weight, active):
-        def one(s, i, w, a, images, labels):
-            return member_step(s, images, labels, i, w, a)
-        return over_members(strategy, one, (state, idx, weight, active), images, labels)
+    def step(state, images, labels, idx, weight, active, lr_scale=None):
+        if lr_scale is None:
+            def one(s, i, w, a, images, labels):
+                return member_step(s, images, labels, i, w, a)
+            return over_members(strategy, one, (state, idx, weight, active), images, labels)
+
+        def scaled(s, i, w, a, r, images, labels):
+            return member_step(s, images, labels, i, w, a, r)
+        return over_members(strategy, scaled, (state, idx, weight, active, lr_scale), images,
+                            labels)
 
     return step
 
 
-def make_eval_logits(model: nn.Module, strategy: str) -> Callable:
-    """Returns ``logits(state, images, idx) -> [m, b, classes]``: every member on the same batch."""
+def make_eval_logits(model: nn.Module, strategy: str, flip: bool = False) -> Callable:
+    """Returns ``logits(state, images, idx) -> [m, b, classes]``: every member on the same batch
+    (with ``flip``, averaged with the mirror images: `jaxunlearn.train.eval_logits`)."""
 
     def logits(state, images, idx):
-        return over_members(strategy, lambda s, images, idx: train.eval_logits(model, s, images, idx),
-                            (state,), images, idx)
+        return over_members(strategy, lambda s, images, idx: train.eval_logits(
+            model, s, images, idx, flip), (state,), images, idx)
 
     return logits
 

@@ -59,23 +59,43 @@ def setup_compiler_options() -> dict | None:
     return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
 
 
-@functools.lru_cache(maxsize=64)
 def compile_group(arch: str, stem: str, precision: str, optimizer: str, learning_rate: float,
                   weight_decay: float, member_parallel: str, augment: bool,
-                  devices: int = 1, members: int = 5) -> Compiled:
+                  devices: int = 1, members: int = 5, momentum: float = 0.9,
+                  label_smoothing: float = 0.0, tta: bool = False) -> Compiled:
     """Builds (once per process and setting) the jitted functions of one model group, so that
     repeated runs in one process, as in sweeps and tests, reuse their compilations. Each
     compiles once per stack size it is called with.
 
     ``devices`` other than 1 shards the member axis over that many devices (0: all) with
     `jax.shard_map`, the single-device ``member_parallel`` layout running inside; ``members``
-    only informs ``auto``.
+    only informs ``auto``. ``tta``: logits averaged with the mirror images'.
     """
+    # One cache entry per setting, however the arguments were passed.
+    return _compile_group(arch, stem, precision, optimizer, float(learning_rate),
+                          float(weight_decay), member_parallel, bool(augment), int(devices),
+                          int(members), float(momentum), float(label_smoothing), bool(tta))
+
+
+def group_functions(cfg: Config, arch: str, members: int, devices: int = 1) -> Compiled:
+    """The compiled functions a `ModelGroup` of ``members`` ``arch`` models uses under ``cfg``."""
+    # A group of one (the baseline) needs no member parallelism: vmap over one member is the
+    # plain model.
+    parallel = cfg.member_parallel if members > 1 else "vmap"
+    return compile_group(arch, cfg.stem, cfg.precision, cfg.optimizer, cfg.learning_rate,
+                         cfg.weight_decay, parallel, cfg.augment, devices, members,
+                         cfg.momentum, cfg.label_smoothing, cfg.tta)
+
+
+@functools.lru_cache(maxsize=64)
+def _compile_group(arch, stem, precision, optimizer, learning_rate, weight_decay,
+                   member_parallel, augment, devices, members, momentum, label_smoothing,
+                   tta) -> Compiled:
     model = make_model(arch, stem, dtype=PRECISIONS[precision])
-    tx = make_optimizer(optimizer, learning_rate, weight_decay)
+    tx = make_optimizer(optimizer, learning_rate, weight_decay, momentum)
     strategy = ensemble.resolve_strategy(member_parallel, arch=arch, stem=stem, members=members)
-    step = ensemble.make_train_step(model, tx, strategy, augment)
-    logits = ensemble.make_eval_logits(model, strategy)
+    step = ensemble.make_train_step(model, tx, strategy, augment, label_smoothing)
+    logits = ensemble.make_eval_logits(model, strategy, tta)
     reset = functools.partial(ensemble.reset_optimizer, tx)
     init = functools.partial(ensemble.init_ensemble, model, tx)
     mesh = sharding.member_mesh(devices) if devices != 1 else None
@@ -94,12 +114,24 @@ def compile_group(arch: str, stem: str, precision: str, optimizer: str, learning
         model=model, tx=tx, strategy=strategy, mesh=mesh,
         init=jax.jit(init, static_argnums=1, out_shardings=NamedSharding(mesh, M),
                      compiler_options=setup),
-        step=jax.jit(sharding.shard(step, mesh, (M, R, R, M, M, M), (M, M)), donate_argnums=0),
+        step=jax.jit(_with_lr_scale(sharding.shard(step, mesh, (M, R, R, M, M, M, M), (M, M))),
+                     donate_argnums=0),
         logits=jax.jit(sharding.shard(logits, mesh, (M, R, R), M)),
         unlearn=jax.jit(unlearn.make_unlearn(model, tx, mesh), donate_argnums=1),
         reset_optimizer=jax.jit(sharding.shard(reset, mesh, (M, M), M), donate_argnums=0),
         gather=jax.jit(_gather, out_shardings=NamedSharding(mesh, M)),
         scatter=jax.jit(_scatter, out_shardings=NamedSharding(mesh, M), donate_argnums=0))
+
+
+def _with_lr_scale(step: Callable) -> Callable:
+    """A sharded step takes every argument as an array: no learning-rate scale means 1."""
+
+    def call(state, images, labels, idx, weight, active, lr_scale=None):
+        if lr_scale is None:
+            lr_scale = jnp.ones(active.shape, jnp.float32)
+        return step(state, images, labels, idx, weight, active, lr_scale)
+
+    return call
 
 
 _VERSIONS = itertools.count()
@@ -120,12 +152,7 @@ class ModelGroup:
         ``initialise`` the state is only its shape until `load_state_dict` or `set_state`
         (a run restored from a checkpoint initialises nothing)."""
         self.name, self.source = name, source
-        # A group of one (the baseline) needs no member parallelism: vmap over one member is
-        # the plain model.
-        parallel = cfg.member_parallel if members > 1 else "vmap"
-        self._fns = fns = compile_group(arch, cfg.stem, cfg.precision, cfg.optimizer,
-                                        cfg.learning_rate, cfg.weight_decay, parallel,
-                                        cfg.augment, devices, members)
+        self._fns = fns = group_functions(cfg, arch, members, devices)
         self.strategy, self.mesh = fns.strategy, fns.mesh
         self.substack_policy = (ensemble.SUBSTACK_POLICY.get(fns.strategy, "pow2")
                                 if cfg.substacks == "auto" else cfg.substacks)
@@ -201,11 +228,12 @@ class ModelGroup:
                                                                    sharding.REPLICATED))
         self._changed(changed)
 
-    def step(self, state, idx, weight, active):
+    def step(self, state, idx, weight, active, lr_scale=None):
         """One optimiser step of the ``active`` members (device mask ``[k]``) of the stack
-        ``state`` on their batches ``idx``/``weight`` ``[k, b]``; returns the new stack and the
-        loss sums ``[k]``. The group's own state is the stack of all its members."""
-        return self._fns.step(state, *self.train_arrays, idx, weight, active)
+        ``state`` on their batches ``idx``/``weight`` ``[k, b]``, their updates scaled by
+        ``lr_scale`` ``[k]`` (None: 1); returns the new stack and the loss sums ``[k]``. The
+        group's own state is the stack of all its members."""
+        return self._fns.step(state, *self.train_arrays, idx, weight, active, lr_scale)
 
     def set_trained(self, state, members: np.ndarray) -> None:
         """Takes ``state``, the whole stack, after training ``members`` (bool ``[m]``)."""

@@ -37,7 +37,8 @@ from jaxunlearn.trainer import Trainer
 RESUMABLE_CHANGES = frozenset({
     "data", "eval_batch_size", "eval_every_epoch", "checkpoint_every", "keep_checkpoints",
     "oracle_reference", "retain_eval", "mia_folds", "member_parallel", "devices",
-    "learning_rate", "weight_decay", "epochs", "batch_size", "evaluators", "substacks"})
+    "learning_rate", "weight_decay", "epochs", "batch_size", "evaluators", "substacks",
+    "momentum", "lr_schedule", "lr_warmup", "label_smoothing", "tta"})
 
 
 @dataclasses.dataclass

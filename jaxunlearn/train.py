@@ -32,7 +32,9 @@ class MemberState(NamedTuple):
 
 def make_optimizer(name: str, learning_rate: float, weight_decay: float = 0.0,
                    momentum: float = 0.9) -> optax.GradientTransformation:
-    """Optimiser recipes: ``adam`` (the original study: Adam, constant lr), ``adamw``, ``sgd``."""
+    """Optimiser recipes: ``adam`` (the original study: Adam, constant lr), ``adamw``, ``sgd``
+    (Nesterov momentum, decoupled from nothing: weight decay adds to the gradient). A learning
+    rate schedule multiplies the final update (`train_step`'s ``lr_scale``)."""
     if name == "adam":
         return optax.adam(learning_rate)
     if name == "adamw":
@@ -70,14 +72,36 @@ def init_member(model: nn.Module, tx: optax.GradientTransformation, key: PRNGKey
                        opt_state=tx.init(params), step=jnp.zeros((), jnp.int32), key=k_member)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-example cross-entropy ``[b]`` (natural log)."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
+    """Per-example cross-entropy ``[b]`` (natural log), against labels smoothed by
+    ``smoothing`` (the true label keeps ``1 - smoothing`` plus its share of the rest)."""
+    if not smoothing:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    classes = logits.shape[-1]
+    target = optax.smooth_labels(jax.nn.one_hot(labels, classes), smoothing)
+    return optax.softmax_cross_entropy(logits, target)
+
+
+def lr_scale(schedule: str, progress, warmup: float = 0.2):
+    """The learning-rate multiplier at ``progress`` (the fraction of a phase's training done,
+    in [0, 1]): ``constant`` 1; ``onecycle`` rises linearly from 0.1 to 1 over the first
+    ``warmup`` of the phase, then falls linearly to 0 (numpy or jax arrays)."""
+    if schedule == "constant":
+        return progress * 0 + 1.0
+    if schedule == "onecycle":
+        up = 0.1 + 0.9 * progress / max(warmup, 1e-9)
+        down = (1.0 - progress) / max(1.0 - warmup, 1e-9)
+        return up * (progress < warmup) + down * (progress >= warmup)
+    raise ValueError(f"unknown lr_schedule {schedule!r}; choose constant or onecycle")
+
+
+LR_SCHEDULES = ("constant", "onecycle")
 
 
 def train_step(model: nn.Module, tx: optax.GradientTransformation, use_augment: bool,
                state: MemberState, images: jax.Array, labels: jax.Array, idx: jax.Array,
-               weight: jax.Array, active: jax.Array) -> tuple[MemberState, jax.Array]:
+               weight: jax.Array, active: jax.Array, lr_scale: jax.Array | None = None,
+               label_smoothing: float = 0.0) -> tuple[MemberState, jax.Array]:
     """One optimiser step of one member on the examples ``images[idx]``.
 
     Args:
@@ -86,6 +110,8 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, use_augment: 
       idx: int32 ``[b]`` example ids of this batch (padding entries may hold any valid id).
       weight: float32 ``[b]``, 1 for real examples and 0 for padding.
       active: bool scalar; an inactive member (or an all-padding batch) is returned unchanged.
+      lr_scale: float scalar multiplying the update (a learning-rate schedule); None: 1.
+      label_smoothing: smoothing of the training labels (static).
 
     Returns:
       The new state and the batch's weighted loss sum (so epoch means are exact).
@@ -99,11 +125,13 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, use_augment: 
     def loss_fn(params):
         logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
                                       train=True, weight=weight, mutable=["batch_stats"])
-        total = jnp.sum(cross_entropy(logits, y) * weight)
+        total = jnp.sum(cross_entropy(logits, y, label_smoothing) * weight)
         return total / jnp.maximum(jnp.sum(weight), 1.0), (updates["batch_stats"], total)
 
     grads, (batch_stats, total) = jax.grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if lr_scale is not None:
+        updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
     new = MemberState(params=optax.apply_updates(state.params, updates), batch_stats=batch_stats,
                       opt_state=opt_state, step=state.step + 1, key=state.key)
     take = jnp.logical_and(active, jnp.sum(weight) > 0)
@@ -112,7 +140,13 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, use_augment: 
 
 
 def eval_logits(model: nn.Module, state: MemberState, images: jax.Array,
-                idx: jax.Array) -> jax.Array:
-    """Logits ``[b, classes]`` of one member (BatchNorm in inference mode) on ``images[idx]``."""
+                idx: jax.Array, flip: bool = False) -> jax.Array:
+    """Logits ``[b, classes]`` of one member (BatchNorm in inference mode) on ``images[idx]``;
+    with ``flip``, the mean of the logits of each image and of its mirror image (test-time
+    augmentation)."""
     x = normalize(images[idx])
-    return model.apply({"params": state.params, "batch_stats": state.batch_stats}, x, train=False)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    logits = model.apply(variables, x, train=False)
+    if flip:
+        logits = 0.5 * (logits + model.apply(variables, x[:, :, ::-1, :], train=False))
+    return logits

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxunlearn import metrics, plans, sharding, timing
+from jaxunlearn import metrics, plans, sharding, timing, train
 from jaxunlearn.config import Config
 from jaxunlearn.group import ModelGroup
 from jaxunlearn.stages import SOURCES, Stage
@@ -107,7 +107,9 @@ class Trainer:
         for epoch in range(start.epoch, cfg.epochs + 1):
             rngs = plans.member_rngs(seed_key, epoch, group.members)
             idx, weight = plans.epoch_batches(rngs, samples, cfg.batch_size)
-            batches = [(group.place(idx[:, sel], per_step), group.place(weight[:, sel], per_step))
+            scale = self._lr_scales(epoch, idx.shape[0], sizes)
+            batches = [(group.place(idx[:, sel], per_step), group.place(weight[:, sel], per_step),
+                        None if scale is None else group.place(scale[:, sel], per_step))
                        for sel in parts]
             resumed = epoch == start.epoch
             offset = start.step if resumed else 0
@@ -126,8 +128,9 @@ class Trainer:
                 return total
 
             for s in range(offset, idx.shape[0]):
-                for j, (idx_dev, weight_dev) in enumerate(batches):
-                    stacks[j], loss = group.step(stacks[j], idx_dev[s], weight_dev[s], actives[j])
+                for j, (idx_dev, weight_dev, scale_dev) in enumerate(batches):
+                    stacks[j], loss = group.step(stacks[j], idx_dev[s], weight_dev[s], actives[j],
+                                                 None if scale_dev is None else scale_dev[s])
                     losses[j].append(loss)
                 group.lineage.record(idx[s], weight[s], members)
                 if whole:
@@ -141,6 +144,18 @@ class Trainer:
             self._epoch_done(group, stage, kind, epoch, train_loss, members, clock)
         return Cost(int(members.sum()) * cfg.epochs, int(sizes.sum()) * cfg.epochs,
                     clock.seconds())
+
+    def _lr_scales(self, epoch: int, steps: int, sizes: np.ndarray) -> np.ndarray | None:
+        """Each member's learning-rate multiplier at each step of ``epoch``, ``[steps, m]``, from
+        its own progress through the phase (members with smaller samples take fewer steps);
+        None for a constant schedule."""
+        cfg = self.cfg
+        if cfg.lr_schedule == "constant":
+            return None
+        per_epoch = np.maximum(-(-sizes // cfg.batch_size), 1)  # each member's steps
+        step = np.minimum(np.arange(steps)[:, None], per_epoch[None, :] - 1)
+        progress = (epoch - 1 + step / per_epoch[None, :]) / cfg.epochs
+        return train.lr_scale(cfg.lr_schedule, progress, cfg.lr_warmup).astype(np.float32)
 
     def _epoch_done(self, group, stage, kind, epoch, train_loss, members, clock) -> None:
         line = {"kind": kind, "phase": stage.phase, "model": group.name, "epoch": epoch,

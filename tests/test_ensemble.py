@@ -109,8 +109,12 @@ def test_eval_logits_shape_and_strategies_agree(setup):
 
 
 def test_resolve_strategy():
-    assert ensemble.resolve_strategy("auto", "cpu") == "vmap"
+    assert ensemble.resolve_strategy("auto", "cpu") == "vmap"  # ResNet-18, ImageNet stem
+    assert ensemble.resolve_strategy("auto", "cpu", "resnet18", "cifar") == "unroll"
+    assert ensemble.resolve_strategy("auto", "cpu", "tiny", "imagenet") == "unroll"
     assert ensemble.resolve_strategy("auto", "gpu") == "map"
+    assert ensemble.resolve_strategy("auto", "cpu", "resnet50", "cifar") == "unroll"  # stem's
+    assert ensemble.resolve_strategy("auto", "cpu", "air-m", "cifar") == "unroll"  # family
     assert ensemble.resolve_strategy("hybrid:2") == "hybrid:2"
     for bad in ("pmap", "hybrid", "hybrid:0", "hybrid:x"):
         with pytest.raises(ValueError, match="unknown member-parallel"):

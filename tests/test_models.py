@@ -20,6 +20,10 @@ def _param_count(name, stem):
     ("resnet50", "imagenet", 23_528_522),
     # The CIFAR stem swaps the 7x7x3x64 kernel for a 3x3x3x64 one: 9,408 - 1,728 fewer.
     ("resnet18", "cifar", 11_181_642 - 7680),
+    # air-s: 3x3 convolutions 3-16, 16-32, 32-32, 32-64, 64-64, 64-64, 64-64 (no bias), seven
+    # BatchNorms (scale and bias) and a bias-free 64-10 classifier.
+    ("air-s", "cifar", 9 * (3 * 16 + 16 * 32 + 32 * 32 + 32 * 64 + 3 * 64 * 64)
+     + 2 * (16 + 2 * 32 + 4 * 64) + 64 * 10),
 ])
 def test_parameter_counts_match_torchvision(name, stem, expected):
     assert _param_count(name, stem) == expected
@@ -33,9 +37,10 @@ def test_batch_stats_hold_running_mean_and_var_only():
     assert names == {"mean", "var"}
 
 
-@pytest.mark.parametrize("stem", ["imagenet", "cifar"])
-def test_forward_shapes(stem):
-    model = make_model("tiny", stem)
+@pytest.mark.parametrize("name, stem", [("tiny", "imagenet"), ("tiny", "cifar"),
+                                        ("air-s", "cifar")])
+def test_forward_shapes(name, stem):
+    model = make_model(name, stem)
     x = jnp.ones((4, 32, 32, 3))
     variables = jax.jit(lambda k: model.init(k, x, train=False))(jax.random.PRNGKey(0))
     logits, updates = jax.jit(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables)
@@ -77,3 +82,39 @@ def test_bf16_compute_keeps_float32_parameters_and_logits():
     np.testing.assert_allclose(low, high, rtol=0.1, atol=0.05)
     hlo = jax.jit(lambda v: bf16.apply(v, x, train=False)).lower(variables).as_text()
     assert "bf16" in hlo and "convolution" in hlo
+
+
+def test_flip_evaluation_averages_an_image_and_its_mirror():
+    from jaxunlearn import ensemble, train
+
+    model, tx = make_model("air-s"), train.make_optimizer("sgd", 0.1)
+    state = jax.jit(ensemble.init_ensemble, static_argnums=(0, 1, 3))(
+        model, tx, jax.random.PRNGKey(0), 1)
+    state = jax.tree.map(lambda x: x[0], state)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
+    mirrored = images[:, :, ::-1, :]
+    idx = jnp.arange(4)
+    plain = train.eval_logits(model, state, images, idx)
+    flipped = train.eval_logits(model, state, images, idx, flip=True)
+    np.testing.assert_allclose(flipped, 0.5 * (plain + train.eval_logits(model, state, mirrored,
+                                                                          idx)), rtol=1e-5)
+    np.testing.assert_allclose(flipped, train.eval_logits(model, state, mirrored, idx, flip=True),
+                               rtol=1e-5, atol=1e-6)  # invariant to mirroring
+    assert not np.allclose(plain, flipped)
+
+
+def test_learning_rate_schedules_and_label_smoothing():
+    from jaxunlearn import train
+
+    p = np.linspace(0, 1, 11)
+    np.testing.assert_allclose(train.lr_scale("constant", p), 1.0)
+    s = train.lr_scale("onecycle", p, warmup=0.2)
+    np.testing.assert_allclose(s[[0, 1, 2, 6, 10]], [0.1, 0.55, 1.0, 0.5, 0.0], atol=1e-12)
+    logits = jnp.array([[2.0, 0.0, -1.0]])
+    smoothed = train.cross_entropy(logits, jnp.array([0]), 0.3)
+    log_p = jax.nn.log_softmax(logits)[0]
+    want = -(0.8 * log_p[0] + 0.1 * log_p[1] + 0.1 * log_p[2])  # 1 - 0.3 + 0.3/3 on the label
+    np.testing.assert_allclose(smoothed, [want], rtol=1e-6)
+    np.testing.assert_allclose(train.cross_entropy(logits, jnp.array([0])), [-log_p[0]],
+                               rtol=1e-6)
