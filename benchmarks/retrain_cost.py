@@ -36,11 +36,13 @@ class _Quiet:
         pass
 
 
-def measure(model: str, stem: str, layout: str, policies, members: int, batch: int,
-            samples: int, repeats: int, precision: str = "fp32") -> dict:
+def setup(model: str, stem: str, layout: str, policy: str, members: int, batch: int,
+          samples: int, epochs: int = 1, precision: str = "fp32", augment: bool = False):
+    """A stacked group on synthetic resident data (``samples`` examples per member), the
+    trainer, and the stage every member trains on: ``(group, trainer, stage)``."""
     import jax
 
-    from jaxunlearn import config, timing
+    from jaxunlearn import config
     from jaxunlearn.group import ModelGroup
     from jaxunlearn.stages import Stage
     from jaxunlearn.trainer import Trainer
@@ -53,30 +55,45 @@ def measure(model: str, stem: str, layout: str, policies, members: int, batch: i
             rng.integers(0, 10, 16).astype(np.int32))
     stage = Stage("ensemble", 1, 1, 1, 1, [np.arange(i * samples, (i + 1) * samples)
                                           for i in range(members)], None)
+    cfg = config.apply_overrides(config.get_preset("smoke"), {
+        "model": model, "stem": stem, "members": members, "member_parallel": layout,
+        "substacks": policy, "batch_size": batch, "epochs": epochs, "eval_every_epoch": False,
+        "precision": precision, "augment": augment})
+    group = ModelGroup("ensemble", "ensemble", model, members, cfg, jax.random.PRNGKey(0), data)
+    return group, Trainer(cfg, _Quiet(), np.zeros(n, bool), data[3]), stage
+
+
+def time_training(group, trainer, stage, chosen: np.ndarray, repeats: int):
+    """Trains ``chosen`` once (compiling what it needs), then ``repeats`` times, each waited
+    for: ``(first seconds, compile seconds, [timed seconds])``."""
+    import jax
+
+    from jaxunlearn import timing
+
+    def once():
+        t0 = time.perf_counter()
+        trainer.train(group, stage, chosen, kind="retrain")
+        jax.block_until_ready(group.state)
+        return time.perf_counter() - t0
+
+    c0 = timing.compile_seconds()
+    first = once()
+    return first, timing.compile_seconds() - c0, [once() for _ in range(repeats)]
+
+
+def measure(model: str, stem: str, layout: str, policies, members: int, batch: int,
+            samples: int, repeats: int, precision: str = "fp32") -> dict:
     out, compile_s, layouts = {}, {}, {}
     for policy in policies:
-        cfg = config.apply_overrides(config.get_preset("smoke"), {
-            "model": model, "stem": stem, "members": members, "member_parallel": layout,
-            "substacks": policy, "batch_size": batch, "epochs": 1, "eval_every_epoch": False,
-            "precision": precision})
-        group = ModelGroup("ensemble", "ensemble", model, members, cfg, jax.random.PRNGKey(0),
-                           data)
+        group, trainer, stage = setup(model, stem, layout, policy, members, batch, samples,
+                                      precision=precision)
         layouts[policy] = group.strategy
-        trainer = Trainer(cfg, _Quiet(), np.zeros(n, bool), data[3])
         out[policy], compile_s[policy] = {}, {}
         for k in range(1, members + 1):
             chosen = np.zeros(members, bool)
             chosen[:k] = True
-            c0, t0 = timing.compile_seconds(), time.perf_counter()
-            trainer.train(group, stage, chosen, kind="retrain")  # compiles what it needs
-            jax.block_until_ready(group.state)
-            compile_s[policy][str(k)] = timing.compile_seconds() - c0
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                trainer.train(group, stage, chosen, kind="retrain")
-                jax.block_until_ready(group.state)
-                times.append(time.perf_counter() - t0)
+            _, compile_s[policy][str(k)], times = time_training(group, trainer, stage, chosen,
+                                                                 repeats)
             out[policy][str(k)] = statistics.median(times)
             print(f"{policy} k={k}: {out[policy][str(k)]:.3f} s", file=sys.stderr, flush=True)
     return {"seconds": out, "compile_seconds": compile_s, "layout": layouts}

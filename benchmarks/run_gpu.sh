@@ -19,9 +19,11 @@
 #                                 augmentation) vs resident float32 batch; PyTorch reference
 #   3. memory_r18_m20             20 ResNet-18s per stem, map (peak device memory per row)
 #   4. unlearn_latency            unlearn call + replace retraining, 5 ResNet-18s
-#   5. grid_r18                   the rest of the grid: ResNet-18, both stems, M = 5 10 20 1,
-#                                 vmap/map/hybrid:5, fp32 and bf16, in the time left
-#   6. resnet152                  ResNet-152 (one member): CIFAR stem bf16, ImageNet stem
+#   5. retrain_cost               seconds to retrain k = 1..5 of 5 ResNet-18s for one epoch:
+#                                 sub-stacks (pow2) against the whole masked stack (full)
+#   6. grid_r18                   the rest of the grid: ResNet-18, both stems, M = 5 10 20 1,
+#                                 auto/vmap/map/unroll/hybrid:5, fp32 and bf16, in the time left
+#   7. resnet152                  ResNet-152 (one member): CIFAR stem bf16, ImageNet stem
 #                                 fp32, with the PyTorch reference; last, as it compiles longest
 #
 # Time: each section has a soft budget (throughput.py starts no row past it; rows not started
@@ -48,6 +50,7 @@ if [[ "${QUICK:-0}" == 1 ]]; then  # CPU smoke run: every command, tiny sizes
     # as done (--skip-done), which keeps the run under 2 minutes on 2 idle CPU cores.
     STRATS="map hybrid:5"; PIPE_STRATS="map"; MEM_STRATS="map"; UNLEARN_STRATS="map"
     UNLEARN_SIZES=(--members 2 --batch 8 --samples 16 --epochs 1 --steps 1 --repeats 1)
+    RETRAIN_SIZES=(--members 2 --batch 8 --samples 16 --repeats 1)
     MEM_C_PRECISION=fp32
     ROW_S=300; R152_ROW_S=300; TOTAL_S="${TOTAL_S:-100000}"
 else
@@ -56,13 +59,15 @@ else
     R152C=resnet152:cifar:bf16; R152I=resnet152:imagenet:fp32; UNLEARN_MODEL=resnet18
     BATCH=512; STEPS=5; N_DATA=50000; M5=5; M20=20; MGRID="5 10 20 1"
     # 20 members: map first (the GPU default); grid_r18 adds hybrid:5 and vmap if time allows.
-    STRATS="map hybrid:5 vmap"; PIPE_STRATS="$STRATS"; MEM_STRATS="map"
+    STRATS="auto map hybrid:5 vmap unroll"; PIPE_STRATS="map hybrid:5 vmap"; MEM_STRATS="map"
     UNLEARN_STRATS="map vmap"
     UNLEARN_SIZES=(--members 5 --batch 512 --samples 10000 --epochs 10 --steps 5 --repeats 5)
+    RETRAIN_SIZES=(--members 5 --batch 512 --samples 4096 --repeats 3)
     MEM_C_PRECISION=bf16
     ROW_S=150; R152_ROW_S=240; TOTAL_S="${TOTAL_S:-360}"
 fi
 ALL_SECTIONS="targets_r18_imagenet_fp32 pipeline_r18_cifar_bf16 memory_r18_m20 unlearn_latency"
+ALL_SECTIONS+=" retrain_cost"
 ALL_SECTIONS+=" grid_r18 resnet152"
 SECTIONS="${SECTIONS:-$ALL_SECTIONS}"
 R152_S=90  # soft budget of the ResNet-152 section, kept free by the sections before it
@@ -120,6 +125,17 @@ unlearn_latency() {
         --precision fp32 --strategies $UNLEARN_STRATS "${UNLEARN_SIZES[@]}" --n-data "$N_DATA" \
         --out "$DEST/unlearn_latency.json" \
         || echo "== unlearn_latency exited with status $?"
+}
+
+retrain_cost() {
+    local budget
+    budget=$(min 60 "$(left "$RESERVE")")
+    if (( budget <= 0 )); then echo "== retrain_cost: no time left, skipped"; return; fi
+    echo "== retrain_cost (hard limit $(( budget + 60 ))s, $(( SECONDS - START ))s elapsed)"
+    timeout --kill-after=15 $(( budget + 60 )) \
+        "$PY" benchmarks/retrain_cost.py --model "$UNLEARN_MODEL" --stem imagenet \
+        --policies pow2 full "${RETRAIN_SIZES[@]}" --out "$DEST/retrain_cost.json" \
+        || echo "== retrain_cost exited with status $?"
 }
 
 grid_r18() {

@@ -179,7 +179,7 @@ def _time_step(jitted, state, args, steps: int, images_per_step: int) -> dict:
 def measure_jax(cell: Cell) -> dict:
     """The experiment's jitted step on resident uint8 data (gather, [augment,] normalise)."""
     fns = compile_group(cell.model, cell.stem, cell.precision, "adam", LEARNING_RATE, 0.0,
-                        cell.strategy, cell.augment)
+                        cell.strategy, cell.augment, members=cell.members)
     images, labels = resident_data(cell.n_data)
     rng = np.random.default_rng(1)
     idx = jnp.asarray(rng.integers(0, cell.n_data, (cell.members, cell.batch)), jnp.int32)
@@ -188,8 +188,9 @@ def measure_jax(cell: Cell) -> dict:
     t0 = time.perf_counter()
     state = jax.block_until_ready(fns.init(jax.random.PRNGKey(0), cell.members))
     init_s = time.perf_counter() - t0
-    return {"init_s": init_s, **_time_step(fns.step, state, (images, labels, idx, weight, active),
-                                           cell.steps, cell.members * cell.batch)}
+    return {"init_s": init_s, "layout": fns.strategy,
+            **_time_step(fns.step, state, (images, labels, idx, weight, active), cell.steps,
+                         cell.members * cell.batch)}
 
 
 def measure_pipeline(cell: Cell) -> dict:
@@ -287,8 +288,10 @@ def tables(rows) -> str:
         return r.get("status") == "ok"
 
     def common(r):
+        strategy = r["strategy"] + (f" -> {r['layout']}" if r["strategy"] == "auto"
+                                    and "layout" in r else "")
         return [r["impl"], f"{r['model']} {r['stem']}", r["precision"],
-                "yes" if r["augment"] else "no", f"{r['members']} x {r['batch']}", r["strategy"]]
+                "yes" if r["augment"] else "no", f"{r['members']} x {r['batch']}", strategy]
 
     out = []
     plain = [r for r in rows if r["impl"] != "pipeline"]
@@ -330,7 +333,8 @@ def parse_args(argv):
     p.add_argument("--members", type=int, nargs="+", default=[1, 5])
     p.add_argument("--single-members", type=int, nargs="+", default=[1])
     p.add_argument("--strategies", nargs="+", default=["vmap", "map"],
-                   help="vmap, map, hybrid:K (skipped where members %% K != 0)")
+                   help="auto, vmap, map, unroll, hybrid:K (skipped where members %% K != 0); "
+                        "an auto row says which layout it picked")
     p.add_argument("--precisions", nargs="+", default=["fp32"], choices=("fp32", "bf16"))
     p.add_argument("--batch", type=int, default=32, help="images per member per step")
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
