@@ -94,7 +94,8 @@ def test_rewind_restores_exactly_the_state_before_the_deleted_id_entered(tmp_pat
     want = group_state(after_1)
     store = SnapshotStore(run, read_only=True)
     for i in np.flatnonzero(invalid):
-        snapshot = store.read(stage1["files"][i])["state"]
+        name, _, row = stage1["files"][i].partition("#")  # one snapshot per stage, a row each
+        snapshot = store.read(name)[row]["state"]
         assert set(snapshot) == {"params", "batch_stats", "step", "key"}  # optimiser: reset
         for part in snapshot:
             jax.tree.map(np.testing.assert_array_equal, snapshot[part],
@@ -123,11 +124,12 @@ def test_no_live_lineage_holds_a_deleted_id(tmp_path, sample, strategy):
         # every snapshot on disk is one that a stage of the ensemble or of the oracle reference
         # names (so its lineage, checked above and by the audit, holds no deleted id)
         tree = checkpoint_tree(run)
-        named = {f for s in stages.values() for f in s["files"] if f}
-        assert len(named) == cfg.members * cfg.phases
+        entries = {f for s in stages.values() for f in s["files"] if f}
+        assert len(entries) == cfg.members * cfg.phases  # a row per member and stage
+        named = {f.split("#")[0] for f in entries}
         reference = tree["reference"]["strategy"]["stages"]
         assert all(not s["seen"][:, deleted].any() for s in reference.values())
-        named |= {f for s in reference.values() for f in s["files"] if f}
+        named |= {f.split("#")[0] for s in reference.values() for f in s["files"] if f}
         assert SnapshotStore(run).names() == named
     assert results["forget"]["ensemble"]["n"] == len(deleted)
     for phase in results["phases"]:  # before and after unlearning: the same example sets

@@ -3,11 +3,13 @@ phase, or a slice with ``plan=shards slices=S``) whose lineage holds none of the
 then retrained forward over the stages it lost, on its own samples minus the deleted ids, with
 the batch order it had: what retraining it from scratch would give, at a fraction of the cost.
 
-State: for each stage ``t`` (``"0"``: the initial state) every member's lineage then and the
-name of the snapshot holding its state then (`jaxunlearn.snapshots`; the initial state needs
-none: it is drawn again from the group's key). A member replayed over a stage gets a new
-snapshot of it, so no snapshot the state names holds a deleted id; the old one is deleted once
-no kept checkpoint names it.
+State: for each stage ``t`` (``"0"``: the initial state) every member's lineage then and where
+its state then is kept, ``SNAPSHOT#mI``: member I's row of a snapshot (`jaxunlearn.snapshots`;
+the initial state needs none: it is drawn again from the group's key). The members that
+finish a stage together are written as one snapshot (one write per stage, not per member: a
+write has a fixed cost that dominates for small models). A member replayed over a stage gets a
+new snapshot of it, so no snapshot the state names holds a deleted id; an old one is deleted
+once no kept checkpoint names any of its rows.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class Rewind(Strategy):
                 for t in sorted(state["stages"], key=int)}
 
     def snapshot_names(self, state) -> set[str]:
-        return {f for snap in state["stages"].values() for f in snap["files"] if f}
+        return {f.split("#")[0] for snap in state["stages"].values() for f in snap["files"] if f}
 
     @staticmethod
     def _keeps_optimizer(ctx: Context) -> bool:
@@ -73,11 +75,15 @@ class Rewind(Strategy):
         old = state["stages"].get(str(t))
         seen = group.lineage.seen.copy() if old is None else old["seen"].copy()
         files = [""] * group.members if old is None else list(old["files"])
-        for i in np.flatnonzero(members):
-            files[i] = f"{group.name}-t{t}-m{i}-{written}"
+        rows = np.flatnonzero(members)
+        if rows.size:
+            name = f"{group.name}-t{t}-{written}"
             written += 1
-            ctx.snapshots.write(files[i], {"state": jax.tree.map(lambda x: x[i], host)})
-            seen[i] = group.lineage.seen[i]
+            ctx.snapshots.write(name, {f"m{i}": {"state": jax.tree.map(lambda x: x[i], host)}
+                                       for i in rows})
+            for i in rows:
+                files[i] = f"{name}#m{i}"
+                seen[i] = group.lineage.seen[i]
         return {"stages": {**state["stages"], str(t): {"seen": seen, "files": files}},
                 "written": written}
 
@@ -87,12 +93,21 @@ class Rewind(Strategy):
         at the latest). Returns the points used."""
         group = ctx.group
         host = flax.serialization.to_state_dict(group.host_state())
-        initial = None
+        initial, read = None, {}
+
+        def row_of(entry: str):  # "SNAPSHOT#mI": member I's row, each snapshot read once
+            name, _, key = entry.partition("#")
+            if name not in read:
+                read[name] = ctx.snapshots.read(name)
+            if key and key not in read[name]:
+                raise SnapshotError(f"snapshot {name} holds no row {key}")
+            return read[name][key]["state"] if key else read[name]["state"]
+
         for i in np.flatnonzero(points >= 0):
             while True:
                 name = state["stages"][str(points[i])]["files"][i]
                 try:
-                    row = ctx.snapshots.read(name)["state"] if name else None
+                    row = row_of(name) if name else None
                     break
                 except SnapshotError:  # an earlier stage's state is clean too, if older
                     points[i] = max(int(t) for t in state["stages"] if int(t) < points[i])
