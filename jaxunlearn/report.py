@@ -99,6 +99,11 @@ def phase_line(r: dict, phases: int) -> str:
         text += f" | baseline acc {b['test_accuracy']:.4f} loss {b['test_loss']:.4f}"
     if r["deleted_ids"]:
         text += f" | deleted {len(r['deleted_ids'])}, invalidated members {r['invalidated']}"
+        cost = r.get("cost") or {}
+        if cost.get("seconds") is not None:
+            text += f", {cost['strategy']} {cost['seconds']:.1f}s"
+            if (cost.get("oracle") or {}).get("seconds"):
+                text += f" (retraining from scratch: {cost['oracle']['seconds']:.1f}s)"
     return text + f" | {r['seconds']:.1f}s"
 
 
