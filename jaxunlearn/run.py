@@ -97,7 +97,8 @@ class Run:
                                             self.stages.slices("ensemble"))
         self.report = Report(cfg, out, self._header(ds, ensemble), log, progress,
                              self.primary, epochs)
-        self.trainer = Trainer(cfg, self.report, self.deletions.mask, ds.test_labels)
+        self.trainer = Trainer(cfg, self.report, self.deletions.mask, ds.test_labels,
+                               test_logits=lambda group: self.test_logits(group))
         groups = {"ensemble": ensemble}
         if cfg.baseline != "none":
             groups["baseline"] = ModelGroup("baseline", "baseline", cfg.baseline, 1, cfg, k_base,

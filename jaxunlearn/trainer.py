@@ -67,9 +67,14 @@ def check_finite(step_losses: np.ndarray, name: str, epoch: int, offset: int = 0
 class Trainer:
     """Trains members of model groups on stages; reports each epoch through ``report``."""
 
-    def __init__(self, cfg: Config, report, deleted: np.ndarray, test_labels: np.ndarray):
-        """``deleted``: the run's bool ``[n_train]`` deletion mask (read at every call)."""
+    def __init__(self, cfg: Config, report, deleted: np.ndarray, test_labels: np.ndarray,
+                 test_logits: Callable | None = None):
+        """``deleted``: the run's bool ``[n_train]`` deletion mask (read at every call);
+        ``test_logits(group)``: the group's member logits on the test set, from the run's
+        cache (so the last epoch's are the phase's own scores), which times itself; None: the
+        trainer computes them and counts the seconds in ``eval_seconds``."""
         self.cfg, self.report, self.deleted, self.test_labels = cfg, report, deleted, test_labels
+        self.test_logits = test_logits
         self.eval_seconds = 0.0  # spent scoring after epochs (eval_every_epoch)
 
     def train(self, group: ModelGroup, stage: Stage, members: np.ndarray, *,
@@ -165,9 +170,12 @@ class Trainer:
             line["slice"] = stage.slice
         if self.cfg.eval_every_epoch:
             with clock.paused():  # evaluation time is not training time
-                scoring = timing.Clock()
-                logits = group.member_logits(self.cfg.eval_batch_size)
-                self.eval_seconds += scoring.seconds()
+                if self.test_logits is not None:
+                    logits = self.test_logits(group)
+                else:
+                    scoring = timing.Clock()
+                    logits = group.member_logits(self.cfg.eval_batch_size)
+                    self.eval_seconds += scoring.seconds()
             line["members"] = [metrics.score(l, self.test_labels) for l in logits]
             if group.members > 1:
                 line["ensemble"] = metrics.aggregate(logits, self.test_labels, None,
