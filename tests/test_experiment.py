@@ -8,7 +8,7 @@ import pytest
 
 import jax
 
-from jaxunlearn import checkpoint, cli, data, driver
+from jaxunlearn import checkpoint, cli, config, data, driver
 from jaxunlearn.config import ConfigError, apply_overrides, get_preset
 
 
@@ -152,9 +152,16 @@ def test_cli_reports_bad_input_without_creating_a_run(tmp_path, capsys):
 def test_presets_and_data_commands(capsys):
     assert cli.main(["presets"]) == 0
     text = capsys.readouterr().out
-    assert all(name in text for name in ("smoke", "demo", "seed"))
+    assert all(name in text for name in config.PRESETS)
     assert cli.main(["data", "--data", "sample"]) == 0
     assert "airplane" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(config.PRESETS))
+def test_every_preset_is_valid_for_its_data(name):
+    cfg = config.get_preset(name)
+    n_train = 1000 if cfg.data == "sample" else 50_000
+    config.check(cfg, cfg.train_limit or n_train)  # raises ConfigError if a setting cannot work
 
 
 @pytest.mark.skipif(not os.environ.get(data.ENV_VAR), reason=f"set {data.ENV_VAR} to real CIFAR-10")
@@ -176,6 +183,9 @@ def test_bounded_compilations_across_phases_deletions_and_sample_sizes(tmp_path,
     cfg = _tiny(baseline="none", strategy="rewind", member_parallel="vmap", stem="cifar",
                 optimizer="sgd", learning_rate=0.0137, deletions=str(schedule), fraction=0.5,
                 oracle_reference="none")  # a learning rate no other test compiles with
+    fns = group_functions(cfg, cfg.model, cfg.members, cfg.devices)  # the run's own functions
+    # gather and scatter are one jitted function for every setting: count what this run adds
+    before = {name: getattr(fns, name)._cache_size() for name in ("gather", "scatter")}
     results = driver.train_and_evaluate(cfg, tmp_path / "run", dataset=sample,
                                         log=lambda s: None)
     assert len({r["sample_size"] for r in results["phases"]}) == 3
@@ -183,8 +193,9 @@ def test_bounded_compilations_across_phases_deletions_and_sample_sizes(tmp_path,
     retrained = {sum(x is not None for x in l["train_loss"]) for l in lines
                  if l["kind"] == "rewind"}
     assert min(retrained) < cfg.members  # some retraining ran as a sub-stack
-    fns = group_functions(cfg, cfg.model, cfg.members, cfg.devices)  # the run's own functions
+    assert fns is group_functions(cfg, cfg.model, cfg.members, cfg.devices)
     # Once per stack size: 3 members under pow2 are the whole stack, and sub-stacks of 2 and 1.
     assert 2 <= fns.step._cache_size() <= 3 and fns.logits._cache_size() <= 3
-    assert 1 <= fns.gather._cache_size() <= 2 and fns.scatter._cache_size() <= 2
+    added = {name: getattr(fns, name)._cache_size() - before[name] for name in before}
+    assert added["gather"] <= 2 and added["scatter"] <= 2
     assert fns.init._cache_size() == 1 and fns.reset_optimizer._cache_size() == 1
