@@ -115,27 +115,24 @@ memory_r18_m20() {
         --strategies $MEM_STRATS --no-augment
 }
 
-unlearn_latency() {
-    local budget
+limited() {  # NAME SCRIPT ARGS...: one script within 60 s of the time left, plus a margin
+    local name=$1 script=$2 budget
+    shift 2
     budget=$(min 60 "$(left "$RESERVE")")
-    if (( budget <= 0 )); then echo "== unlearn_latency: no time left, skipped"; return; fi
-    echo "== unlearn_latency (hard limit $(( budget + 60 ))s, $(( SECONDS - START ))s elapsed)"
-    timeout --kill-after=15 $(( budget + 60 )) \
-        "$PY" benchmarks/unlearn_latency.py --model "$UNLEARN_MODEL" --stem imagenet \
-        --precision fp32 --strategies $UNLEARN_STRATS "${UNLEARN_SIZES[@]}" --n-data "$N_DATA" \
-        --out "$DEST/unlearn_latency.json" \
-        || echo "== unlearn_latency exited with status $?"
+    if (( budget <= 0 )); then echo "== $name: no time left, skipped"; return; fi
+    echo "== $name (hard limit $(( budget + 60 ))s, $(( SECONDS - START ))s elapsed)"
+    timeout --kill-after=15 $(( budget + 60 )) "$PY" "benchmarks/$script" "$@" \
+        --out "$DEST/$name.json" || echo "== $name exited with status $?"
+}
+
+unlearn_latency() {
+    limited unlearn_latency unlearn_latency.py --model "$UNLEARN_MODEL" --stem imagenet \
+        --precision fp32 --strategies $UNLEARN_STRATS "${UNLEARN_SIZES[@]}" --n-data "$N_DATA"
 }
 
 retrain_cost() {
-    local budget
-    budget=$(min 60 "$(left "$RESERVE")")
-    if (( budget <= 0 )); then echo "== retrain_cost: no time left, skipped"; return; fi
-    echo "== retrain_cost (hard limit $(( budget + 60 ))s, $(( SECONDS - START ))s elapsed)"
-    timeout --kill-after=15 $(( budget + 60 )) \
-        "$PY" benchmarks/retrain_cost.py --model "$UNLEARN_MODEL" --stem imagenet \
-        --policies pow2 full "${RETRAIN_SIZES[@]}" --out "$DEST/retrain_cost.json" \
-        || echo "== retrain_cost exited with status $?"
+    limited retrain_cost retrain_cost.py --model "$UNLEARN_MODEL" --stem imagenet \
+        --policies pow2 full "${RETRAIN_SIZES[@]}"
 }
 
 grid_r18() {
