@@ -178,14 +178,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, strategy
                                     label_smoothing=label_smoothing)
 
     def step(state, images, labels, idx, weight, active, lr_scale=None):
-        if lr_scale is None:
-            def one(s, i, w, a, images, labels):
-                return member_step(s, images, labels, i, w, a)
-            return over_members(strategy, one, (state, idx, weight, active), images, labels)
+        if lr_scale is None:  # a scale of exactly 1 leaves every update's bits unchanged
+            lr_scale = jnp.ones(active.shape, jnp.float32)
 
-        def scaled(s, i, w, a, r, images, labels):
+        def one(s, i, w, a, r, images, labels):
             return member_step(s, images, labels, i, w, a, r)
-        return over_members(strategy, scaled, (state, idx, weight, active, lr_scale), images,
+        return over_members(strategy, one, (state, idx, weight, active, lr_scale), images,
                             labels)
 
     return step

@@ -56,7 +56,7 @@ class SnapshotStore:
     def _checkpointer(self):
         if self._writer is None:
             mp = self._options()
-            self._writer = self._ocp.AsyncCheckpointer(
+            self._writer = self._ocp.Checkpointer(  # synchronous: it runs on our own thread
                 self._ocp.PyTreeCheckpointHandler(multiprocessing_options=mp),
                 multiprocessing_options=mp)
         return self._writer
@@ -80,7 +80,6 @@ class SnapshotStore:
         self.root.mkdir(parents=True, exist_ok=True)
         writer = self._checkpointer()
         writer.save(self.root / name, args=self._ocp.args.PyTreeSave(tree), force=True)
-        writer.wait_until_finished()
 
     def wait(self) -> None:
         """Waits for the writes in flight, then writes each one's digest beside it
