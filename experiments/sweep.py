@@ -38,6 +38,9 @@ import pathlib
 import sys
 import time
 
+EXACT = ("replace", "rewind", "oracle")
+
+
 @dataclasses.dataclass(frozen=True)
 class Grid:
     base: dict  # overrides of the preset shared by every cell
@@ -46,17 +49,30 @@ class Grid:
     fractions: tuple[float, ...]
     plans: tuple[str, ...]
     strategies: tuple[str, ...] | None = None  # None: every registered strategy
+    deletion_rates: tuple[float, ...] = ()  # forget-set sizes (empty: the base's)
+    oracle_in: str | None = None  # only this strategy's cells train the oracle reference
 
 
 GRIDS = {
     "cpu": Grid(preset="smoke", members=(3, 6), fractions=(0.2, 0.5),
-                plans=("bootstrap", "subset", "shards"),
+                plans=("bootstrap", "subset", "shards"), strategies=EXACT,
                 base=dict(train_limit=1000, test_limit=300, phases=5, epochs=3, batch_size=32,
                           eval_batch_size=500, deletion_rate=0.01, retain_eval=500,
                           baseline="none", oracle_reference="end", eval_every_epoch=False)),
     "gpu": Grid(preset="seed", members=(5, 10, 20), fractions=(0.2, 0.5),
-                plans=("bootstrap", "subset", "shards"),
+                plans=("bootstrap", "subset", "shards"), strategies=EXACT,
                 base=dict(baseline="none", oracle_reference="end", eval_every_epoch=False)),
+    # Exact against approximate unlearning at two forget-set sizes, the field's table per size
+    # (`jaxunlearn.table`): 5 air-s on half-samples (each example in about half the members,
+    # so LiRA has models on both sides), 2,000 CIFAR-10 training images in 2 phases, 1% or 20%
+    # of the first phase's images forgotten. The oracle comes from the rewind cells.
+    "methods": Grid(preset="protocol", members=(5,), fractions=(0.5,), plans=("subset",),
+                    strategies=("replace", "rewind", "finetune", "neggrad", "random_labels"),
+                    deletion_rates=(0.01, 0.2), oracle_in="rewind",
+                    base=dict(train_limit=2000, test_limit=1000, phases=2, epochs=5,
+                              batch_size=64, eval_batch_size=500, retain_eval=1000,
+                              baseline="none", oracle_reference="none",
+                              evaluators="scores,mia,lira")),
 }
 
 COLUMNS = ("cell", "plan", "members", "fraction", "strategy", "test_acc", "oracle_test_acc",
@@ -72,19 +88,42 @@ def cells(grid: Grid) -> list[dict]:
     from jaxunlearn import strategies
 
     out = []
-    for plan, members, fraction, strategy in itertools.product(
-            grid.plans, grid.members, grid.fractions, grid.strategies or strategies.NAMES):
+    for plan, members, fraction, strategy, rate in itertools.product(
+            grid.plans, grid.members, grid.fractions, grid.strategies or strategies.NAMES,
+            grid.deletion_rates or (None,)):
         if plan == "shards":
             if fraction != grid.fractions[0]:
                 continue
             fraction = 1.0
-        out.append(dict(grid.base, plan=plan, members=members, fraction=fraction,
-                        strategy=strategy))
+        cell = dict(grid.base, plan=plan, members=members, fraction=fraction,
+                    strategy=strategy)
+        if rate is not None:
+            cell["deletion_rate"] = rate
+        if grid.oracle_in == strategy:
+            cell["oracle_reference"] = "end"
+        out.append(cell)
     return out
 
 
 def cell_name(c: dict) -> str:
-    return f"{c['plan']}-m{c['members']}-f{c['fraction']:g}-{c['strategy']}"
+    name = f"{c['plan']}-m{c['members']}-f{c['fraction']:g}-{c['strategy']}"
+    return name + (f"-d{c['deletion_rate']:g}" if "deletion_rate" in c else "")
+
+
+def write_method_tables(grid: Grid, done: dict[str, pathlib.Path], out: pathlib.Path) -> None:
+    """The field's table (`jaxunlearn.table`) for each forget-set size of the grid, from its
+    finished cells: ``methods-dRATE/table.md``, ``table.csv`` and ``gap_vs_seconds.png``."""
+    from jaxunlearn import table
+
+    for rate in grid.deletion_rates:
+        dirs = [d for name, d in done.items() if name.endswith(f"-d{rate:g}")]
+        try:
+            rows = table.table(dirs)
+        except table.ReportError as e:
+            print(f"no table for deletion_rate {rate:g}: {e}", file=sys.stderr)
+            continue
+        table.write(rows, out / f"methods-d{rate:g}")
+        print(f"deletion_rate {rate:g}:\n{table.markdown(rows)}", end="", flush=True)
 
 
 def row(name: str, c: dict, results: dict) -> dict:
@@ -247,7 +286,7 @@ def main(argv=None) -> int:
     except (config_lib.ConfigError, data_lib.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows = []
+    rows, finished = [], {}
     for c, cfg in zip(chosen, configs):
         name = cell_name(c)
         run_dir = runs / name
@@ -263,8 +302,11 @@ def main(argv=None) -> int:
                                       progress=False)
             print(f"{name}: {time.perf_counter() - t0:.1f}s", flush=True)
         rows.append(row(name, c, json.loads(results_path.read_text())))
+        finished[name] = run_dir
         write_tables(rows, out)
     plot(rows, runs, out)
+    if grid.deletion_rates:
+        write_method_tables(grid, finished, out)
     print(f"wrote {out / 'table.md'}, {out / 'table.csv'} and {out / 'plots'}")
     return 0
 

@@ -99,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dir", metavar="DIR", help="with --download: where to put it (default: "
                                                    "$JAXUNLEARN_CACHE/cifar10, else "
                                                    "~/.cache/jaxunlearn/cifar10)")
+    report = sub.add_parser("report", help="compare finished runs: the field's table of "
+                                           "unlearning methods (Markdown, CSV, plot)",
+                            description="One row per run (its strategy) and the oracle: forget, "
+                                        "retain and test accuracy, population and per-example "
+                                        "(LiRA) membership inference, unlearning seconds, and "
+                                        "the average gap to the oracle. The runs must share "
+                                        "data, preset and training settings; one needs an "
+                                        "oracle (oracle_reference=end).")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", default="report", metavar="DIR",
+                        help="where to write table.md, table.csv and gap_vs_seconds.png "
+                             "(default: report)")
     return parser
 
 
@@ -232,6 +244,16 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from jaxunlearn import table
+
+    rows = table.table(args.run_dirs)  # every check before anything is written
+    paths = table.write(rows, args.out)
+    print(table.markdown(rows), end="")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from jaxunlearn.data import DataError
@@ -241,9 +263,10 @@ def main(argv=None) -> int:
     from jaxunlearn.deletion_log import DeletionLogError
     from jaxunlearn.requests import RequestError
     from jaxunlearn.runlock import NoRunFolder, RunLocked
+    from jaxunlearn.table import ReportError
 
     commands = {"run": cmd_run, "forget": cmd_forget, "audit": cmd_audit, "log": cmd_log,
-                "presets": cmd_presets, "data": cmd_data}
+                "presets": cmd_presets, "data": cmd_data, "report": cmd_report}
     if args.command in ("run", "forget"):
         from jaxunlearn import cache
 
@@ -251,7 +274,7 @@ def main(argv=None) -> int:
     try:
         return commands[args.command](args)
     except (DataError, ScheduleError, config_lib.ConfigError, RequestError, RunLocked,
-            NoRunFolder, CheckpointError, DeletionLogError) as e:
+            NoRunFolder, CheckpointError, DeletionLogError, ReportError) as e:
         print(f"jaxunlearn: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:

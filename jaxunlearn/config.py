@@ -71,14 +71,23 @@ class Config:
     deletions: str = ""  # path of an explicit JSON schedule (replaces the random one)
     strategy: str = "replace"  # replace, rewind (to the last clean state), oracle (from scratch)
     oracle_reference: str = "end"  # none, end, deletions: when to train the oracle for comparison
+    # Approximate strategies (finetune, neggrad, random_labels): epochs on each invalid member's
+    # retained sample, at a constant learning rate of unlearn_lr x learning_rate
+    unlearn_epochs: int = 2
+    unlearn_lr: float = 0.1
+    neggrad_beta: float = 0.999  # NegGrad+: beta x retain loss - (1 - beta) x forget loss
     # Evaluation of unlearning
     evaluators: str = "scores,mia"  # comma-separated: scores (forget/retain/test), mia
     retain_eval: int = 10000  # at most this many retained training examples are scored
     mia_folds: int = 5  # cross-validation folds of the membership-inference attack
+    # Extra members trained (and unlearned) with the ensemble for the lira evaluator's
+    # reference models only: never part of a prediction
+    shadow_members: int = 0
     # Baseline: one model trained the same way on its own sample ("none" to skip)
     baseline: str = "resnet152"
-    baseline_plan: str = "bootstrap"  # bootstrap (the original), full (the whole working set)
+    baseline_plan: str = "bootstrap"  # bootstrap (the original), subset, full (the working set)
     baseline_fraction: float = 0.2
+    baseline_epochs: int = 0  # epochs per phase of the baseline (0: as `epochs`)
     baseline_unlearning: str = "auto"  # none (the original), oracle; auto: oracle iff strategy is
 
     def to_dict(self) -> dict:
@@ -114,6 +123,15 @@ PRESETS: dict[str, Config] = {
                            model="air-s", baseline="none", phases=1, plan="subset",
                            fraction=1.0, epochs=5, batch_size=256, eval_every_epoch=False,
                            deletion_rate=0.0, oracle_reference="none", keep_checkpoints=1),
+    # The original protocol at CPU scale: its structure (5 chunks of 10,000, 5 members on 20%
+    # bootstraps, 1+2+3+4 deletions, scores every phase) on air-s nets; beside it one air-m
+    # given the ensemble's training compute: 0.76 x 2 epochs x 0.126 GFLOPs per image against
+    # 5 x 0.2 x 6 epochs x 0.032 (within 1%).
+    "protocol": Config(preset="protocol", **{**AIR_RECIPE, "learning_rate": 0.4},
+                       data="cifar10", model="air-s", epochs=6, batch_size=128,
+                       eval_every_epoch=False, strategy="rewind", oracle_reference="none",
+                       retain_eval=2000, baseline="air-m", baseline_plan="subset",
+                       baseline_fraction=0.76, baseline_epochs=2),
 }
 PRESET_HELP = {
     "smoke": "tiny nets, 300 sample images, 3 phases, 1 epoch: seconds (tests)",
@@ -122,9 +140,17 @@ PRESET_HELP = {
     "resnet-demo": "5 ResNet-18s vs a ResNet-152 (the original's shape) on 500 sample images: "
                    "about 10 minutes on a CPU",
     "seed": "the original protocol on full CIFAR-10 (50 epochs/phase, batch 512): GPU recommended",
+    "protocol": "the original protocol's structure on full CIFAR-10 with 5 air-s nets (6 "
+                "epochs/phase) vs one air-m given the same compute: about N minutes on 2 CPU cores",
     "air-s-single": "one air-s on full CIFAR-10, 5 epochs (the fast family's recipe): about 17 "
                     "minutes on 2 CPU cores",
 }
+
+
+def epochs_of(cfg: Config, source: str) -> int:
+    """Epochs per phase of a model group: ``baseline_epochs`` for the baseline when set (to
+    match its training compute to the ensemble's), else ``epochs``."""
+    return cfg.baseline_epochs if source == "baseline" and cfg.baseline_epochs else cfg.epochs
 
 
 def _coerce(field: dataclasses.Field, text: str):
@@ -163,7 +189,7 @@ def _split(text: str) -> tuple[str, str]:
 
 
 ORACLE_REFERENCES = ("none", "end", "deletions")
-BASELINE_PLANS = ("bootstrap", "full")
+BASELINE_PLANS = ("bootstrap", "subset", "full")
 
 
 def check(cfg: Config, n_train: int) -> None:
@@ -185,7 +211,26 @@ def check(cfg: Config, n_train: int) -> None:
     need(cfg.members >= 1, f"members must be at least 1, got {cfg.members}")
     need(cfg.phases >= 1, f"phases must be at least 1, got {cfg.phases}")
     need(cfg.epochs >= 1, f"epochs must be at least 1, got {cfg.epochs}")
+    need(cfg.baseline_epochs >= 0, f"baseline_epochs must be 0 (as epochs) or more, got "
+         f"{cfg.baseline_epochs}")
     need(cfg.batch_size >= 1 and cfg.eval_batch_size >= 1, "batch sizes must be at least 1")
+    need(cfg.shadow_members >= 0, f"shadow_members must be 0 or more, got {cfg.shadow_members}")
+    if cfg.shadow_members:
+        need("lira" in cfg.evaluators,
+             f"shadow_members={cfg.shadow_members} trains members for the lira evaluator only; "
+             f"add lira to evaluators (e.g. evaluators=scores,mia,lira) or set shadow_members=0")
+        need(cfg.plan != "shards", "shadow members draw samples of their own, which SISA's "
+                                   "disjoint shards cannot give; use plan bootstrap or subset")
+        need(not (cfg.plan == "subset" and cfg.fraction >= 1),
+             "shadow members need examples they did not train on, and plan subset with "
+             "fraction 1 trains every member on every example; lower the fraction")
+    need(cfg.unlearn_epochs >= 1, f"unlearn_epochs (of the approximate strategies) must be at "
+                                  f"least 1, got {cfg.unlearn_epochs}")
+    need(np.isfinite(cfg.unlearn_lr) and cfg.unlearn_lr > 0,
+         f"unlearn_lr (the approximate strategies' learning rate, a multiple of learning_rate) "
+         f"must be positive, got {cfg.unlearn_lr}")
+    need(0 < cfg.neggrad_beta < 1, f"neggrad_beta (NegGrad+'s weight of the retained loss) must "
+                                   f"be in (0, 1), got {cfg.neggrad_beta}")
     need(cfg.model in ARCHITECTURES, f"unknown model {cfg.model!r}; choose one of {sorted(ARCHITECTURES)}")
     need(cfg.baseline == "none" or cfg.baseline in ARCHITECTURES,
          f"unknown baseline {cfg.baseline!r}; choose none or one of {sorted(ARCHITECTURES)}")
@@ -225,13 +270,14 @@ def check(cfg: Config, n_train: int) -> None:
     try:
         strategies.for_run(cfg)
         evaluators.names(cfg)
+        stacked = cfg.members + cfg.shadow_members  # the ensemble's stack
         member_parallel = ensemble.resolve_strategy(cfg.member_parallel, arch=cfg.model,
-                                                    stem=cfg.stem, members=cfg.members)
-        per_device = cfg.members
+                                                    stem=cfg.stem, members=stacked)
+        per_device = stacked
         if cfg.devices != 1:
             mesh = sharding.member_mesh(cfg.devices)
-            sharding.check_divisible(cfg.members, mesh)
-            per_device = cfg.members // mesh.size
+            sharding.check_divisible(stacked, mesh)
+            per_device = stacked // mesh.size
         make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -109,8 +109,8 @@ def run_phase(run: Run, phase: int) -> dict:
 
     ens, labels = run.ensemble, run.test_labels
     test = run.test_logits(ens)
-    record["ensemble"] = metrics.aggregate(test, labels, None, cfg.aggregation)
-    record["aggregations"] = {a: metrics.aggregate(test, labels, None, a)
+    record["ensemble"] = metrics.aggregate(test, labels, ens.voters(), cfg.aggregation)
+    record["aggregations"] = {a: metrics.aggregate(test, labels, ens.voters(), a)
                               for a in metrics.AGGREGATIONS}
     record["baseline"] = (metrics.score(run.test_logits(run.baseline)[0], labels)
                           if run.baseline else None)
@@ -118,7 +118,7 @@ def run_phase(run: Run, phase: int) -> dict:
     invalid = ens.lineage.invalid(scheduled.ids)
     record["deleted_ids"] = scheduled.ids.tolist()
     record["invalidated"] = np.flatnonzero(invalid).tolist()
-    record["members"] = unlearning.member_records(test, labels, ~invalid, ens.lineage.born)
+    record["members"] = unlearning.member_records(test, labels, ~invalid, ens)
     if scheduled.ids.size:
         blocks = apply(run, phase, scheduled)
         if blocks["cost"]["member_epochs"]:

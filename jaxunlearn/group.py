@@ -162,17 +162,25 @@ class ModelGroup:
         self.state = (self.initial_state() if initialise else
                       jax.eval_shape(self._fns.init, self._host(key), members))
         self.versions = np.full(members, next(_VERSIONS), np.int64)
+        # The members whose predictions count (the rest are shadow members, for evaluation).
+        self.predicting = np.ones(members, bool)
         # Training and test images live in one resident array (test ids follow the training
         # ids), so one compiled logits function scores both.
         train_images, train_labels, test_images, test_labels = data
         self.n_train, self.n_test = len(train_images), len(test_images)
+        self.host_labels = np.concatenate([train_labels, test_labels])
         self.train_arrays = (self.place(np.concatenate([train_images, test_images]),
                                         sharding.REPLICATED),
-                             self.place(np.concatenate([train_labels, test_labels]),
+                             self.place(self.host_labels,
                                         sharding.REPLICATED))
         self.lineage = Lineage.empty(members, self.n_train)
         self.classes = int(jax.eval_shape(fns.logits, self.state, self.train_arrays[0],
                                           jnp.zeros(1, jnp.int32)).shape[-1])
+
+    def voters(self, live: np.ndarray | None = None) -> np.ndarray:
+        """bool ``[m]``: the members that predict (no shadow member) among ``live`` (all when
+        None)."""
+        return self.predicting if live is None else self.predicting & np.asarray(live, bool)
 
     def fresh(self, name: str, initialise: bool = True) -> "ModelGroup":
         """A new group of the same kind at its initial state (same keys, empty lineage), sharing
@@ -228,12 +236,22 @@ class ModelGroup:
                                                                    sharding.REPLICATED))
         self._changed(changed)
 
-    def step(self, state, idx, weight, active, lr_scale=None):
+    def step(self, state, idx, weight, active, lr_scale=None, labels=None):
         """One optimiser step of the ``active`` members (device mask ``[k]``) of the stack
         ``state`` on their batches ``idx``/``weight`` ``[k, b]``, their updates scaled by
         ``lr_scale`` ``[k]`` (None: 1); returns the new stack and the loss sums ``[k]``. The
-        group's own state is the stack of all its members."""
-        return self._fns.step(state, *self.train_arrays, idx, weight, active, lr_scale)
+        group's own state is the stack of all its members. ``labels``: a resident label array
+        from `relabelled` in place of the true labels."""
+        images, true = self.train_arrays
+        return self._fns.step(state, images, true if labels is None else labels, idx, weight,
+                              active, lr_scale)
+
+    def relabelled(self, ids: np.ndarray, labels: np.ndarray):
+        """A resident label array like `train_arrays`' in which training examples ``ids`` have
+        ``labels`` instead of their own."""
+        out = self.host_labels.copy()
+        out[np.asarray(ids, np.int64)] = labels
+        return self.place(out, sharding.REPLICATED)
 
     def set_trained(self, state, members: np.ndarray) -> None:
         """Takes ``state``, the whole stack, after training ``members`` (bool ``[m]``)."""

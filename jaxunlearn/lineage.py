@@ -28,7 +28,7 @@ class Lineage:
         """Adds the examples of a batch stream: ``idx`` int ``[..., m, b]``, ``weight`` same shape
         (0 marks padding), ``active`` bool ``[m]`` (inactive members were not updated)."""
         idx = np.asarray(idx)
-        fed = np.asarray(weight) > 0
+        fed = np.asarray(weight) != 0  # negative: trained on by gradient ascent
         if active is not None:
             fed = fed & np.asarray(active, bool)[:, None]
         m = self.seen.shape[0]

@@ -150,3 +150,91 @@ def loss_attack(member_losses: np.ndarray, nonmember_losses: np.ndarray, folds: 
             results[name][1].append(area)
     return {"n": int(n), "folds": int(k),
             **{name: _summary(*vals) for name, vals in results.items()}}
+
+
+# Per-example membership inference (LiRA) -------------------------------------------------------
+#
+# The loss attacks above treat every example alike, so an example that is easy for every model
+# looks like a member whether or not it was trained on. LiRA (Carlini et al. 2022, "Membership
+# inference attacks from first principles") calibrates per example: reference models that did
+# not train on the example give the distribution of the model's logit-scaled confidence on it
+# when it is not a member, a Gaussian per example, and the model under test is scored by how far
+# above that distribution it sits. This is the offline form (out-models only, their paper's
+# Section VI-C): test examples, the non-members of the comparison, are in no model's training
+# data, so no in-side can be fitted for them; U-LiRA (Hayes et al. 2024) uses it the same way to
+# ask whether an unlearned model looks like one that never saw the example.
+
+MIN_POOL = 8  # reference models needed for an example's own variance (else the pooled one)
+
+
+def logit_confidence(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``log p(label) - log(1 - p(label))`` per model and example (float64 ``[..., n]``) from
+    logits ``[..., n, classes]``: Gaussian-looking where the loss is not (LiRA's scaling)."""
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    labels = np.asarray(labels, np.int64)
+    hit = np.arange(z.shape[-1]) == labels[:, None]
+    own = np.take_along_axis(z, np.broadcast_to(labels[:, None], z.shape[:-1] + (1,)),
+                             axis=-1)[..., 0]
+    others = np.where(hit, -np.inf, z)
+    top = others.max(axis=-1, keepdims=True)
+    rest = top[..., 0] + np.log(np.exp(others - top).sum(axis=-1))
+    return own - rest
+
+
+def lira_scores(target: np.ndarray, pool: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Offline LiRA scores (higher = more likely a member) of ``target`` confidences ``[t, n]``
+    (``t`` models under test, e.g. an ensemble's members) given the reference models'
+    confidences ``pool`` ``[t, k, n]`` and ``out`` (bool, same shape): which reference models may
+    serve for target model ``i`` and example ``j`` (they never trained on it, and are not model
+    ``i`` itself). Each example's out-Gaussian has the mean of its out-models and their standard
+    deviation when there are `MIN_POOL` or more, else the deviation pooled over all examples
+    (Carlini et al.'s fixed variance, steadier with few models). Returns ``[n]``: the largest
+    score over the ``t`` models (an example is a member if any model trained on it); NaN where
+    no model has an out-model for it."""
+    target, pool = np.asarray(target, np.float64), np.asarray(pool, np.float64)
+    out = np.asarray(out, bool)
+    count = out.sum(axis=1)  # [t, n]
+    total = np.where(out, pool, 0.0).sum(axis=1)
+    mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    resid = np.where(out, pool - mean[:, None, :], 0.0)
+    var = (resid ** 2).sum(axis=1) / np.maximum(count - 1, 1)
+    usable = count >= 2
+    pooled = float((resid ** 2).sum() / max(int((count - 1)[usable].sum()), 1))
+    sd = np.sqrt(np.where(count >= MIN_POOL, var, pooled))
+    sd = np.where(sd > 0, sd, 1.0)
+    z = np.where(count > 0, (target - mean) / sd, -np.inf)
+    best = z.max(axis=0)
+    return np.where(np.isneginf(best), np.nan, best)
+
+
+def tpr_at_fpr(scores: np.ndarray, labels: np.ndarray, fpr: float) -> float:
+    """The fraction of members scored above the threshold that at most ``fpr`` of the
+    non-members exceed (the low-FPR regime where per-example attacks differ from guessing)."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels)
+    neg = np.sort(scores[labels == 0])[::-1]
+    allowed = int(np.floor(fpr * len(neg)))  # non-members allowed above the threshold
+    threshold = neg[allowed] if allowed < len(neg) else -np.inf
+    return float(np.mean(scores[labels == 1] > threshold))
+
+
+def lira_attack(member_scores: np.ndarray, nonmember_scores: np.ndarray, folds: int = 5,
+                seed: int = 0) -> dict:
+    """AUC and TPR at 1% and 0.1% FPR of LiRA scores, members vs non-members (NaN scores, with
+    no out-model, left out), with the AUC's spread over ``folds`` disjoint stratified parts."""
+    mem = np.asarray(member_scores, np.float64)
+    non = np.asarray(nonmember_scores, np.float64)
+    mem, non = mem[np.isfinite(mem)], non[np.isfinite(non)]
+    if len(mem) < 1 or len(non) < 2:
+        return {"n": int(len(mem)), "skipped": "need a scored member and two non-members"}
+    scores = np.concatenate([mem, non])
+    y = np.concatenate([np.ones(len(mem)), np.zeros(len(non))])
+    rng = np.random.default_rng(seed)
+    k = max(1, min(int(folds), len(mem)))
+    parts = [np.array_split(rng.permutation(np.flatnonzero(y == c)), k) for c in (1, 0)]
+    aucs = [auc(scores[np.concatenate([parts[0][i], parts[1][i]])],
+                y[np.concatenate([parts[0][i], parts[1][i]])]) for i in range(k)]
+    return {"n": int(len(mem)), "n_nonmembers": int(len(non)), "auc": auc(scores, y),
+            "auc_std": float(np.std(aucs)), "folds": k,
+            "tpr_at_1pct_fpr": tpr_at_fpr(scores, y, 0.01),
+            "tpr_at_0.1pct_fpr": tpr_at_fpr(scores, y, 0.001)}

@@ -26,7 +26,7 @@ import numpy as np
 PLANS = ("bootstrap", "subset", "shards")
 # Independent host random streams of a run, so that changing one part of it (say, evaluation)
 # never shifts the samples another part draws.
-STREAMS = ("ensemble", "baseline", "deletions", "retrain", "shards", "eval")
+STREAMS = ("ensemble", "baseline", "deletions", "retrain", "shards", "eval", "random_labels")
 
 
 def stream(seed: int, name: str, *more: int) -> np.random.Generator:

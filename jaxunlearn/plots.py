@@ -20,7 +20,7 @@ def plot_phases(results: dict, path) -> pathlib.Path:
     for ax, field, label in ((axes[0], "test_accuracy", "test accuracy"),
                              (axes[1], "test_loss", "test loss (mean cross-entropy)")):
         for r in results["phases"]:
-            ys = [m[field] for m in r["members"]]
+            ys = [m[field] for m in r["members"] if not m.get("shadow")]
             ax.scatter([r["phase"]] * len(ys), ys, s=12, color="tab:blue", alpha=0.35,
                        label="members" if r["phase"] == phases[0] else None)
         ax.plot(phases, [r["ensemble"][field] for r in results["phases"]], "o-",

@@ -108,10 +108,12 @@ def phase_line(r: dict, phases: int) -> str:
 
 
 def summary_line(results: dict) -> str:
-    f = results["final"]
+    f, audit = results["final"], results["lineage_audit"]
+    verdict = "ok" if audit["ok"] else "FAILED"
+    if audit.get("held_by_design"):
+        verdict += (f" (approximate: live lineage holds {audit['held_by_design']} deleted "
+                    f"id(s) by design)")
     return (f"final: ensemble acc {f['ensemble']['test_accuracy']:.4f}"
             + (f", baseline acc {f['baseline']['test_accuracy']:.4f}" if f["baseline"] else "")
             + f"; {len(results['deleted_ids'])} ids deleted, {results['replacements']} member "
-              f"replacements; lineage audit "
-              f"{'ok' if results['lineage_audit']['ok'] else 'FAILED'}"
-              f"; {results['wall_seconds']:.1f}s")
+              f"replacements; lineage audit {verdict}; {results['wall_seconds']:.1f}s")

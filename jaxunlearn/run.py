@@ -87,14 +87,15 @@ class Run:
         self.train_labels, self.test_labels = ds.train_labels, ds.test_labels
         k_ens, k_base, self.k_unlearn = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
         arrays = (ds.train_images, ds.train_labels, ds.test_images, ds.test_labels)
-        ensemble = ModelGroup("ensemble", "ensemble", cfg.model, cfg.members, cfg, k_ens,
-                              arrays, devices=cfg.devices, initialise=initialise)
+        ensemble = ModelGroup("ensemble", "ensemble", cfg.model, cfg.members + cfg.shadow_members,
+                              cfg, k_ens, arrays, devices=cfg.devices, initialise=initialise)
+        ensemble.predicting = np.arange(ensemble.members) < cfg.members
         self.stages = Stages(cfg, self.chunks)
         self.snapshots = SnapshotStore(out, read_only=not self.primary)
         self.deletions = deletions_lib.Deletions(cfg.seed, cfg.deletion_rate, self.chunks,
                                                  schedule)
-        epochs = cfg.phases * cfg.epochs * ((cfg.baseline != "none") +
-                                            self.stages.slices("ensemble"))
+        epochs = cfg.phases * (cfg.epochs * self.stages.slices("ensemble") + (
+            config_lib.epochs_of(cfg, "baseline") if cfg.baseline != "none" else 0))
         self.report = Report(cfg, out, self._header(ds, ensemble), log, progress,
                              self.primary, epochs)
         self.trainer = Trainer(cfg, self.report, self.deletions.mask, ds.test_labels,

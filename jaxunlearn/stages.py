@@ -45,7 +45,7 @@ class Stages:
 
     def __init__(self, cfg: Config, chunks: list[np.ndarray]):
         self.chunks = chunks
-        self.plans = {"ensemble": _Plan(cfg.plan, cfg.fraction, cfg.members,
+        self.plans = {"ensemble": _Plan(cfg.plan, cfg.fraction, cfg.members + cfg.shadow_members,
                                         cfg.slices if cfg.plan == "shards" else 1),
                       "baseline": _Plan(cfg.baseline_plan, cfg.baseline_fraction, 1, 1)}
         self.rngs = {source: plans.stream(cfg.seed, source) for source in SOURCES}

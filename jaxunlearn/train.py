@@ -108,7 +108,8 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, use_augment: 
       state: the member's state.
       images, labels: the resident training set, uint8 ``[n, 32, 32, 3]`` and int ``[n]``.
       idx: int32 ``[b]`` example ids of this batch (padding entries may hold any valid id).
-      weight: float32 ``[b]``, 1 for real examples and 0 for padding.
+      weight: float32 ``[b]``, 1 for real examples and 0 for padding; a negative weight makes
+        the step ascend that example's loss (BatchNorm and the mean use its absolute value).
       active: bool scalar; an inactive member (or an all-padding batch) is returned unchanged.
       lr_scale: float scalar multiplying the update (a learning-rate schedule); None: 1.
       label_smoothing: smoothing of the training labels (static).
@@ -122,11 +123,13 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, use_augment: 
     x = normalize(x)
     y = labels[idx]
 
+    mass = jnp.abs(weight)  # a negative weight ascends that example's loss (NegGrad+)
+
     def loss_fn(params):
         logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
-                                      train=True, weight=weight, mutable=["batch_stats"])
+                                      train=True, weight=mass, mutable=["batch_stats"])
         total = jnp.sum(cross_entropy(logits, y, label_smoothing) * weight)
-        return total / jnp.maximum(jnp.sum(weight), 1.0), (updates["batch_stats"], total)
+        return total / jnp.maximum(jnp.sum(mass), 1.0), (updates["batch_stats"], total)
 
     grads, (batch_stats, total) = jax.grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -134,7 +137,7 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, use_augment: 
         updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
     new = MemberState(params=optax.apply_updates(state.params, updates), batch_stats=batch_stats,
                       opt_state=opt_state, step=state.step + 1, key=state.key)
-    take = jnp.logical_and(active, jnp.sum(weight) > 0)
+    take = jnp.logical_and(active, jnp.sum(mass) > 0)
     new = jax.tree.map(lambda n, o: jnp.where(take, n, o), new, state)
     return new, jnp.where(take, total, 0.0)
 

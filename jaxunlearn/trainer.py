@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxunlearn import metrics, plans, sharding, timing, train
-from jaxunlearn.config import Config
+from jaxunlearn.config import Config, epochs_of
 from jaxunlearn.group import ModelGroup
 from jaxunlearn.stages import SOURCES, Stage
 
@@ -64,6 +64,20 @@ def check_finite(step_losses: np.ndarray, name: str, epoch: int, offset: int = 0
                                offset + step + 1)
 
 
+class Recipe(NamedTuple):
+    """How an approximate unlearning trains (`Trainer.train`'s ``recipe``), in place of the
+    phase's own schedule: ``epochs`` at a constant learning rate ``lr_scale`` times the
+    configured one, a fresh optimiser state, and ``forget`` (int ids) fed although deleted, each
+    with weight ``forget_weight`` (one per member; negative: gradient ascent) and, when
+    ``labels`` (int, one per ``forget`` id) is given, that label instead of its own."""
+
+    epochs: int
+    lr_scale: float
+    forget: np.ndarray = np.zeros(0, np.int64)
+    forget_weight: np.ndarray | float = 1.0
+    labels: np.ndarray | None = None
+
+
 class Trainer:
     """Trains members of model groups on stages; reports each epoch through ``report``."""
 
@@ -79,7 +93,7 @@ class Trainer:
 
     def train(self, group: ModelGroup, stage: Stage, members: np.ndarray, *,
               kind: str = "epoch", round_: int = 0, start: Start | None = None,
-              on_step: Callable | None = None) -> Cost:
+              on_step: Callable | None = None, recipe: Recipe | None = None) -> Cost:
         """Trains ``members`` (bool ``[m]``) of ``group`` on ``stage`` for the configured epochs.
 
         Some members only train as stacks of their own (`ModelGroup.substacks`): the others are
@@ -89,17 +103,23 @@ class Trainer:
         own training, else ``retrain``, ``rewind``, ``oracle``). After each step of a whole
         group, ``on_step(epoch, steps_done, partial_loss)`` may checkpoint; ``partial_loss()``
         gives the epoch's loss sums so far and raises `TrainingDiverged` if one is not finite.
+        A ``recipe`` (`Recipe`) trains as an approximate unlearning does instead.
         Returns the cost, its seconds without compilation, callbacks and evaluation.
         """
         cfg, clock = self.cfg, timing.Clock()
+        epochs = recipe.epochs if recipe else epochs_of(cfg, stage.source)
         members = np.asarray(members, bool)
-        if start is None and cfg.reset_optimizer_each_phase and stage.slice == 1:
+        if recipe or (start is None and cfg.reset_optimizer_each_phase and stage.slice == 1):
             group.reset_optimizer(members)
         start = start or Start()
         if kind != "epoch":
-            self.report.extend_progress(cfg.epochs)
+            self.report.extend_progress(epochs)
+        deleted = self.deleted
+        if recipe is not None and recipe.forget.size:
+            deleted = deleted.copy()
+            deleted[recipe.forget] = False
         samples = [s if a else s[:0] for s, a in
-                   zip(plans.without(stage.samples, self.deleted), members)]
+                   zip(plans.without(stage.samples, deleted), members)]
         sizes = np.array([len(s) for s in samples])
         parts = group.substacks(members)
         whole = len(parts) == 1 and np.array_equal(parts[0], np.arange(group.members))
@@ -109,10 +129,21 @@ class Trainer:
         actives = [group.place_members(members[sel]) for sel in parts]
         seed_key = (cfg.seed, SOURCES[stage.source], stage.t, round_)
         per_step = P(None, sharding.MEMBER_AXIS)
-        for epoch in range(start.epoch, cfg.epochs + 1):
+        labels = None
+        if recipe is not None and recipe.labels is not None:
+            labels = group.relabelled(recipe.forget, recipe.labels)
+        if recipe is not None and recipe.forget.size:
+            forget = np.zeros(group.n_train, bool)
+            forget[recipe.forget] = True
+            forget_weight = np.broadcast_to(np.asarray(recipe.forget_weight, np.float32),
+                                            (group.members,))
+        for epoch in range(start.epoch, epochs + 1):
             rngs = plans.member_rngs(seed_key, epoch, group.members)
             idx, weight = plans.epoch_batches(rngs, samples, cfg.batch_size)
-            scale = self._lr_scales(epoch, idx.shape[0], sizes)
+            if recipe is not None and recipe.forget.size:
+                weight = np.where(forget[idx], forget_weight[None, :, None], 1.0) * weight
+            scale = (self._lr_scales(epoch, epochs, idx.shape[0], sizes) if recipe is None else
+                     np.full(idx.shape[:2], recipe.lr_scale, np.float32))
             batches = [(group.place(idx[:, sel], per_step), group.place(weight[:, sel], per_step),
                         None if scale is None else group.place(scale[:, sel], per_step))
                        for sel in parts]
@@ -135,7 +166,8 @@ class Trainer:
             for s in range(offset, idx.shape[0]):
                 for j, (idx_dev, weight_dev, scale_dev) in enumerate(batches):
                     stacks[j], loss = group.step(stacks[j], idx_dev[s], weight_dev[s], actives[j],
-                                                 None if scale_dev is None else scale_dev[s])
+                                                 None if scale_dev is None else scale_dev[s],
+                                                 labels=labels)
                     losses[j].append(loss)
                 group.lineage.record(idx[s], weight[s], members)
                 if whole:
@@ -147,11 +179,13 @@ class Trainer:
                     group.scatter(stack, sel, np.isin(np.arange(group.members), sel) & members)
             train_loss = partial_loss() / np.maximum(sizes, 1)  # waits for the epoch's steps
             self._epoch_done(group, stage, kind, epoch, train_loss, members, clock)
-        return Cost(int(members.sum()) * cfg.epochs, int(sizes.sum()) * cfg.epochs,
+        return Cost(int(members.sum()) * epochs, int(sizes.sum()) * epochs,
                     clock.seconds())
 
-    def _lr_scales(self, epoch: int, steps: int, sizes: np.ndarray) -> np.ndarray | None:
-        """Each member's learning-rate multiplier at each step of ``epoch``, ``[steps, m]``, from
+    def _lr_scales(self, epoch: int, epochs: int, steps: int,
+                   sizes: np.ndarray) -> np.ndarray | None:
+        """Each member's learning-rate multiplier at each step of ``epoch`` of ``epochs``,
+        ``[steps, m]``, from
         its own progress through the phase (members with smaller samples take fewer steps);
         None for a constant schedule."""
         cfg = self.cfg
@@ -159,7 +193,7 @@ class Trainer:
             return None
         per_epoch = np.maximum(-(-sizes // cfg.batch_size), 1)  # each member's steps
         step = np.minimum(np.arange(steps)[:, None], per_epoch[None, :] - 1)
-        progress = (epoch - 1 + step / per_epoch[None, :]) / cfg.epochs
+        progress = (epoch - 1 + step / per_epoch[None, :]) / epochs
         return train.lr_scale(cfg.lr_schedule, progress, cfg.lr_warmup).astype(np.float32)
 
     def _epoch_done(self, group, stage, kind, epoch, train_loss, members, clock) -> None:
@@ -178,6 +212,6 @@ class Trainer:
                     self.eval_seconds += scoring.seconds()
             line["members"] = [metrics.score(l, self.test_labels) for l in logits]
             if group.members > 1:
-                line["ensemble"] = metrics.aggregate(logits, self.test_labels, None,
+                line["ensemble"] = metrics.aggregate(logits, self.test_labels, group.voters(),
                                                      self.cfg.aggregation)
         self.report.epoch(line, f"phase {stage.phase}/{self.cfg.phases} {group.name}")

@@ -97,3 +97,73 @@ def test_deterministic():
     rng = np.random.default_rng(2)
     mem, non = 0.3 * rng.exponential(size=80), rng.exponential(size=200)
     assert mia.loss_attack(mem, non, seed=7) == mia.loss_attack(mem, non, seed=7)
+
+
+# LiRA (per-example, offline) -----------------------------------------------------------------
+
+def _planted(rng, n=2000, k=16, shift=2.0, spread=3.0, noise=0.5, planted=True):
+    """Synthetic confidences in LiRA's setting: each example has its own difficulty (the
+    population attack's nuisance, N(0, spread) across examples), each model adds noise, and a
+    model that trained on an example is ``shift`` more confident on it. Half the examples are
+    members of the target model (when ``planted``); none is a member of a reference model."""
+    difficulty = rng.normal(0.0, spread, n)
+    members = np.zeros(n, bool)
+    members[: n // 2] = planted
+    pool = difficulty + rng.normal(0.0, noise, (k, n))
+    target = difficulty + rng.normal(0.0, noise, n) + shift * members
+    out = np.ones((1, k, n), bool)
+    return target[None], pool[None], out, members
+
+
+def test_lira_beats_the_population_attack_on_a_planted_memorised_set():
+    rng = np.random.default_rng(0)
+    target, pool, out, members = _planted(rng)
+    scores = mia.lira_scores(target, pool, out)
+    got = mia.lira_attack(scores[members], scores[~members])
+    population = mia.loss_attack(-target[0][members], -target[0][~members])  # loss ~ -confidence
+    assert got["auc"] > 0.9 and got["tpr_at_1pct_fpr"] > 0.3
+    assert population["logistic"]["auc"] < 0.75
+    assert got["auc"] > population["logistic"]["auc"] + 0.2
+    # the population attack's best threshold catches almost nothing at 1% false positives
+    assert mia.tpr_at_fpr(target[0], members.astype(int), 0.01) < 0.1
+
+
+def test_lira_is_chance_on_two_samples_of_one_distribution():
+    rng = np.random.default_rng(1)
+    target, pool, out, members = _planted(rng, n=4000, planted=False)
+    members[: len(members) // 2] = True  # labels only: nothing was trained on
+    scores = mia.lira_scores(target, pool, out)
+    got = mia.lira_attack(scores[members], scores[~members], folds=5)
+    assert abs(got["auc"] - 0.5) < 0.04 and got["tpr_at_1pct_fpr"] < 0.03
+    assert got["folds"] == 5 and got["auc_std"] < 0.05
+
+
+def test_lira_uses_only_the_allowed_reference_models():
+    # Example 0's only out-model disagrees wildly with the in-model: masking it must matter.
+    target = np.array([[1.0, 1.0]])
+    pool = np.array([[[0.0, 0.0], [50.0, 50.0]]])
+    out = np.array([[[True, True], [False, True]]])
+    scores = mia.lira_scores(target, pool, out)
+    assert scores[0] > 0 > scores[1]
+    # no out-model at all: no score
+    assert np.isnan(mia.lira_scores(target, pool, np.zeros_like(out)))[0]
+
+
+def test_logit_confidence_matches_its_definition():
+    logits = np.array([[[2.0, 0.5, -1.0], [0.0, 0.0, 0.0]]])
+    labels = np.array([0, 2])
+    p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    want = np.log(p[0, [0, 1], labels]) - np.log(1 - p[0, [0, 1], labels])
+    np.testing.assert_allclose(mia.logit_confidence(logits, labels)[0], want, rtol=1e-12)
+    big = mia.logit_confidence(np.array([[[400.0, 0.0]]]), np.array([0]))
+    assert np.isfinite(big).all() and big[0, 0] == pytest.approx(400.0)
+
+
+def test_tpr_at_fpr_hand_computed():
+    scores = np.array([10.0, 9.0, 1.0, 8.0, 2.0, 3.0, 0.0])
+    labels = np.array([1, 1, 1, 0, 0, 0, 0])
+    # no false positive allowed: threshold at the top negative (8): two members above it
+    assert mia.tpr_at_fpr(scores, labels, 0.0) == pytest.approx(2 / 3)
+    assert mia.tpr_at_fpr(scores, labels, 0.25) == pytest.approx(2 / 3)  # one allowed: 3
+    assert mia.tpr_at_fpr(scores, labels, 0.5) == pytest.approx(2 / 3)   # two: 2
+    assert mia.tpr_at_fpr(scores, labels, 1.0) == pytest.approx(1.0)

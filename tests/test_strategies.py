@@ -290,8 +290,11 @@ def test_evaluators_are_chosen_by_the_config(tmp_path, sample):
 
 
 def test_strategies_are_registered_with_their_properties():
-    assert strategies.NAMES[:3] == ("replace", "rewind", "oracle")
-    assert all(strategies.make(n).exact for n in strategies.NAMES)
+    assert strategies.NAMES == ("replace", "rewind", "oracle", "finetune", "neggrad",
+                                "random_labels")
+    exact = {n for n in strategies.NAMES if strategies.make(n).exact}
+    assert exact == {"replace", "rewind", "oracle"}
+    assert all(strategies.make(n).unlearns for n in strategies.NAMES)
     assert strategies.make("oracle").reference and not strategies.make("rewind").reference
     base = strategies.for_baseline(_cfg(baseline="tiny"))
     assert not base.unlearns and not base.exact  # the original study's reference baseline

@@ -117,7 +117,7 @@ class Evaluation:
         key = (model.name, which)
         if key not in self._scores:
             self._scores[key] = metrics.evaluate(self.logits(model, which), self.labels(which),
-                                                 model.live, model.method)
+                                                 model.group.voters(model.live), model.method)
         return self._scores[key]
 
 

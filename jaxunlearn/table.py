@@ -1,0 +1,187 @@
+"""The field's comparison table of unlearning methods, from finished run folders.
+
+One row per run (its strategy), plus the oracle: forget, retain and test accuracy of the
+ensemble after unlearning, the population membership-inference AUC (`jaxunlearn.mia`'s
+logistic loss attack) and the per-example one (LiRA, when the run had the ``lira``
+evaluator), the seconds unlearning took, and the average gap to the oracle over the accuracy
+and MIA columns (the "Avg. Gap" of SalUn, ICLR 2024): 0 means indistinguishable from
+retraining without the forgotten examples.
+
+The oracle of a row is its own run's (``oracle_reference`` or ``strategy=oracle``), else the
+first other run's: every run compared must share the data, the preset and every setting that
+shapes training and deletions, so their oracles are one and the same model. `check` refuses
+folders that do not.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import pathlib
+
+# Settings that may differ between compared runs: how unlearning is done and measured, and how
+# the work is laid out; everything else (data, training, deletions) must be equal.
+FREE = {"preset", "strategy", "unlearn_epochs", "unlearn_lr", "neggrad_beta", "oracle_reference",
+        "evaluators", "member_parallel", "substacks", "devices", "checkpoint_every",
+        "keep_checkpoints", "baseline_unlearning", "shadow_members", "mia_folds"}
+COLUMNS = ("method", "exact", "forget_acc", "retain_acc", "test_acc", "mia_auc", "lira_auc",
+           "lira_tpr_1pct", "seconds", "avg_gap")
+GAP_COLUMNS = ("forget_acc", "retain_acc", "test_acc", "mia_auc")
+
+
+class ReportError(ValueError):
+    """Run folders that cannot be compared; the message says why and what to do."""
+
+
+def load(run_dir) -> dict:
+    path = pathlib.Path(run_dir) / "results.json"
+    if not path.is_file():
+        raise ReportError(f"{run_dir}: no results.json; pass finished run folders "
+                          f"(`jaxunlearn run` writes one per run)")
+    results = json.loads(path.read_text())
+    if not results.get("complete"):
+        raise ReportError(f"{run_dir}: the run has not finished (results.json is not "
+                          f"complete); resume it with `jaxunlearn run --resume {run_dir}`")
+    if not results.get("deleted_ids"):
+        raise ReportError(f"{run_dir}: the run deleted nothing, so there is no unlearning to "
+                          f"compare; use runs with deletions (deletion_rate > 0)")
+    return results
+
+
+def check(runs: dict[str, dict]) -> None:
+    """Raises ReportError unless every run shares the data and the training and deletion
+    settings of the first."""
+    names = list(runs)
+    first = runs[names[0]]
+    for name in names[1:]:
+        other = runs[name]
+        if other.get("data_fingerprint") != first.get("data_fingerprint"):
+            raise ReportError(f"{name} used other data than {names[0]} ({other.get('data_source')}"
+                              f" vs {first.get('data_source')}); compare runs on one dataset")
+        if other["config"]["preset"] != first["config"]["preset"]:
+            raise ReportError(f"{name} is preset {other['config']['preset']!r} but {names[0]} is "
+                              f"{first['config']['preset']!r}; compare runs of one preset")
+        differ = sorted(k for k in first["config"]
+                        if k not in FREE and other["config"].get(k) != first["config"][k])
+        if differ:
+            shown = ", ".join(f"{k}={other['config'].get(k)!r} vs {first['config'][k]!r}"
+                              for k in differ[:5])
+            raise ReportError(f"{name} differs from {names[0]} in settings that change the "
+                              f"trained models or the deletions ({shown}); compare runs that "
+                              f"differ only in how they unlearn")
+
+
+def _get(block: dict | None, model: str, *path):
+    value = (block or {}).get(model)
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def _row(method: str, exact, results: dict, model: str, seconds) -> dict:
+    return {"method": method, "exact": exact,
+            "forget_acc": _get(results.get("forget"), model, "accuracy"),
+            "retain_acc": _get(results.get("retain"), model, "accuracy"),
+            "test_acc": _get(results.get("test"), model, "accuracy"),
+            "mia_auc": _get(results.get("mia"), model, "logistic", "auc"),
+            "lira_auc": _get(results.get("lira"), model, "auc"),
+            "lira_tpr_1pct": _get(results.get("lira"), model, "tpr_at_1pct_fpr"),
+            "seconds": seconds}
+
+
+def _gap(row: dict, oracle: dict) -> float | None:
+    pairs = [(row[c], oracle[c]) for c in GAP_COLUMNS]
+    if any(a is None or b is None for a, b in pairs):
+        return None
+    return sum(abs(a - b) for a, b in pairs) / len(pairs)
+
+
+def table(run_dirs) -> list[dict]:
+    """The rows: the oracle first, then one per run in the order given."""
+    if not run_dirs:
+        raise ReportError("give at least one run folder")
+    runs = {str(d): load(d) for d in run_dirs}
+    check(runs)
+    with_oracle = [r for r in runs.values() if "oracle" in (r.get("test") or {})]
+    if not with_oracle:
+        raise ReportError("no run has an oracle to compare with; run one of them with "
+                          "oracle_reference=end (or strategy=oracle)")
+    source = with_oracle[0]
+    oracle_seconds = (source.get("cost") or {}).get("oracle", {}).get("seconds")
+    oracle = _row("oracle", True, source, "oracle", oracle_seconds)
+    oracle["avg_gap"] = 0.0
+    rows = [oracle]
+    for results in runs.values():
+        strategy = results["config"]["strategy"]
+        ref = results if "oracle" in (results.get("test") or {}) else source
+        cost = results.get("cost") or {}
+        exact = results.get("lineage_audit", {}).get("exact", True)
+        row = _row(strategy, exact, results, "ensemble", cost.get("seconds"))
+        row["avg_gap"] = _gap(row, _row("oracle", True, ref, "oracle", None))
+        rows.append(row)
+    return rows
+
+
+def _fmt(value, column: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if column == "exact":
+        return "yes" if value else "no"
+    if column == "seconds":
+        return f"{value:.1f}"
+    if isinstance(value, float):
+        return f"{100 * value:.2f}" if column.endswith("_acc") else f"{value:.3f}"
+    return str(value)
+
+
+HEADERS = {"method": "method", "exact": "exact", "forget_acc": "forget acc %",
+           "retain_acc": "retain acc %", "test_acc": "test acc %", "mia_auc": "MIA AUC (loss)",
+           "lira_auc": "LiRA AUC", "lira_tpr_1pct": "LiRA TPR@1%FPR",
+           "seconds": "unlearning s", "avg_gap": "avg gap to oracle"}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(HEADERS[c] for c in COLUMNS) + " |",
+             "|" + "|".join("---" if c in ("method", "exact") else "---:" for c in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(_fmt(r[c], c) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write(rows: list[dict], out) -> list[pathlib.Path]:
+    """Writes ``table.md``, ``table.csv`` and ``gap_vs_seconds.png`` into ``out``."""
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(markdown(rows))
+    with open(out / "table.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, out / "gap_vs_seconds.png")
+    return [out / "table.md", out / "table.csv", out / "gap_vs_seconds.png"]
+
+
+def plot(rows: list[dict], path) -> None:
+    """Average gap to the oracle against unlearning seconds, one point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    for row in rows:
+        if row["seconds"] is None or row["avg_gap"] is None:
+            continue
+        ax.scatter(row["seconds"], 100 * row["avg_gap"], s=40,
+                   marker="o" if row["exact"] else "^",
+                   color="tab:blue" if row["exact"] else "tab:red")
+        ax.annotate(row["method"], (row["seconds"], 100 * row["avg_gap"]),
+                    textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("unlearning seconds (oracle: retraining from scratch)")
+    ax.set_ylabel("average gap to the oracle (points)")
+    ax.set_title("exact (circles) vs approximate (triangles) unlearning")
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

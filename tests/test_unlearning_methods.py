@@ -1,0 +1,199 @@
+"""Approximate strategies, the LiRA evaluator, shadow members and the comparison table,
+through a run's public outputs (results.json, checkpoints, the audit, `jaxunlearn report`)."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import checkpoint_tree, group_state, results_of, rows
+from jaxunlearn import audit, cli, driver, table, train
+from jaxunlearn.config import ConfigError, apply_overrides, check, get_preset
+from jaxunlearn.models import make_model
+
+APPROXIMATE = ["finetune", "neggrad", "random_labels"]
+
+
+def _cfg(**changes):
+    return apply_overrides(get_preset("smoke"), {"eval_every_epoch": False, "baseline": "none",
+                                                 **changes})
+
+
+def _run(cfg, tmp_path, sample, name, **kwargs):
+    out = tmp_path / name
+    driver.train_and_evaluate(cfg, out, dataset=sample, log=lambda s: None, progress=False,
+                              **kwargs)
+    return out, results_of(out)
+
+
+def _schedule(tmp_path, schedule):
+    path = tmp_path / "deletions.json"
+    path.write_text(json.dumps(schedule))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def before(tmp_path_factory, sample):
+    """Phase 1 of the smoke run with nothing deleted: what unlearning starts from."""
+    tmp = tmp_path_factory.mktemp("before")
+    run, _ = _run(_cfg(deletion_rate=0.0), tmp, sample, "before", stop_after_phase=1)
+    return run
+
+
+@pytest.mark.parametrize("strategy", APPROXIMATE)
+def test_approximate_strategies_change_only_the_invalid_members(tmp_path, sample, before,
+                                                                strategy):
+    seen = checkpoint_tree(before)["groups"]["ensemble"]["lineage"]["seen"]
+    ids = np.flatnonzero(seen[0])[:3]  # held by member 0 (and maybe others)
+    invalid = seen[:, ids].any(axis=1)
+    assert 0 < invalid.sum() < len(invalid)
+    cfg = _cfg(strategy=strategy, deletions=_schedule(tmp_path, {"1": ids.tolist()}),
+               keep_checkpoints=5)
+    run, results = _run(cfg, tmp_path, sample, strategy, stop_after_phase=1)
+    phase = results["phases"][0]
+    assert phase["invalidated"] == np.flatnonzero(invalid).tolist()
+    assert phase["cost"]["strategy"] == strategy and phase["cost"]["member_examples"] > 0
+    old, new = group_state(before), group_state(run)
+    for part in ("params", "batch_stats"):  # the valid members: bit-identical
+        jax.tree.map(np.testing.assert_array_equal, rows(new[part], ~invalid),
+                     rows(old[part], ~invalid))
+    for i in np.flatnonzero(invalid):  # each invalid member: trained further
+        changed = jax.tree.leaves(jax.tree.map(
+            lambda a, b: bool(np.any(np.asarray(a)[i] != np.asarray(b)[i])),
+            new["params"], old["params"]))
+        assert any(changed)
+    # By design its lineage still holds the forgotten ids; the audit says so and passes, and no
+    # checkpoint but the newest (the live state) is kept holding them.
+    lineage = checkpoint_tree(run)["groups"]["ensemble"]["lineage"]["seen"]
+    assert lineage[:, ids].any()
+    ok, lines, summary = audit.audit(run)
+    assert ok, lines
+    assert any(f"strategy {strategy} unlearns approximately" in line for line in lines)
+
+
+def test_an_approximate_run_reports_itself_approximate_and_purges(tmp_path, sample):
+    cfg = _cfg(strategy="neggrad", deletion_rate=0.02, keep_checkpoints=10)
+    run, results = _run(cfg, tmp_path, sample, "run")
+    audit_block = results["lineage_audit"]
+    assert audit_block["ok"] and not audit_block["exact"]
+    assert audit_block["held_by_design"] > 0 and audit_block["violations"] == 0
+    # every kept checkpoint but the newest is clean of deleted ids (the purge ran)
+    from jaxunlearn import checkpoint
+    ckpts = checkpoint.Checkpoints(run, read_only=True)
+    try:
+        steps = ckpts.steps()
+        deleted = np.asarray(results["deleted_ids"])
+        for step in steps[:-1]:
+            lineages, meta = ckpts.load_lineages(step)
+            for entry in meta["lineages"]:
+                assert not np.asarray(lineages[entry["where"]])[:, deleted].any()
+    finally:
+        ckpts.close()
+
+
+def test_negative_weight_ascends_the_loss():
+    model = make_model("tiny", "imagenet")
+    tx = optax.sgd(0.1)
+    state = train.init_member(model, tx, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    labels = jnp.asarray(rng.integers(0, 10, 8))
+    idx = jnp.arange(8, dtype=jnp.int32)
+
+    def loss(s):
+        logits = train.eval_logits(model, s, images, idx)
+        return float(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels)))
+
+    up, _ = train.train_step(model, tx, False, state, images, labels, idx,
+                             -jnp.ones(8), jnp.asarray(True))
+    down, _ = train.train_step(model, tx, False, state, images, labels, idx,
+                               jnp.ones(8), jnp.asarray(True))
+    assert loss(up) > loss(state) > loss(down)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"unlearn_epochs": 0}, "unlearn_epochs"),
+    ({"unlearn_lr": 0.0}, "unlearn_lr"),
+    ({"unlearn_lr": -0.1}, "unlearn_lr"),
+    ({"neggrad_beta": 1.0}, "neggrad_beta"),
+    ({"shadow_members": 2}, "add lira to evaluators"),
+    ({"shadow_members": 2, "evaluators": "lira", "plan": "shards", "fraction": 1.0},
+     "plan bootstrap or subset"),
+    ({"shadow_members": 2, "evaluators": "lira", "plan": "subset", "fraction": 1.0},
+     "did not train on"),
+])
+def test_settings_that_cannot_work_are_refused(change, words):
+    with pytest.raises(ConfigError, match=words):
+        check(_cfg(**change), 300)
+
+
+def test_lira_after_exact_unlearning_matches_the_oracle_and_shadows_never_predict(tmp_path,
+                                                                                   sample):
+    cfg = _cfg(strategy="rewind", deletion_rate=0.05, evaluators="scores,mia,lira",
+               shadow_members=2)
+    run, results = _run(cfg, tmp_path, sample, "run")
+    members = results["final"]["members"]
+    assert [m.get("shadow", False) for m in members] == [False] * 3 + [True] * 2
+    assert results["final"]["ensemble"]["members"] == cfg.members  # shadows not aggregated
+    lira = results["lira"]
+    assert lira["ensemble"]["n"] == len(results["deleted_ids"])
+    assert lira["ensemble"]["n_nonmembers"] == results["n_test"]
+    # rewind's ensemble is the oracle, bit for bit, so the attack cannot tell them apart
+    assert lira["ensemble"]["auc"] == lira["oracle"]["auc"]
+    assert 0.0 <= lira["ensemble_before_last_deletion"]["auc"] <= 1.0
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, sample):
+    tmp = tmp_path_factory.mktemp("compared")
+    runs = {}
+    for strategy, reference in (("rewind", "end"), ("finetune", "none"), ("replace", "none")):
+        runs[strategy], _ = _run(_cfg(strategy=strategy, oracle_reference=reference,
+                                      deletion_rate=0.03, evaluators="scores,mia,lira"),
+                                 tmp, sample, strategy)
+    return runs
+
+
+def test_the_table_gives_rewind_no_gap_and_writes_its_files(tmp_path, compared, capsys):
+    rows_ = table.table([compared[s] for s in ("rewind", "finetune", "replace")])
+    assert [r["method"] for r in rows_] == ["oracle", "rewind", "finetune", "replace"]
+    by = {r["method"]: r for r in rows_}
+    assert by["rewind"]["avg_gap"] == 0.0 and by["oracle"]["avg_gap"] == 0.0
+    assert by["finetune"]["exact"] is False and by["rewind"]["exact"] is True
+    assert by["finetune"]["avg_gap"] is not None and by["replace"]["avg_gap"] is not None
+    for column in ("forget_acc", "retain_acc", "test_acc", "mia_auc", "lira_auc"):
+        assert by["rewind"][column] == by["oracle"][column]
+    out = tmp_path / "report"
+    assert cli.main(["report", *map(str, compared.values()), "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"table.md", "table.csv", "gap_vs_seconds.png"}
+    text = (out / "table.md").read_text()
+    assert text.count("\n") == 2 + 4 and "| rewind | yes |" in text
+    assert "| rewind |" in capsys.readouterr().out
+
+
+def test_report_refuses_runs_it_cannot_compare(tmp_path, compared, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(compared["finetune"], other)
+    results = results_of(other)
+    results["config"]["epochs"] = 7
+    (other / "results.json").write_text(json.dumps(results))
+    out = tmp_path / "report"
+    assert cli.main(["report", str(compared["rewind"]), str(other), "--out", str(out)]) == 2
+    assert "epochs=7" in capsys.readouterr().err and not out.exists()
+    results["config"].update(epochs=1, preset="demo")
+    (other / "results.json").write_text(json.dumps(results))
+    with pytest.raises(table.ReportError, match="one preset"):
+        table.table([compared["rewind"], other])
+    results["config"]["preset"] = "smoke"
+    results["data_fingerprint"] = "0" * 16
+    (other / "results.json").write_text(json.dumps(results))
+    with pytest.raises(table.ReportError, match="one dataset"):
+        table.table([compared["rewind"], other])
+    with pytest.raises(table.ReportError, match="no run has an oracle"):
+        table.table([compared["finetune"]])
+    with pytest.raises(table.ReportError, match="no results.json"):
+        table.table([tmp_path])
