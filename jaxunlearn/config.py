@@ -4,15 +4,20 @@ Presets:
 
 * ``smoke``: tiny nets on 300 examples of the bundled sample, 3 phases, 1 epoch. Seconds; the
   tests run it end to end.
-* ``demo`` (the default): the original protocol's shape (5 phases, 5 ResNet-18s with the ImageNet
+* ``demo`` (the default): 5 ``air-s`` nets on SISA shards of the bundled 1,000-image sample
+  against one ``air-s`` on all of it, 5 phases, ten deletions, rewind: about 3 minutes on two
+  CPU cores.
+* ``resnet-demo``: the original protocol's shape (5 phases, 5 ResNet-18s with the ImageNet
   stem, 20% bootstrap per member per phase, ten deletions, a ResNet-152 baseline) on the first
   500 training and 300 test images of the bundled sample, 3 epochs per phase, batch 50,
-  evaluation after each phase. A few minutes on two CPU cores (a ResNet-152 trains at about
-  9 images/s there, which sets the size).
+  evaluation after each phase. About 10 minutes on two CPU cores.
 * ``seed``: the original protocol at full scale on full CIFAR-10 (50 epochs, Adam 1e-3, batch
   512, deletions of ``int(1e-4 * |working set|)`` ids after phases 1-4, evaluation after every
   epoch), with the original's defects fixed (cumulative lineage, the baseline's BatchNorm in
   training mode, true mean cross-entropy). GPU recommended.
+* ``protocol``: the original protocol's structure on full CIFAR-10 with the fast ``air-s``
+  nets (6 epochs per phase, rewind), against one ``air-m`` given the same training compute: the
+  original's experiment at CPU scale.
 """
 
 from __future__ import annotations

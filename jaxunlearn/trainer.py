@@ -185,9 +185,8 @@ class Trainer:
     def _lr_scales(self, epoch: int, epochs: int, steps: int,
                    sizes: np.ndarray) -> np.ndarray | None:
         """Each member's learning-rate multiplier at each step of ``epoch`` of ``epochs``,
-        ``[steps, m]``, from
-        its own progress through the phase (members with smaller samples take fewer steps);
-        None for a constant schedule."""
+        ``[steps, m]``, from its own progress through the phase (members with smaller samples
+        take fewer steps); None for a constant schedule."""
         cfg = self.cfg
         if cfg.lr_schedule == "constant":
             return None

@@ -52,7 +52,8 @@ def test_smoke_results_schema(smoke_run):
     assert [len(r["deleted_ids"]) for r in results["phases"]] == [1, 2, 0]
     assert results["final"]["phase"] == 3
     assert results["final"]["ensemble"] == results["phases"][-1]["ensemble"]
-    assert results["lineage_audit"] == {"ok": True, "violations": 0, "members": 3, "deleted": 3}
+    assert results["lineage_audit"] == {"ok": True, "exact": True, "violations": 0,
+                                        "held_by_design": 0, "members": 3, "deleted": 3}
 
 
 def test_smoke_metrics_log_has_epoch_and_phase_lines(smoke_run):

@@ -310,7 +310,7 @@ def test_strategies_are_registered_with_their_properties():
     ({"oracle_reference": "always"}, "unknown oracle_reference"),
     ({"baseline_plan": "half"}, "unknown baseline_plan"),
     ({"mia_folds": 1}, "mia_folds must be at least 2"),
-    ({"evaluators": "scores,lira"}, "unknown evaluator"),
+    ({"evaluators": "scores,ulira"}, "unknown evaluator"),
 ])
 def test_bad_strategy_settings_fail_before_writing(tmp_path, sample, changes, message):
     with pytest.raises(ConfigError, match=message):

@@ -3,6 +3,8 @@
 * ``replace`` (the original study): reinitialise, join the next phase.
 * ``rewind`` (SISA): restore the last clean stage and replay, equal to the oracle.
 * ``oracle``: retrain everything from scratch, the exact reference.
+* ``finetune``, ``neggrad``, ``random_labels`` (`approximate`): train the invalid members
+  further so that they forget; cheap, not exact.
 
 Every module of this package is imported here, and a `Strategy` subclass with a ``name``
 registers itself: adding a strategy is adding a file.
