@@ -49,7 +49,8 @@ class LiRA(Evaluator):
         out = {}
         for model in evaluation.models:
             live = (model.group.members if model.live is None else int(np.sum(model.live)))
-            if not len(evaluation.sets["forget"][0]) or live < 2 or not model.group.voters(model.live).any():
+            voters = model.group.voters(model.live)
+            if not len(evaluation.sets["forget"][0]) or live < 2 or not voters.any():
                 out[model.name] = {"n": 0, "skipped": "no deleted example, or fewer than two "
                                                       "live members to compare"}
                 continue
