@@ -114,10 +114,13 @@ class Trainer:
         start = start or Start()
         if kind != "epoch":
             self.report.extend_progress(epochs)
-        deleted = self.deleted
+        deleted, forget = self.deleted, None  # forget: bool [n_train], fed although deleted
         if recipe is not None and recipe.forget.size:
-            deleted = deleted.copy()
-            deleted[recipe.forget] = False
+            forget = np.zeros(len(self.deleted), bool)
+            forget[recipe.forget] = True
+            deleted = self.deleted & ~forget
+            forget_weight = np.broadcast_to(np.asarray(recipe.forget_weight, np.float32),
+                                            (group.members,))
         samples = [s if a else s[:0] for s, a in
                    zip(plans.without(stage.samples, deleted), members)]
         sizes = np.array([len(s) for s in samples])
@@ -132,15 +135,10 @@ class Trainer:
         labels = None
         if recipe is not None and recipe.labels is not None:
             labels = group.relabelled(recipe.forget, recipe.labels)
-        if recipe is not None and recipe.forget.size:
-            forget = np.zeros(group.n_train, bool)
-            forget[recipe.forget] = True
-            forget_weight = np.broadcast_to(np.asarray(recipe.forget_weight, np.float32),
-                                            (group.members,))
         for epoch in range(start.epoch, epochs + 1):
             rngs = plans.member_rngs(seed_key, epoch, group.members)
             idx, weight = plans.epoch_batches(rngs, samples, cfg.batch_size)
-            if recipe is not None and recipe.forget.size:
+            if forget is not None:
                 weight = np.where(forget[idx], forget_weight[None, :, None], 1.0) * weight
             scale = (self._lr_scales(epoch, epochs, idx.shape[0], sizes) if recipe is None else
                      np.full(idx.shape[:2], recipe.lr_scale, np.float32))
