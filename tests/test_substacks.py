@@ -77,7 +77,11 @@ def test_training_some_members_leaves_the_others_bit_identical(layout, sample):
 @pytest.mark.parametrize("layout, exact", [("vmap", False), ("unroll", True)])
 def test_a_sub_stack_trains_members_as_the_whole_stack_does(layout, exact, sample):
     """vmap's grouped convolutions round differently with the stack size; unroll computes each
-    member alone, bit for bit."""
+    member alone, bit for bit. (With XLA's own convolutions, which the steps compile to on CPU
+    (`jaxunlearn.xla_options`), the stack of four runs its grouped convolutions in another
+    order than stacks of two and one, which equal `unroll` bit for bit: 3.0e-5 apart after
+    four steps on kernel entries of ~3e-3, where YNNPACK's were 1e-7 apart; the absolute
+    tolerance is 5e-5, was 1e-5.)"""
     chosen = np.array([True, False, True, True])
     whole, _, _ = _train(layout, "full", chosen, sample)  # the stacked step, others masked
     for policy in ("pow2", "ones"):
@@ -87,7 +91,7 @@ def test_a_sub_stack_trains_members_as_the_whole_stack_does(layout, exact, sampl
         if exact:
             chex.assert_trees_all_equal(got, want)
         else:
-            chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-5)
+            chex.assert_trees_all_close(got, want, rtol=1e-4, atol=5e-5)
 
 
 def test_unroll_agrees_with_vmap_map_and_a_python_loop_on_logits(sample):
