@@ -15,8 +15,8 @@ Grid rules:
   * A model is ``ARCH:STEM`` or ``ARCH:STEM:PRECISION`` (the latter ignores ``--precisions``).
   * ``--single-models`` (for example ``resnet152:cifar:bf16``) run only with
     ``--single-members`` (default 1).
-  * ``hybrid:K`` is skipped where the member count is not a multiple of K; with one member only
-    ``vmap`` runs (every strategy is the plain model there, as in `ModelGroup`).
+  * ``hybrid:K`` is skipped where the member count is not a multiple of K; one member runs as
+    the plain model (``unroll``, as a `ModelGroup` of one), whatever ``--strategies`` says.
   * ``--torch`` adds, per model, precision and member count, a row of the PyTorch reference
     (`torch_reference.py`: the members trained one after another, synthetic resident data);
     "torch not installed" where torch is missing.
@@ -104,10 +104,10 @@ def parse_model(spec: str, precisions) -> list[tuple[str, str, str]]:
 
 
 def strategies_for(members: int, strategies) -> list[str]:
-    """The strategies that apply to ``members``: one member runs ``vmap`` only, and
-    ``hybrid:K`` needs a multiple of K."""
+    """The strategies that apply to ``members``: one member runs as the plain model
+    (``unroll``) only, as a `ModelGroup` of one does, and ``hybrid:K`` needs a multiple of K."""
     if members == 1:
-        return ["vmap"] if strategies else []
+        return ["unroll"] if strategies else []
     return [s for s in strategies
             if members % (ensemble.hybrid_group_size(s) or 1) == 0]
 

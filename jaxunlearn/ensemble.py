@@ -135,17 +135,16 @@ def over_members(strategy: str, fn: Callable, per_member, *shared):
     def vmapped(args):
         return jax.vmap(lambda *a: fn(*a, *shared))(*args)
 
+    m = jax.tree.leaves(per_member)[0].shape[0]
     if strategy == "vmap":
         return vmapped(per_member)
     if strategy == "map":
         return jax.lax.map(lambda a: fn(*a, *shared), per_member)
     if strategy == "unroll":  # M dense programs in one jit
-        m = jax.tree.leaves(per_member)[0].shape[0]
         outs = [fn(*jax.tree.map(lambda x, i=i: x[i], per_member), *shared) for i in range(m)]
         return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
     k = hybrid_group_size(strategy)
     if k:
-        m = jax.tree.leaves(per_member)[0].shape[0]
         if m % k:
             raise ValueError(f"member_parallel={strategy} needs a member count divisible by {k}, "
                              f"got {m}; choose K dividing {m}")

@@ -117,28 +117,32 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, use_augment: 
     Returns:
       The new state and the batch's weighted loss sum (so epoch means are exact).
     """
-    x = images[idx]
-    if use_augment:
-        x = augment(jax.random.fold_in(state.key, state.step), x)
-    x = normalize(x)
-    y = labels[idx]
+    with jax.named_scope("input"):  # scopes name the step's parts in profiles
+        x = images[idx]
+        if use_augment:
+            x = augment(jax.random.fold_in(state.key, state.step), x)
+        x = normalize(x)
+        y = labels[idx]
 
     mass = jnp.abs(weight)  # a negative weight ascends that example's loss (NegGrad+)
 
     def loss_fn(params):
         logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
                                       train=True, weight=mass, mutable=["batch_stats"])
-        total = jnp.sum(cross_entropy(logits, y, label_smoothing) * weight)
-        return total / jnp.maximum(jnp.sum(mass), 1.0), (updates["batch_stats"], total)
+        with jax.named_scope("loss"):
+            total = jnp.sum(cross_entropy(logits, y, label_smoothing) * weight)
+            return total / jnp.maximum(jnp.sum(mass), 1.0), (updates["batch_stats"], total)
 
     grads, (batch_stats, total) = jax.grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    if lr_scale is not None:
-        updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
-    new = MemberState(params=optax.apply_updates(state.params, updates), batch_stats=batch_stats,
-                      opt_state=opt_state, step=state.step + 1, key=state.key)
-    take = jnp.logical_and(active, jnp.sum(mass) > 0)
-    new = jax.tree.map(lambda n, o: jnp.where(take, n, o), new, state)
+    with jax.named_scope("optimizer"):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        if lr_scale is not None:
+            updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
+        new = MemberState(params=optax.apply_updates(state.params, updates),
+                          batch_stats=batch_stats, opt_state=opt_state, step=state.step + 1,
+                          key=state.key)
+        take = jnp.logical_and(active, jnp.sum(mass) > 0)
+        new = jax.tree.map(lambda n, o: jnp.where(take, n, o), new, state)
     return new, jnp.where(take, total, 0.0)
 
 

@@ -37,8 +37,8 @@ def test_grid_rules():
                             ["vmap", "map", "hybrid:5"], ["fp32", "bf16"], batch=4, steps=1,
                             augment=False, n_data=64, torch=True)
     got = {(c.impl, c.model, c.precision, c.members, c.strategy) for c in cells}
-    # One member: vmap only. hybrid:5 only where 5 divides the member count.
-    assert ("jax", "tiny", "fp32", 1, "vmap") in got
+    # One member: the plain model (unroll) only. hybrid:5 only where 5 divides the member count.
+    assert ("jax", "tiny", "fp32", 1, "unroll") in got
     assert ("jax", "tiny", "fp32", 1, "map") not in got
     assert ("jax", "tiny", "fp32", 2, "hybrid:5") not in got
     assert ("jax", "tiny", "bf16", 5, "hybrid:5") in got
@@ -62,7 +62,7 @@ def test_throughput_in_process(tmp_path):
                             "vmap", "hybrid:5", "--no-isolate", "--out", str(out)] + TINY) == 0
     record = _record(out)
     rows = record["rows"]
-    assert [(r["members"], r["strategy"]) for r in rows] == [(1, "vmap"), (2, "vmap")]
+    assert [(r["members"], r["strategy"]) for r in rows] == [(1, "unroll"), (2, "vmap")]
     for r in rows:
         assert r["status"] == "ok", r["status"]
         assert ROW_KEYS <= set(r)
