@@ -3,7 +3,7 @@
 Each grid cell is one model, precision, member count and member-parallel strategy. A cell times
 the experiment's own jitted step (`jaxunlearn.group.compile_group`: gather the batch by index
 from the resident uint8 training set, optionally augment (random crop + flip) on the device,
-normalise, forward, backward, Adam lr 1e-3), batch ``--batch`` per member. Compilation is timed
+normalise, forward, backward, ``--optimizer``), batch ``--batch`` per member. Compilation is timed
 apart (ahead of time), then one warm-up step, then ``--steps`` timed steps: the row gives the
 median step time with min-max, and member-images/s = members x batch / step time.
 
@@ -17,9 +17,11 @@ Grid rules:
     ``--single-members`` (default 1).
   * ``hybrid:K`` is skipped where the member count is not a multiple of K; one member runs as
     the plain model (``unroll``, as a `ModelGroup` of one), whatever ``--strategies`` says.
-  * ``--torch`` adds, per model, precision and member count, a row of the PyTorch reference
-    (`torch_reference.py`: the members trained one after another, synthetic resident data);
-    "torch not installed" where torch is missing.
+  * ``--torch`` adds, per model, precision and member count, two rows of the PyTorch reference
+    (`torch_reference.py`: the same architecture, batch, optimiser and label smoothing, the
+    members trained one after another on synthetic resident data, torch's default thread count
+    (one per core, as XLA:CPU's pool), channels-last and NCHW); "torch not installed" where
+    torch is missing.
   * ``--pipeline`` replaces each JAX row by an input-pipeline row: the real step (gather +
     augmentation + normalise) against the same model step on a resident, already normalised
     float32 batch per member (no gather, no augmentation), and overhead % =
@@ -53,12 +55,13 @@ import numpy as np
 import optax
 
 import benchlib
-from jaxunlearn import ensemble, train
+from jaxunlearn import ensemble, train, xla_options
 from jaxunlearn.group import compile_group
 from jaxunlearn.models import ARCHITECTURES, PRECISIONS, STEMS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-LEARNING_RATE = 1e-3
+# optimizer -> (learning rate, weight decay), as torch_reference.make_optimizer.
+OPTIMIZERS = {"adam": (1e-3, 0.0), "sgd": (0.1, 5e-4)}
 ROW_PREFIX = "ROW "
 
 
@@ -76,14 +79,17 @@ class Cell:
     augment: bool
     steps: int
     n_data: int
+    optimizer: str = "adam"
+    label_smoothing: float = 0.0
 
     def key(self) -> tuple:
         return (self.impl, self.model, self.stem, self.precision, self.members, self.strategy,
-                self.batch, self.augment)
+                self.batch, self.augment, self.optimizer, self.label_smoothing)
 
     def label(self) -> str:
         return (f"{self.impl} {self.model}:{self.stem} {self.precision} M={self.members} "
-                f"{self.strategy} b={self.batch}{' aug' if self.augment else ''}")
+                f"{self.strategy} b={self.batch} {self.optimizer}"
+                f"{' aug' if self.augment else ''}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,19 +118,25 @@ def strategies_for(members: int, strategies) -> list[str]:
             if members % (ensemble.hybrid_group_size(s) or 1) == 0]
 
 
+TORCH_LAYOUTS = ("sequential/channels_last", "sequential/nchw")  # members one after another
+
+
 def grid(models, single_models, members, single_members, strategies, precisions, batch,
-         steps, augment, n_data, pipeline=False, torch=False) -> list[Cell]:
-    """All cells, in order (per model, precision and member count, the torch row first),
-    without duplicates."""
+         steps, augment, n_data, pipeline=False, torch=False, optimizer="adam",
+         label_smoothing=0.0) -> list[Cell]:
+    """All cells, in order (per model, precision and member count, the torch rows first: one
+    per memory format), without duplicates."""
     cells = []
     for specs, member_counts in ((models, members), (single_models, single_members)):
         for spec in specs:
             for arch, stem, precision in parse_model(spec, precisions):
                 for m in member_counts:
                     common = dict(model=arch, stem=stem, precision=precision, members=m,
-                                  batch=batch, steps=steps, n_data=n_data)
+                                  batch=batch, steps=steps, n_data=n_data, optimizer=optimizer,
+                                  label_smoothing=label_smoothing)
                     if torch:
-                        cells.append(Cell("torch", strategy="sequential", augment=False, **common))
+                        cells += [Cell("torch", strategy=layout, augment=False, **common)
+                                  for layout in TORCH_LAYOUTS]
                     for s in strategies_for(m, strategies):
                         cells.append(Cell("pipeline" if pipeline else "jax", strategy=s,
                                           augment=True if pipeline else augment, **common))
@@ -168,6 +180,12 @@ def make_synthetic_step(model, tx, strategy: str):
     return step
 
 
+def _compile(cell: Cell, strategy: str, augment: bool):
+    lr, wd = OPTIMIZERS[cell.optimizer]
+    return compile_group(cell.model, cell.stem, cell.precision, cell.optimizer, lr, wd, strategy,
+                         augment, members=cell.members, label_smoothing=cell.label_smoothing)
+
+
 def _time_step(jitted, state, args, steps: int, images_per_step: int) -> dict:
     compiled, compile_s, xla = benchlib.compile_timed(jitted, state, *args)
     _, first, times = benchlib.time_calls(lambda s: compiled(s, *args), state, steps,
@@ -178,8 +196,7 @@ def _time_step(jitted, state, args, steps: int, images_per_step: int) -> dict:
 
 def measure_jax(cell: Cell) -> dict:
     """The experiment's jitted step on resident uint8 data (gather, [augment,] normalise)."""
-    fns = compile_group(cell.model, cell.stem, cell.precision, "adam", LEARNING_RATE, 0.0,
-                        cell.strategy, cell.augment, members=cell.members)
+    fns = _compile(cell, cell.strategy, cell.augment)
     images, labels = resident_data(cell.n_data)
     rng = np.random.default_rng(1)
     idx = jnp.asarray(rng.integers(0, cell.n_data, (cell.members, cell.batch)), jnp.int32)
@@ -196,14 +213,14 @@ def measure_jax(cell: Cell) -> dict:
 def measure_pipeline(cell: Cell) -> dict:
     """Real step (gather + augmentation + normalise) vs the same step on resident float32."""
     real = measure_jax(dataclasses.replace(cell, augment=True))
-    fns = compile_group(cell.model, cell.stem, cell.precision, "adam", LEARNING_RATE, 0.0,
-                        cell.strategy, True)
+    fns = _compile(cell, cell.strategy, True)
     rng = np.random.default_rng(2)
     shape = (cell.members, cell.batch)
     x = jnp.asarray(rng.standard_normal(shape + (32, 32, 3), dtype=np.float32))
     y = jnp.asarray(rng.integers(0, 10, shape), jnp.int32)
     weight, active = jnp.ones(shape, jnp.float32), jnp.ones(cell.members, bool)
-    step = jax.jit(make_synthetic_step(fns.model, fns.tx, fns.strategy), donate_argnums=0)
+    step = jax.jit(make_synthetic_step(fns.model, fns.tx, fns.strategy), donate_argnums=0,
+                   compiler_options=xla_options.step_compiler_options())
     state = fns.init(jax.random.PRNGKey(0), cell.members)
     synthetic = _time_step(step, state, (x, y, weight, active), cell.steps,
                            cell.members * cell.batch)
@@ -217,10 +234,13 @@ def measure_torch(cell: Cell) -> dict:
         import torch_reference
     except ImportError:
         return {"status": "torch not installed"}
+    memory_format = cell.strategy.partition("/")[2] or "channels_last"
     return {"params": torch_reference.count_params(torch_reference.make_model(cell.model,
                                                                                cell.stem)),
             **torch_reference.measure(cell.model, cell.stem, cell.members, cell.precision,
-                                      cell.batch, cell.steps)}
+                                      cell.batch, cell.steps, optimizer=cell.optimizer,
+                                      label_smoothing=cell.label_smoothing,
+                                      memory_format=memory_format)}
 
 
 MEASURE = {"jax": measure_jax, "pipeline": measure_pipeline, "torch": measure_torch}
@@ -337,6 +357,10 @@ def parse_args(argv):
                         "an auto row says which layout it picked")
     p.add_argument("--precisions", nargs="+", default=["fp32"], choices=("fp32", "bf16"))
     p.add_argument("--batch", type=int, default=32, help="images per member per step")
+    p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"),
+                   help="adam (lr 1e-3) or sgd (Nesterov momentum 0.9, lr 0.1, weight decay "
+                        "5e-4), in the JAX and the torch rows alike")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
                    help="random crop + flip on the device in the JAX step")
@@ -373,7 +397,8 @@ def run_grid(args, argv) -> int:
         ensemble.resolve_strategy(s)  # fail fast on a misspelt strategy
     cells = grid(args.models, args.single_models, args.members, args.single_members,
                  args.strategies, args.precisions, args.batch, args.steps, args.augment,
-                 args.n_data, pipeline=args.pipeline, torch=args.torch)
+                 args.n_data, pipeline=args.pipeline, torch=args.torch,
+                 optimizer=args.optimizer, label_smoothing=args.label_smoothing)
     done = done_keys(args.skip_done)
     skipped = sum(c.key() in done for c in cells)
     cells = [c for c in cells if c.key() not in done]
@@ -399,7 +424,8 @@ def run_grid(args, argv) -> int:
             benchlib.write_record(args.out, record)
     if record["device"] is None:  # no JAX row measured; every subprocess has ended by now
         record["device"] = benchlib.jax_device()
-    batch_note = f"batch {args.batch}/member, Adam lr {LEARNING_RATE}"
+    batch_note = (f"batch {args.batch}/member, {args.optimizer} (lr {OPTIMIZERS[args.optimizer][0]}"
+                  f"), label smoothing {args.label_smoothing}")
     print(f"# {batch_note}; device: {record['device']}; cells skipped as done: {skipped}")
     print(tables(record["rows"]))
     if args.out:

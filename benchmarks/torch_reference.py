@@ -1,21 +1,30 @@
-"""PyTorch reference of the original study's training loop: M ResNets trained one after another.
+"""PyTorch reference of the training loop: M nets trained one after another.
 
-Each member is a torchvision-layout ResNet written here (torchvision is not needed): the ImageNet
-stem (7x7 stride-2 convolution + 3x3 stride-2 max-pool) or the CIFAR stem (3x3 stride-1, no
-pool), BasicBlock (ResNet-18/34) or Bottleneck (ResNet-50/101/152, stride on the 3x3 as in
-torchvision v1.5); ``tiny`` mirrors jaxunlearn's two-stage smoke-test model. Members are
-trained sequentially, as in the original: a fresh model and a fresh Adam (lr 1e-3) per member,
-then ``--steps`` timed steps (after one warm-up step per member, which allocates Adam's state
-and lets cuDNN pick its algorithms: benchmark mode is on).
+Each member is written here (torchvision is not needed): a torchvision-layout ResNet with the
+ImageNet stem (7x7 stride-2 convolution + 3x3 stride-2 max-pool) or the CIFAR stem (3x3
+stride-1, no pool), BasicBlock (ResNet-18/34) or Bottleneck (ResNet-50/101/152, stride on the
+3x3 as in torchvision v1.5); ``tiny`` mirrors jaxunlearn's two-stage smoke-test model; ``air-s``
+/ ``air-m`` / ``air-l`` mirror `jaxunlearn.models.AirNet` (3x3 convolutions, BatchNorm, GELU
+in its tanh form as Flax's default, 2x2 max-pools, global max-pool, bias-free linear head,
+logits / 9). Members are trained sequentially, as in the original study: a fresh model and a
+fresh optimiser per member, then ``--steps`` timed steps (after one warm-up step per member,
+which allocates the optimiser's state and lets cuDNN pick its algorithms: benchmark mode is
+on). Optimisers as `jaxunlearn.train.make_optimizer`: ``adam`` (lr 1e-3, the original's) or
+``sgd`` (Nesterov momentum 0.9, lr 0.1, weight decay 5e-4 added to the gradient); the loss is
+cross-entropy with ``--label-smoothing``.
 Data: one synthetic, already normalised float32 batch ``[batch, 3, 32, 32]`` resident on the
-device (channels_last), so there is no input pipeline. ``--precision bf16`` runs the forward
-pass under ``torch.autocast(dtype=torch.bfloat16)``; parameters and Adam stay float32.
+device, in ``--memory-format`` ``channels_last`` (the fast one on CPU and GPU) or ``nchw``.
+``--precision bf16`` runs the forward pass under ``torch.autocast(dtype=torch.bfloat16)``;
+parameters and the optimiser stay float32. ``--threads`` sets torch's intra-op threads (default:
+torch's own choice, one per core).
 
 Throughput is member-images/s = batch / median step time (members run one after another, so
 this is also the rate of the whole ensemble). Prints a table, writes JSON with ``--out``:
 
     python benchmarks/torch_reference.py --model resnet18 --stem imagenet --members 5 \
         --batch 32 --steps 3 --precision fp32 --out benchmarks/results/cpu_torch_reference.json
+    python benchmarks/torch_reference.py --model air-s --members 1 --batch 128 --steps 10 \
+        --optimizer sgd --label-smoothing 0.2 --memory-format nchw
 
 Needs ``torch`` (``pip install -e '.[torch]'``); `throughput.py --torch` imports this module
 and reports "torch not installed" rows when it cannot.
@@ -110,6 +119,33 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class AirNet(nn.Module):
+    """`jaxunlearn.models.AirNet` in PyTorch (same layers, order and logit scale)."""
+
+    def __init__(self, widths, num_classes: int = 10, logit_scale: float = 1 / 9):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), _bn(widths[0]),
+                                  nn.GELU(approximate="tanh"))
+        layers, c = [], widths[0]
+        for w in widths[1:]:
+            layers += [nn.Conv2d(c, w, 3, 1, 1, bias=False), nn.MaxPool2d(2), _bn(w),
+                       nn.GELU(approximate="tanh"), nn.Conv2d(w, w, 3, 1, 1, bias=False), _bn(w),
+                       nn.GELU(approximate="tanh")]
+            c = w
+        self.body = nn.Sequential(*layers)
+        self.fc = nn.Linear(c, num_classes, bias=False)
+        self.logit_scale = logit_scale
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = self.body(self.stem(x))
+        return self.fc(torch.amax(x, dim=(2, 3))) * self.logit_scale
+
+
+AIRNETS = {"air-s": (16, 32, 64, 64), "air-m": (32, 64, 128, 128), "air-l": (64, 128, 256, 256)}
+
 ARCHITECTURES = {  # block, blocks per stage, width of the first stage
     "resnet18": (BasicBlock, (2, 2, 2, 2), 64),
     "resnet34": (BasicBlock, (3, 4, 6, 3), 64),
@@ -121,10 +157,16 @@ ARCHITECTURES = {  # block, blocks per stage, width of the first stage
 }
 
 
-def make_model(name: str, stem: str = "imagenet", num_classes: int = 10) -> ResNet:
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
+
+
+def make_model(name: str, stem: str = "imagenet", num_classes: int = 10) -> nn.Module:
+    """A ResNet (``stem`` applies) or an air net (it has no stem) by name."""
+    if name in AIRNETS:
+        return AirNet(AIRNETS[name], num_classes)
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model {name!r} for the torch reference; "
-                         f"choose one of {sorted(ARCHITECTURES)}")
+                         f"choose one of {sorted(ARCHITECTURES) + sorted(AIRNETS)}")
     block, layers, width = ARCHITECTURES[name]
     return ResNet(block, layers, num_classes, stem, width)
 
@@ -143,27 +185,54 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def make_optimizer(name: str, params):
+    """The optimiser recipes of `jaxunlearn.train.make_optimizer` at the benchmarks' rates."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=1e-3)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    raise ValueError(f"unknown optimizer {name!r}; choose adam or sgd")
+
+
 def measure(arch: str, stem: str, members: int, precision: str, batch: int, steps: int,
-            device: torch.device | None = None) -> dict:
+            device: torch.device | None = None, optimizer: str = "adam",
+            label_smoothing: float = 0.0, memory_format: str = "channels_last",
+            threads: int | None = None) -> dict:
     """Trains ``members`` fresh models one after another, ``1 + steps`` steps each; times the
-    last ``steps`` of every member. Returns step statistics and the peak memory."""
+    last ``steps`` of every member. Returns step statistics, the peak memory and the number of
+    intra-op threads."""
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"unknown precision {precision!r}; choose fp32 or bf16")
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"unknown memory format {memory_format!r}; choose one of "
+                         f"{sorted(MEMORY_FORMATS)}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        return _measure(arch, stem, members, precision, batch, steps, device, optimizer,
+                        label_smoothing, memory_format)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _measure(arch, stem, members, precision, batch, steps, device, optimizer, label_smoothing,
+             memory_format) -> dict:
+    fmt = MEMORY_FORMATS[memory_format]
     device = device or default_device()
     torch.backends.cudnn.benchmark = True
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, 32, 32, generator=gen).to(device, memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, 32, 32, generator=gen).to(device, memory_format=fmt)
     y = torch.randint(0, 10, (batch,), generator=gen).to(device)
     first_step_s, times = None, []
     for member in range(members):
         torch.manual_seed(member)
-        model = make_model(arch, stem).to(device, memory_format=torch.channels_last).train()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        model = make_model(arch, stem).to(device, memory_format=fmt).train()
+        opt = make_optimizer(optimizer, model.parameters())
         for s in range(steps + 1):
             _sync(device)
             t0 = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                loss = F.cross_entropy(model(x), y)
+                loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -181,6 +250,7 @@ def measure(arch: str, stem: str, members: int, precision: str, batch: int, step
         peak = {"peak_bytes": benchlib.host_peak_rss_bytes(), "peak_memory": "host RSS"}
         name = "cpu"
     return {"first_step_s": first_step_s, **benchlib.step_stats(times, batch), **peak,
+            "torch_threads": torch.get_num_threads(), "memory_format": memory_format,
             "device": {"platform": device.type, "kind": name,
                        "count": torch.cuda.device_count() if device.type == "cuda" else 1}}
 
@@ -188,12 +258,18 @@ def measure(arch: str, stem: str, members: int, precision: str, batch: int, step
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="resnet18", choices=sorted(ARCHITECTURES))
+    parser.add_argument("--model", default="resnet18",
+                        choices=sorted(ARCHITECTURES) + sorted(AIRNETS))
     parser.add_argument("--stem", default="imagenet", choices=("imagenet", "cifar"))
     parser.add_argument("--members", type=int, default=5)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per member")
+    parser.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
+    parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument("--memory-format", default="channels_last", choices=sorted(MEMORY_FORMATS))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads (default: torch's choice)")
     parser.add_argument("--out", help="JSON file to write")
     args = parser.parse_args(argv)
 
@@ -203,11 +279,14 @@ def main(argv=None) -> int:
            "params": count_params(make_model(args.model, args.stem))}
     try:
         row.update(measure(args.model, args.stem, args.members, args.precision, args.batch,
-                           args.steps), status="ok")
+                           args.steps, optimizer=args.optimizer,
+                           label_smoothing=args.label_smoothing,
+                           memory_format=args.memory_format, threads=args.threads), status="ok")
     except Exception as exc:  # OOM or other failure: record it
         row["status"] = benchlib.failure_status(exc)
     print(f"# torch {torch.__version__}: {args.members} x {args.model} ({args.stem} stem), "
-          f"one after another, batch {args.batch}, {args.precision}, Adam")
+          f"one after another, batch {args.batch}, {args.precision}, {args.optimizer}, "
+          f"{args.memory_format}, {torch.get_num_threads()} threads")
     ok = row["status"] == "ok"
     print(benchlib.markdown_table(
         ["params", "step s (median, min-max)", "member-img/s (median, min-max)", "first step s",

@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
@@ -44,7 +46,8 @@ def test_grid_rules():
     assert ("jax", "tiny", "bf16", 5, "hybrid:5") in got
     # A pinned precision ignores --precisions; single models run at --single-members only.
     assert {(c.precision, c.members) for c in cells if c.model == "resnet152"} == {("bf16", 1)}
-    assert ("torch", "tiny", "fp32", 2, "sequential") in got
+    assert ("torch", "tiny", "fp32", 2, "sequential/channels_last") in got
+    assert ("torch", "tiny", "fp32", 2, "sequential/nchw") in got
     assert len(cells) == len(set(cells))
     with pytest.raises(ValueError, match="resnet19"):
         throughput.parse_model("resnet19:cifar", ["fp32"])
@@ -95,7 +98,7 @@ def test_torch_rows_without_torch(tmp_path, monkeypatch):
     throughput.main(["--models", "tiny:cifar", "--members", "1", "--strategies", "vmap",
                      "--torch", "--no-isolate", "--out", str(out)] + TINY)
     rows = _record(out)["rows"]
-    assert [r["status"] for r in rows if r["impl"] == "torch"] == ["torch not installed"]
+    assert [r["status"] for r in rows if r["impl"] == "torch"] == ["torch not installed"] * 2
     assert [r["status"] for r in rows if r["impl"] == "jax"] == ["ok"]
 
 
@@ -113,6 +116,25 @@ def test_torch_reference(tmp_path):
                                  "--steps", "1", "--precision", "bf16", "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["status"] == "ok" and row["strategy"] == "sequential"
+
+
+def test_torch_air_net_mirrors_the_flax_one():
+    pytest.importorskip("torch")
+    import torch_reference
+    from jaxunlearn.models import count_params, make_model
+
+    for name in ("air-s", "air-m"):
+        model = make_model(name)
+        params = jax.eval_shape(lambda m=model: m.init(jax.random.PRNGKey(0),
+                                                       np.zeros((1, 32, 32, 3), np.float32)))
+        assert torch_reference.count_params(torch_reference.make_model(name)) == \
+            count_params(params["params"])
+    row = torch_reference.measure("air-s", "cifar", members=1, precision="fp32", batch=4,
+                                  steps=1, optimizer="sgd", label_smoothing=0.2,
+                                  memory_format="nchw", threads=1)
+    assert row["memory_format"] == "nchw" and row["torch_threads"] == 1
+    with pytest.raises(ValueError, match="memory format"):
+        torch_reference.measure("air-s", "cifar", 1, "fp32", 4, 1, memory_format="nhwc")
 
 
 def test_unlearn_latency(tmp_path):
