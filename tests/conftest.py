@@ -4,7 +4,9 @@ The session shares one XLA compilation cache (a temporary folder) with every sub
 starts, so a killed-and-resumed run, a `forget` or a multi-device worker does not compile
 again what the session compiled already. It also compiles with XLA:CPU's backend (LLVM)
 optimisation off: the tests check behaviour, not speed, and most of their time is compiling,
-which this halves (the programs compute the same floating-point operations).
+which this halves (the programs compute the same floating-point operations). The suite runs
+one test file per core with pytest-xdist (`addopts` in pyproject.toml); its workers share the
+controller's cache.
 """
 
 import json
@@ -20,14 +22,20 @@ import pytest
 
 from jaxunlearn import checkpoint, data
 
+_SHARED = "JAXUNLEARN_TEST_XLA_CACHE"
 _CACHE = {"JAX_COMPILATION_CACHE_DIR": None,
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
 
 
 def pytest_configure(config):
-    folder = tempfile.mkdtemp(prefix="jaxunlearn-test-xla-")
-    config._jaxunlearn_cache = folder
+    # Under pytest-xdist the workers share the cache the controller made (they inherit its
+    # environment); only the process that made the folder removes it.
+    shared = os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get(_SHARED)
+    folder = shared or tempfile.mkdtemp(prefix="jaxunlearn-test-xla-")
+    if not shared:
+        config._jaxunlearn_cache = folder
+        os.environ[_SHARED] = folder
     os.environ.update({**_CACHE, "JAX_COMPILATION_CACHE_DIR": folder,
                        "JAXUNLEARN_CACHE": os.path.join(folder, "user-cache")})
     flags = os.environ.get("XLA_FLAGS", "")
