@@ -19,6 +19,9 @@ are timed directly.
         --out benchmarks/results/step_profile_air-s.json
     python benchmarks/step_profile.py --model air-s:cifar --batch 128 --steps 10 \\
         --xla-defaults   # XLA's default options (YNNPACK fusions on)
+
+Label smoothing 0.2 and, for ``sgd``, Nesterov momentum 0.9 with weight decay 5e-4, as the air
+recipe.
 """
 
 from __future__ import annotations
@@ -122,8 +125,8 @@ def leaf_events(trace_dir: str, names: set[str]) -> dict[str, float]:
 
 
 def profile(model: str, stem: str, batch: int, steps: int, augment: bool, optimizer: str,
-            defaults: bool) -> dict:
-    fns = compile_group(model, stem, "fp32", optimizer, 0.1, 5e-4, "unroll", augment,
+            defaults: bool, layout: str = "unroll") -> dict:
+    fns = compile_group(model, stem, "fp32", optimizer, 0.1, 5e-4, layout, augment,
                         members=1, label_smoothing=0.2)
     options = None if defaults else xla_options.step_compiler_options()
     trace_options = {**(options or {})}
@@ -172,7 +175,7 @@ def profile(model: str, stem: str, batch: int, steps: int, augment: bool, optimi
     ms[CONV_BY_DIFFERENCE] = max(traced_s * 1000 - sum(v for k, v in ms.items()
                                                        if k != CONV_BY_DIFFERENCE), 0.0)
     step_ms = float(np.median(times)) * 1000
-    return {"model": model, "stem": stem, "batch": batch, "augment": augment,
+    return {"model": model, "stem": stem, "batch": batch, "augment": augment, "layout": layout,
             "optimizer": optimizer, "compiler_options": options, "steps": steps,
             "step_ms_median": step_ms, "images_per_s": batch / step_ms * 1000,
             "traced_step_ms": traced_s * 1000,
@@ -196,11 +199,13 @@ def main(argv=None) -> int:
     p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam", "adamw"))
     p.add_argument("--xla-defaults", action="store_true",
                    help="compile with XLA's default options, not the library's")
+    p.add_argument("--layout", default="unroll",
+                   help="member layout of the stack of one (unroll: the plain model)")
     p.add_argument("--out", help="JSON file to write")
     args = p.parse_args(argv)
     arch, _, stem = args.model.partition(":")
     rec = profile(arch, stem or "cifar", args.batch, args.steps, args.augment, args.optimizer,
-                  args.xla_defaults)
+                  args.xla_defaults, args.layout)
     print(f"# {args.model} batch {args.batch}, {args.optimizer}, options "
           f"{rec['compiler_options']}: {rec['step_ms_median']:.1f} ms/step "
           f"({rec['images_per_s']:.0f} img/s); traced {rec['traced_step_ms']:.1f} ms/step")

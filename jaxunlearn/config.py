@@ -5,7 +5,7 @@ Presets:
 * ``smoke``: tiny nets on 300 examples of the bundled sample, 3 phases, 1 epoch. Seconds; the
   tests run it end to end.
 * ``demo`` (the default): 5 ``air-s`` nets on SISA shards of the bundled 1,000-image sample
-  against one ``air-s`` on all of it, 5 phases, ten deletions, rewind: about 3 minutes on two
+  against one ``air-s`` on all of it, 5 phases, ten deletions, rewind: about 2 minutes on two
   CPU cores.
 * ``resnet-demo``: the original protocol's shape (5 phases, 5 ResNet-18s with the ImageNet
   stem, 20% bootstrap per member per phase, ten deletions, a ResNet-152 baseline) on the first
@@ -141,7 +141,7 @@ PRESETS: dict[str, Config] = {
 PRESET_HELP = {
     "smoke": "tiny nets, 300 sample images, 3 phases, 1 epoch: seconds (tests)",
     "demo": "5 air-s nets on SISA shards vs one air-s on all the data, the bundled "
-            "1,000-image sample, 5 phases, 10 deletions, rewind: 3 minutes on a CPU",
+            "1,000-image sample, 5 phases, 10 deletions, rewind: 2 minutes on a CPU",
     "resnet-demo": "5 ResNet-18s vs a ResNet-152 (the original's shape) on 500 sample images: "
                    "about 10 minutes on a CPU",
     "seed": "the original protocol on full CIFAR-10 (50 epochs/phase, batch 512): GPU recommended",

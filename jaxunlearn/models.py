@@ -127,13 +127,14 @@ batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
 
 
 def max_pool_2x2(x):
-    """2x2 max-pool with stride 2 over ``[b, h, w, c]`` (h, w even), as a reshape and a max.
+    """2x2 max-pool with stride 2 over ``[b, h, w, c]``, as a reshape and a max.
 
-    Same forward values as ``nn.max_pool(x, (2, 2), strides=(2, 2))``; its gradient is an
-    elementwise select (split evenly between tied maxima) instead of XLA's select-and-scatter,
-    which XLA:CPU lowers to a slow scatter.
+    Same values as ``nn.max_pool(x, (2, 2), strides=(2, 2))`` (an odd last row or column is
+    dropped, as there); its gradient is an element-wise select (split evenly between tied
+    maxima) instead of select-and-scatter, which XLA:CPU lowers to a slow scatter.
     """
     b, h, w, c = x.shape
+    x = x[:, :h - h % 2, :w - w % 2]
     return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
 
 

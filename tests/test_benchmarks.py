@@ -10,6 +10,8 @@ import jax
 import numpy as np
 import pytest
 
+from jaxunlearn import xla_options
+
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
@@ -203,3 +205,66 @@ def test_auto_layouts_are_the_fastest_measured():
         fastest = max(rates, key=rates.get)
         assert ensemble.resolve_strategy("auto", "cpu", model, stem, members) == fastest, (
             model, stem, members, rates)
+
+
+def test_step_profile_attributes_the_step_to_its_parts(tmp_path):
+    import step_profile
+
+    out = tmp_path / "p.json"
+    assert step_profile.main(["--model", "tiny:cifar", "--batch", "8", "--steps", "2",
+                              "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    parts = rec["parts_ms"]
+    # The tiny ResNet's step: convolutions, BatchNorm + ReLU and the named scopes all show.
+    assert {"BatchNorm + activation", "optimizer update", step_profile.CONV_BY_DIFFERENCE} \
+        <= set(parts)
+    assert parts[step_profile.CONV_BY_DIFFERENCE] > 0 and parts["BatchNorm + activation"] > 0
+    # The parts add up to the traced step (the Eigen convolutions are its remainder).
+    assert sum(parts.values()) == pytest.approx(rec["traced_step_ms"], rel=1e-6)
+    assert rec["compiler_options"] == xla_options.step_compiler_options()
+
+
+def test_hlo_name_stacks_follow_called_computations():
+    import step_profile
+
+    hlo = """HloModule m
+
+%fused_computation (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %t = f32[4]{0} tanh(%p), metadata={op_name="jit(step)/jvp(Net)/BatchNorm_0/tanh"}
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %a = f32[4]{0} parameter(0)
+  ROOT %tanh_fusion = f32[4]{0} fusion(%a), kind=kLoop, calls=%fused_computation
+}
+"""
+    stacks = step_profile.hlo_name_stacks(hlo)
+    assert stacks["tanh_fusion"] == ["jit(step)/jvp(Net)/BatchNorm_0/tanh"]
+    assert step_profile.part_of("tanh_fusion", stacks) == "BatchNorm + activation"
+    assert step_profile.part_of("transpose_copy_fusion.3", stacks) == step_profile.TRANSPOSES
+
+
+def test_conv_kernels_and_step_variants_write_their_rows(tmp_path):
+    import conv_kernels
+    import step_variants
+
+    out = tmp_path / "c.json"
+    assert conv_kernels.main(["--batch", "2", "--repeats", "1", "--layers", "2",
+                              "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    impls = {r["impl"] for r in rec["rows"]}
+    assert {"xla (library options)", "xla defaults (YNNPACK)"} <= impls
+    assert all(r["ms"][k] > 0 for r in rec["rows"] for k in conv_kernels.KINDS)
+    assert len(rec["rows"]) == 2 * len(impls)
+
+    out = tmp_path / "v.json"
+    assert step_variants.main(["--model", "tiny:cifar", "--batch", "4", "--rounds", "1",
+                               "--per-round", "2", "--out", str(out), "ynn=default",
+                               "bn=autodiff+b=8"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["variant"], r["batch"]) for r in rows] == [("ynn=default", 4),
+                                                          ("bn=autodiff+b=8", 8)]
+    assert rows[0]["options"] is None or step_variants.YNN not in rows[0]["options"]
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        step_variants.parse("erf")

@@ -118,3 +118,60 @@ def test_learning_rate_schedules_and_label_smoothing():
     np.testing.assert_allclose(smoothed, [want], rtol=1e-6)
     np.testing.assert_allclose(train.cross_entropy(logits, jnp.array([0])), [-log_p[0]],
                                rtol=1e-6)
+
+
+def _autodiff_batch_norm(x, w, scale, bias, epsilon=1e-5):
+    """The weighted training-mode BatchNorm written plainly, for autodiff to differentiate."""
+    wb = w.reshape(-1, 1, 1, 1)
+    n = jnp.maximum(jnp.sum(w) * x.shape[1] * x.shape[2], 1.0)
+    mean = jnp.sum(x * wb, (0, 1, 2)) / n
+    var = jnp.sum(jnp.square(x - mean) * wb, (0, 1, 2)) / n
+    return (x - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias
+
+
+@pytest.mark.parametrize("weights", [[1, 1, 1, 1, 1, 1], [1, 1, 0, 1, 1, 0], [0.5, 2, 0, 1, 1, 3]])
+def test_batch_norm_gradient_by_hand_equals_autodiff(weights):
+    from jaxunlearn.models import batch_norm_train
+
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    x = jax.random.normal(k[0], (6, 4, 4, 3)) * 2 + 1
+    w = jnp.asarray(weights, jnp.float32)
+    scale, bias = jax.random.normal(k[1], (3,)), jax.random.normal(k[2], (3,))
+    g = jax.random.normal(k[3], x.shape)  # an arbitrary cotangent, padding's included
+
+    def hand(x, s, b):
+        return jnp.sum(batch_norm_train(x, w, s, b, 1e-5)[0] * g)
+
+    def auto(x, s, b):
+        return jnp.sum(_autodiff_batch_norm(x, w, s, b) * g)
+
+    np.testing.assert_allclose(batch_norm_train(x, w, scale, bias, 1e-5)[0],
+                               _autodiff_batch_norm(x, w, scale, bias), rtol=1e-5, atol=1e-5)
+    for got, want in zip(jax.grad(hand, (0, 1, 2))(x, scale, bias),
+                         jax.grad(auto, (0, 1, 2))(x, scale, bias)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_max_pool_2x2_equals_flax_max_pool_and_routes_the_gradient_to_the_maximum():
+    import flax.linen as nn
+
+    from jaxunlearn.models import max_pool_2x2
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 4, 3))
+    np.testing.assert_array_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+    odd = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 7, 3))
+    np.testing.assert_array_equal(max_pool_2x2(odd), nn.max_pool(odd, (2, 2), strides=(2, 2)))
+    # Without ties both gradients are 1 at each window's maximum and 0 elsewhere.
+    np.testing.assert_array_equal(
+        jax.grad(lambda x: jnp.sum(max_pool_2x2(x)))(x),
+        jax.grad(lambda x: jnp.sum(nn.max_pool(x, (2, 2), strides=(2, 2))))(x))
+
+
+def test_step_compiler_options_keep_only_what_this_jaxlib_knows(monkeypatch):
+    from jaxunlearn import xla_options
+
+    monkeypatch.setitem(xla_options.STEP_OPTIONS, jax.default_backend(),
+                        {"xla_no_such_option_anywhere": True})
+    assert xla_options.step_compiler_options() is None  # dropped, not an error at run time
+    monkeypatch.setenv("JAXUNLEARN_XLA_DEFAULTS", "1")
+    assert xla_options.step_compiler_options() is None
