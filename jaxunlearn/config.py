@@ -146,7 +146,7 @@ PRESET_HELP = {
                    "about 10 minutes on a CPU",
     "seed": "the original protocol on full CIFAR-10 (50 epochs/phase, batch 512): GPU recommended",
     "protocol": "the original protocol's structure on full CIFAR-10 with 5 air-s nets (6 "
-                "epochs/phase) vs one air-m given the same compute: about 1.5 hours on 2 CPU cores",
+                "epochs/phase) vs one air-m given the same compute: about 55 minutes on 2 CPU cores",
     "air-s-single": "one air-s on full CIFAR-10, 5 epochs (the fast family's recipe): about 17 "
                     "minutes on 2 CPU cores",
 }
