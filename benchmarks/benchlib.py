@@ -90,6 +90,16 @@ def compile_timed(jitted, *args):
     return compiled, time.perf_counter() - t0, xla_bytes(compiled)
 
 
+def resident_data(n: int, seed: int = 0):
+    """Synthetic uint8 images ``[n, 32, 32, 3]`` and int32 labels, on the JAX device."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)),
+            jnp.asarray(rng.integers(0, 10, n), jnp.int32))
+
+
 def time_calls(call: Callable, state, steps: int, block: Callable) -> tuple:
     """Runs ``state, out = call(state)`` once to warm up, then ``steps`` timed times.
 

@@ -15,11 +15,11 @@ input gradient is listed but a training step never computes it (the images need 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 
 import benchlib
 from jaxunlearn import xla_options
@@ -89,11 +89,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     impls = {"xla (library options)": xla_options.step_compiler_options(),
              "xla defaults (YNNPACK)": None}
-    try:
-        import torch  # noqa: F401
-        has_torch = True
-    except ImportError:
-        has_torch = False
+    has_torch = importlib.util.find_spec("torch") is not None
     rows = []
     for i, (size, cin, cout) in enumerate(LAYERS[args.model][:args.layers]):
         gflop = 2 * args.batch * size * size * 9 * cin * cout / 1e9

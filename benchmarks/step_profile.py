@@ -132,11 +132,9 @@ def profile(model: str, stem: str, batch: int, steps: int, augment: bool, optimi
     trace_options = {**(options or {})}
     if jax.default_backend() == "cpu":
         trace_options["xla_cpu_enable_xprof_traceme"] = True
-    rng = np.random.default_rng(0)
     n = 50_000
-    images = jnp.asarray(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
-    labels = jnp.asarray(rng.integers(0, 10, n), jnp.int32)
-    idx = jnp.asarray(rng.integers(0, n, (1, batch)), jnp.int32)
+    images, labels = benchlib.resident_data(n)
+    idx = jnp.asarray(np.random.default_rng(1).integers(0, n, (1, batch)), jnp.int32)
     weight, active = jnp.ones((1, batch), jnp.float32), jnp.ones(1, bool)
     state = fns.init(jax.random.PRNGKey(0), 1)
     args = (images, labels, idx, weight, active)
@@ -146,15 +144,8 @@ def profile(model: str, stem: str, batch: int, steps: int, augment: bool, optimi
                       donate_argnums=0).lower(state, *args)
     plain = lowered.compile(options)
     traced = lowered.compile(trace_options)
-    for _ in range(2):
-        state, loss = plain(state, *args)
-    jax.block_until_ready(loss)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, loss = plain(state, *args)
-        jax.block_until_ready(loss)
-        times.append(time.perf_counter() - t0)
+    state, _, times = benchlib.time_calls(lambda s: plain(s, *args), state, steps,
+                                          jax.block_until_ready)
     state, loss = traced(state, *args)
     jax.block_until_ready(loss)
     stacks = hlo_name_stacks(traced.as_text())

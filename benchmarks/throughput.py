@@ -146,13 +146,6 @@ def grid(models, single_models, members, single_members, strategies, precisions,
 # ---------------------------------------------------------------------------------------------
 # Measurements (run in the row's own process unless --no-isolate).
 
-def resident_data(n: int, seed: int = 0):
-    """Synthetic uint8 images ``[n, 32, 32, 3]`` and int32 labels, on the device."""
-    rng = np.random.default_rng(seed)
-    return (jnp.asarray(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)),
-            jnp.asarray(rng.integers(0, 10, n), jnp.int32))
-
-
 def make_synthetic_step(model, tx, strategy: str):
     """The ensemble step without an input pipeline: ``step(state, x, y, weight, active)`` with a
     resident, already normalised float32 batch ``x[m, b, 32, 32, 3]`` per member. It mirrors
@@ -197,7 +190,7 @@ def _time_step(jitted, state, args, steps: int, images_per_step: int) -> dict:
 def measure_jax(cell: Cell) -> dict:
     """The experiment's jitted step on resident uint8 data (gather, [augment,] normalise)."""
     fns = _compile(cell, cell.strategy, cell.augment)
-    images, labels = resident_data(cell.n_data)
+    images, labels = benchlib.resident_data(cell.n_data)
     rng = np.random.default_rng(1)
     idx = jnp.asarray(rng.integers(0, cell.n_data, (cell.members, cell.batch)), jnp.int32)
     weight = jnp.ones((cell.members, cell.batch), jnp.float32)

@@ -74,16 +74,24 @@ class BatchNorm(nn.Module):
 
 def _bn_stats(x, w):
     """Weighted per-channel mean and (biased) variance of ``x [b, ..., c]`` over all but the
-    channel axis, in float32, and the weighted count of positions."""
+    channel axis, in float32; the weighted count of positions and its floor at 1 (the
+    divisor)."""
     axes = tuple(range(x.ndim - 1))
     wb = w.reshape(x.shape[:1] + (1,) * (x.ndim - 1))
     xf = x.astype(jnp.float32)
-    per_example = math.prod(x.shape[1:-1])
-    count = jnp.sum(w) * per_example
+    count = jnp.sum(w) * math.prod(x.shape[1:-1])
     n = jnp.maximum(count, 1.0)
     mean = jnp.sum(xf * wb, axis=axes) / n
     var = jnp.sum(jnp.square(xf - mean) * wb, axis=axes) / n
-    return mean, var, count, n, wb, xf, axes
+    return mean, var, count, n
+
+
+def _bn_fwd(x, w, scale, bias, epsilon):
+    mean, var, count, n = _bn_stats(x, w)
+    rstd = jax.lax.rsqrt(var + epsilon)
+    inv = rstd * scale
+    y = (x - mean.astype(x.dtype)) * inv.astype(x.dtype) + bias.astype(x.dtype)
+    return (y, mean, var, count), (x, w, mean, rstd, scale, n)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -93,18 +101,7 @@ def batch_norm_train(x, w, scale, bias, epsilon):
     is padding). Returns ``(y, mean, var, count)``; only ``y`` carries a gradient (the
     statistics feed the running averages, which are not differentiated), and ``w`` gets none.
     """
-    mean, var, count, _, _, _, _ = _bn_stats(x, w)
-    inv = jax.lax.rsqrt(var + epsilon) * scale
-    y = (x - mean.astype(x.dtype)) * inv.astype(x.dtype) + bias.astype(x.dtype)
-    return y, mean, var, count
-
-
-def _bn_fwd(x, w, scale, bias, epsilon):
-    mean, var, count, n, wb, xf, axes = _bn_stats(x, w)
-    rstd = jax.lax.rsqrt(var + epsilon)
-    inv = rstd * scale
-    y = (x - mean.astype(x.dtype)) * inv.astype(x.dtype) + bias.astype(x.dtype)
-    return (y, mean, var, count), (x, w, mean, rstd, scale, n)
+    return _bn_fwd(x, w, scale, bias, epsilon)[0]
 
 
 def _bn_bwd(epsilon, res, cotangents):
