@@ -81,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "lines)")
     forget.add_argument("--wait", type=float, default=600.0, metavar="SECONDS",
                         help="how long to wait for another forget on the same run (default 600)")
+    fork = sub.add_parser("fork", help="copy a run that has deleted nothing, to unlearn it "
+                                       "another way (e.g. strategy=finetune)",
+                          description="Copy a run folder before its first deletion into a new "
+                                      "folder with other unlearning settings (strategy, "
+                                      "unlearn_epochs, unlearn_lr, ...); the trained models are "
+                                      "the same bits. Then `forget` the same ids in each copy and "
+                                      "compare them with `report`.")
+    fork.add_argument("run_dir", metavar="RUN_DIR")
+    fork.add_argument("new_dir", metavar="NEW_DIR")
+    fork.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     audit = sub.add_parser("audit", help="check that no live state or kept checkpoint holds a "
                                          "deleted id")
     audit.add_argument("run_dir", metavar="RUN_DIR")
@@ -196,6 +206,15 @@ def cmd_forget(args) -> int:
     return 0
 
 
+def cmd_fork(args) -> int:
+    from jaxunlearn.run import fork
+
+    fork(args.run_dir, args.new_dir, args.overrides, log=functools.partial(print, flush=True))
+    print(f"forked {args.run_dir} into {args.new_dir}"
+          + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
+    return 0
+
+
 def cmd_audit(args) -> int:
     from jaxunlearn.audit import audit
 
@@ -266,8 +285,9 @@ def main(argv=None) -> int:
     from jaxunlearn.table import ReportError
 
     commands = {"run": cmd_run, "forget": cmd_forget, "audit": cmd_audit, "log": cmd_log,
-                "presets": cmd_presets, "data": cmd_data, "report": cmd_report}
-    if args.command in ("run", "forget"):
+                "presets": cmd_presets, "data": cmd_data, "report": cmd_report,
+                "fork": cmd_fork}
+    if args.command in ("run", "forget", "fork"):
         from jaxunlearn import cache
 
         cache.use_compilation_cache()

@@ -81,6 +81,7 @@ class Config:
     unlearn_epochs: int = 2
     unlearn_lr: float = 0.1
     neggrad_beta: float = 0.999  # NegGrad+: beta x retain loss - (1 - beta) x forget loss
+    salun_sparsity: float = 0.5  # SalUn: the quantile of |forget gradient| below which weights stay
     # Evaluation of unlearning
     evaluators: str = "scores,mia"  # comma-separated: scores (forget/retain/test), mia
     retain_eval: int = 10000  # at most this many retained training examples are scored
@@ -137,6 +138,19 @@ PRESETS: dict[str, Config] = {
                        eval_every_epoch=False, strategy="rewind", oracle_reference="none",
                        retain_eval=2000, baseline="air-m", baseline_plan="subset",
                        baseline_fraction=0.76, baseline_epochs=2),
+    # A memorising regime for membership inference (Carlini et al.'s LiRA setting): 16 air-s
+    # on random halves of a 2,000-image CIFAR-10 pool, trained to about 100% training accuracy,
+    # so each example has about 8 members that trained on it and 8 that did not. Nothing is
+    # deleted by schedule: `experiments/privacy.py` forks the trained run per method and
+    # forgets fixed id sets.
+    "privacy": Config(preset="privacy", **{**AIR_RECIPE, "learning_rate": 0.2, "augment": False,
+                                           "tta": False},
+                      data="cifar10", train_limit=2000, test_limit=1000, model="air-s",
+                      members=16, plan="subset", fraction=0.5, phases=1, epochs=15,
+                      batch_size=64, eval_batch_size=500, eval_every_epoch=False,
+                      deletion_rate=0.0, strategy="rewind", oracle_reference="none",
+                      baseline="none", retain_eval=2000, keep_checkpoints=1,
+                      evaluators="scores,mia,lira,lira_online"),
 }
 PRESET_HELP = {
     "smoke": "tiny nets, 300 sample images, 3 phases, 1 epoch: seconds (tests)",
@@ -147,6 +161,8 @@ PRESET_HELP = {
     "seed": "the original protocol on full CIFAR-10 (50 epochs/phase, batch 512): GPU recommended",
     "protocol": "the original protocol's structure on full CIFAR-10 with 5 air-s nets (6 "
                 "epochs/phase) vs one air-m given the same compute: about 55 minutes on 2 CPU cores",
+    "privacy": "16 air-s on random halves of a 2,000-image CIFAR-10 pool, trained to memorise "
+               "(the LiRA setting); experiments/privacy.py unlearns it every way",
     "air-s-single": "one air-s on full CIFAR-10, 5 epochs (the fast family's recipe): about 17 "
                     "minutes on 2 CPU cores",
 }
@@ -236,6 +252,8 @@ def check(cfg: Config, n_train: int) -> None:
          f"must be positive, got {cfg.unlearn_lr}")
     need(0 < cfg.neggrad_beta < 1, f"neggrad_beta (NegGrad+'s weight of the retained loss) must "
                                    f"be in (0, 1), got {cfg.neggrad_beta}")
+    need(0 <= cfg.salun_sparsity < 1, f"salun_sparsity (the share of weights SalUn leaves "
+                                      f"unchanged) must be in [0, 1), got {cfg.salun_sparsity}")
     need(cfg.model in ARCHITECTURES, f"unknown model {cfg.model!r}; choose one of {sorted(ARCHITECTURES)}")
     need(cfg.baseline == "none" or cfg.baseline in ARCHITECTURES,
          f"unknown baseline {cfg.baseline!r}; choose none or one of {sorted(ARCHITECTURES)}")

@@ -188,6 +188,17 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, strategy
     return step
 
 
+def make_loss_grads(model: nn.Module, strategy: str) -> Callable:
+    """Returns ``grads(state, images, labels, idx, weight) -> params-shaped [m, ...]``: each
+    member's gradient of its weighted loss sum on its batch (`jaxunlearn.train.loss_grads`)."""
+
+    def grads(state, images, labels, idx, weight):
+        return over_members(strategy, lambda s, i, w, images, labels: train.loss_grads(
+            model, s, images, labels, i, w), (state, idx, weight), images, labels)
+
+    return grads
+
+
 def make_eval_logits(model: nn.Module, strategy: str, flip: bool = False) -> Callable:
     """Returns ``logits(state, images, idx) -> [m, b, classes]``: every member on the same batch
     (with ``flip``, averaged with the mirror images: `jaxunlearn.train.eval_logits`)."""

@@ -40,6 +40,7 @@ class Compiled(NamedTuple):
     reset_optimizer: Callable
     gather: Callable  # (state, sel int [k]) -> the members sel as a stack of k
     scatter: Callable  # (state, sub, sel) -> state with sub's rows written at sel
+    grads: Callable  # (state, images, labels, idx, weight) -> each member's loss gradient
 
 
 def _gather(state, sel):
@@ -102,6 +103,7 @@ def _compile_group(arch, stem, precision, optimizer, learning_rate, weight_decay
     mesh = sharding.member_mesh(devices) if devices != 1 else None
     setup = setup_compiler_options()
     fast = xla_options.step_compiler_options()  # the convolution steps (training, scoring)
+    grads = jax.jit(ensemble.make_loss_grads(model, strategy), compiler_options=fast)
     if mesh is None or mesh.size == 1:
         return Compiled(
             model=model, tx=tx, strategy=strategy, mesh=None,
@@ -110,7 +112,7 @@ def _compile_group(arch, stem, precision, optimizer, learning_rate, weight_decay
             logits=jax.jit(logits, compiler_options=fast),
             unlearn=jax.jit(unlearn.make_unlearn(model, tx), donate_argnums=1),
             reset_optimizer=jax.jit(reset, donate_argnums=0),
-            gather=jax.jit(_gather), scatter=jax.jit(_scatter, donate_argnums=0))
+            gather=jax.jit(_gather), scatter=jax.jit(_scatter, donate_argnums=0), grads=grads)
     M, R = sharding.MEMBERS, sharding.REPLICATED
     return Compiled(
         model=model, tx=tx, strategy=strategy, mesh=mesh,
@@ -122,7 +124,8 @@ def _compile_group(arch, stem, precision, optimizer, learning_rate, weight_decay
         unlearn=jax.jit(unlearn.make_unlearn(model, tx, mesh), donate_argnums=1),
         reset_optimizer=jax.jit(sharding.shard(reset, mesh, (M, M), M), donate_argnums=0),
         gather=jax.jit(_gather, out_shardings=NamedSharding(mesh, M)),
-        scatter=jax.jit(_scatter, out_shardings=NamedSharding(mesh, M), donate_argnums=0))
+        scatter=jax.jit(_scatter, out_shardings=NamedSharding(mesh, M), donate_argnums=0),
+        grads=grads)
 
 
 def _with_lr_scale(step: Callable) -> Callable:
@@ -247,6 +250,25 @@ class ModelGroup:
         images, true = self.train_arrays
         return self._fns.step(state, images, true if labels is None else labels, idx, weight,
                               active, lr_scale)
+
+    def gradients(self, ids: list[np.ndarray], batch_size: int):
+        """Each member's gradient of its cross-entropy summed over its own examples ``ids[i]``
+        (int arrays, one per member; empty: a zero gradient), in batches of ``batch_size``:
+        a params-shaped stack ``[m, ...]`` on the device (SalUn's saliency)."""
+        images, labels = self.train_arrays
+        total = None
+        steps = max(1, max(-(-len(x) // batch_size) for x in ids))
+        for s in range(steps):
+            idx = np.zeros((self.members, batch_size), np.int32)
+            weight = np.zeros((self.members, batch_size), np.float32)
+            for i, x in enumerate(ids):
+                part = np.asarray(x[s * batch_size:(s + 1) * batch_size], np.int32)
+                idx[i, :len(part)], weight[i, :len(part)] = part, 1.0
+            g = self._fns.grads(self.state, images, labels,
+                                self.place(idx, sharding.MEMBERS),
+                                self.place(weight, sharding.MEMBERS))
+            total = g if total is None else jax.tree.map(jnp.add, total, g)
+        return total
 
     def relabelled(self, ids: np.ndarray, labels: np.ndarray):
         """A resident label array like `train_arrays`' in which training examples ``ids`` have

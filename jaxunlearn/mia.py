@@ -238,3 +238,94 @@ def lira_attack(member_scores: np.ndarray, nonmember_scores: np.ndarray, folds: 
             "auc_std": float(np.std(aucs)), "folds": k,
             "tpr_at_1pct_fpr": tpr_at_fpr(scores, y, 0.01),
             "tpr_at_0.1pct_fpr": tpr_at_fpr(scores, y, 0.001)}
+
+
+# Online LiRA for unlearning (U-LiRA, Hayes et al. 2024) ----------------------------------------
+#
+# With every example in about half of an ensemble's members (``plan=subset fraction=0.5``), each
+# example has reference models on both sides: the members that trained on it ("in") and those
+# that did not ("out"). Carlini et al.'s online attack scores a target model's confidence on an
+# example by the likelihood ratio of the two Gaussians; U-LiRA asks the same of an unlearned
+# model: does its confidence on a forgotten example look like an in-model's or an out-model's?
+# Here the target is each member (leave-one-out: its own confidence is never its reference).
+
+
+def online_lira_scores(target: np.ndarray, reference: np.ndarray, held: np.ndarray,
+                       targets: np.ndarray | None = None,
+                       references: np.ndarray | None = None) -> np.ndarray:
+    """Online LiRA scores ``[m, n]``: ``log N(c; in) - log N(c; out)`` of each target member
+    ``i``'s confidence ``target[i, j]`` on example ``j`` (higher: more likely it trained on
+    it), the Gaussians fitted to the ``reference`` confidences ``[m, n]`` of the other members,
+    split by ``held`` (bool ``[m, n]``: reference member ``k`` trained on example ``j``).
+    ``targets`` (bool ``[m]``, default all) are the members scored, ``references`` (default
+    all) those that serve as reference models; member ``i`` is never its own reference.
+
+    Each side's mean is the example's own; its deviation is the example's own with `MIN_POOL`
+    or more references on that side, else the side's deviation pooled over all examples
+    (Carlini et al.'s fixed variance, steadier with few models); all of them without the
+    target's own confidences. NaN where a side has no
+    reference, and for members not in ``targets``."""
+    target, ref = np.asarray(target, np.float64), np.asarray(reference, np.float64)
+    held = np.asarray(held, bool)
+    m = ref.shape[0]
+    scored = np.ones(m, bool) if targets is None else np.asarray(targets, bool)
+    refs = np.ones(m, bool) if references is None else np.asarray(references, bool)
+    ref = np.where(refs[:, None], ref, 0.0)
+    scores = np.zeros(target.shape, np.float64)
+    for side in (True, False):
+        mask = (held == side) & refs[:, None]  # [m, n]: k is a reference on this side of j
+        count = mask.sum(axis=0)
+        total = np.where(mask, ref, 0.0).sum(axis=0)
+        squares = np.where(mask, ref ** 2, 0.0).sum(axis=0)
+        c = count[None, :] - mask  # leave-one-out: target i is not its own reference
+        mean = (total[None, :] - np.where(mask, ref, 0.0)) / np.maximum(c, 1)
+        ss = squares[None, :] - np.where(mask, ref ** 2, 0.0) - c * mean ** 2
+        ss = np.where(c > 0, np.maximum(ss, 0.0), 0.0)
+        var = ss / np.maximum(c - 1, 1)
+        # Pooled over examples, per target (its own confidences left out as well).
+        dof = np.maximum(c - 1, 0).sum(axis=1, keepdims=True)
+        pooled = np.where(dof > 0, ss.sum(axis=1, keepdims=True) / np.maximum(dof, 1), 0.0)
+        pooled = np.where(pooled > 0, pooled, 1.0)
+        var = np.where(c >= MIN_POOL, var, pooled)
+        var = np.where(var > 0, var, pooled)
+        logpdf = -0.5 * (np.log(2 * np.pi * var) + (target - mean) ** 2 / var)
+        scores += np.where(c > 0, logpdf if side else -logpdf, np.nan)
+    scores[~scored] = np.nan
+    return scores
+
+
+def grouped_attack(member_scores: np.ndarray, member_groups: np.ndarray,
+                   nonmember_scores: np.ndarray, nonmember_groups: np.ndarray, folds: int = 5,
+                   seed: int = 0, min_examples: int = 20) -> dict:
+    """AUC and TPR at 1% and 0.1% FPR of per-pair scores (a model and an example), members vs
+    non-members, with the AUC's spread over ``folds`` parts split by example (``*_groups``: the
+    example of each pair), so the pairs of one example never straddle two parts. NaN scores
+    (no reference on a side) are left out. Under ``min_examples`` member examples, or too few
+    non-member pairs for an FPR, the figure is not given but said to be too small."""
+    mem, non = np.asarray(member_scores, np.float64), np.asarray(nonmember_scores, np.float64)
+    mg, ng = np.asarray(member_groups), np.asarray(nonmember_groups)
+    keep_m, keep_n = np.isfinite(mem), np.isfinite(non)
+    mem, mg, non, ng = mem[keep_m], mg[keep_m], non[keep_n], ng[keep_n]
+    examples = np.unique(mg)
+    out = {"n": int(len(examples)), "pairs": int(len(mem)),
+           "n_nonmembers": int(len(np.unique(ng))), "nonmember_pairs": int(len(non)),
+           "dropped_pairs": int((~keep_m).sum() + (~keep_n).sum())}
+    if len(examples) < min_examples or len(non) < 2:
+        return {**out, "skipped": f"{len(examples)} member example(s): too few for a "
+                                  f"meaningful figure (at least {min_examples})"}
+    scores = np.concatenate([mem, non])
+    y = np.concatenate([np.ones(len(mem)), np.zeros(len(non))])
+    rng = np.random.default_rng(seed)
+    k = max(2, min(int(folds), len(examples)))
+    part_of = {}
+    for c, groups in ((1, examples), (0, np.unique(ng))):
+        for i, chunk in enumerate(np.array_split(rng.permutation(groups), k)):
+            part_of.update({(c, int(g)): i for g in chunk})
+    parts = np.array([part_of[(1, int(g))] for g in mg] + [part_of[(0, int(g))] for g in ng])
+    aucs = [auc(scores[parts == i], y[parts == i]) for i in range(k)
+            if 0 < y[parts == i].sum() < (parts == i).sum()]
+    out.update({"auc": auc(scores, y), "auc_std": float(np.std(aucs)), "folds": len(aucs)})
+    for name, fpr in (("tpr_at_1pct_fpr", 0.01), ("tpr_at_0.1pct_fpr", 0.001)):
+        # An FPR of f needs at least 1/f non-member pairs to mean anything.
+        out[name] = tpr_at_fpr(scores, y, fpr) if len(non) * fpr >= 1 else None
+    return out

@@ -39,6 +39,13 @@ RESUMABLE_CHANGES = frozenset({
     "oracle_reference", "retain_eval", "mia_folds", "member_parallel", "devices",
     "learning_rate", "weight_decay", "epochs", "batch_size", "evaluators", "substacks",
     "momentum", "lr_schedule", "lr_warmup", "label_smoothing", "tta"})
+# Settings that say only how deletions are unlearned: a run may change them while it has deleted
+# nothing (no id deleted, no request logged), and its strategies then start from their initial
+# state (`rewind` then rewinds to the initial state: still exact). `fork` uses this to unlearn
+# one trained run several ways.
+UNLEARNING_CHANGES = frozenset({
+    "strategy", "unlearn_epochs", "unlearn_lr", "neggrad_beta", "salun_sparsity",
+    "oracle_reference", "baseline_unlearning"})
 
 
 @dataclasses.dataclass
@@ -258,7 +265,7 @@ def _check_changes(out: pathlib.Path, old: Config, cfg: Config, allow: bool) -> 
     changes = config_changes(old, cfg)
     if changes:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
-        fixed = sorted(set(changes) - RESUMABLE_CHANGES)
+        fixed = sorted(set(changes) - RESUMABLE_CHANGES - UNLEARNING_CHANGES)
         if fixed:
             raise ConfigError(f"cannot resume {out} with a different {', '.join(fixed)} "
                               f"({listed}): the checkpoints depend on it; start a new run")
@@ -295,6 +302,13 @@ def _restore(run: Run, changes: dict, log: Callable[[str], None]) -> None:
             log(f"discarded incomplete checkpoint(s) {gone} (a write that never finished)")
     step, tree, _ = run.ckpts.load_latest(log)
     position = tree["progress"]["position"]
+    unlearning = sorted(UNLEARNING_CHANGES & set(changes))
+    if unlearning and (tree["deletions"]["ids"] or (run.log is not None
+                                                    and run.log.records())):
+        raise ConfigError(f"{run.out} has deleted ids or logged deletion requests, so "
+                          f"{', '.join(unlearning)} can no longer change (its state depends on "
+                          f"how they were unlearned); start a new run, or fork the run before "
+                          f"its first deletion")
     moved = sorted({"epochs", "batch_size"} & set(changes))
     if position is not None and moved:
         raise ConfigError(f"checkpoint {step} is inside phase {position['phase']}: "
@@ -308,6 +322,9 @@ def _restore(run: Run, changes: dict, log: Callable[[str], None]) -> None:
             tmp.write_text(run.cfg.to_json())
             os.replace(tmp, run.out / "config.json")
     durable.load_state_tree(run, tree)
+    if unlearning:  # nothing deleted yet: the strategies start afresh
+        for unit in run.units.values():
+            unit.state = unit.strategy.init(run.context(unit))
     run.progress.checkpoint = step
     run.report.results["config"] = run.cfg.to_dict()
     if changes:  # a finished run is evaluated again under its new settings
@@ -318,6 +335,56 @@ def _restore(run: Run, changes: dict, log: Callable[[str], None]) -> None:
     where = (f"inside phase {run.progress.position['phase']}" if run.progress.position else
              f"after phase {run.progress.phase_done}")
     log(f"resuming {run.out} from checkpoint {step} ({where})")
+
+
+# What a fork may change: how deletions are unlearned, evaluated and stored, never training.
+FORK_CHANGES = UNLEARNING_CHANGES | {
+    "data", "eval_batch_size", "eval_every_epoch", "checkpoint_every", "keep_checkpoints",
+    "retain_eval", "mia_folds", "member_parallel", "devices", "evaluators", "substacks", "tta"}
+
+
+def fork(src, dst, overrides=(), dataset: data_lib.Dataset | None = None,
+         log: Callable[[str], None] = print) -> dict:
+    """Copies the run in ``src``, which must have deleted nothing yet, into the new folder
+    ``dst`` with other unlearning settings (``key=value`` ``overrides`` of `FORK_CHANGES`: how
+    deletions are unlearned, evaluated and stored, e.g. ``strategy=finetune``), and brings the copy to the same point
+    under them (a finished run is finished again: end state scored, a checkpoint written). One
+    trained run can so be unlearned in several ways, each copy on its own: the models trained
+    are the same bits. Returns the copy's results."""
+    import shutil
+
+    from jaxunlearn import driver, runlock
+
+    src, dst = pathlib.Path(src), pathlib.Path(dst)
+    old = saved_config(src)
+    cfg = config_lib.apply_overrides(old, list(overrides))
+    bad = sorted(set(config_changes(old, cfg)) - FORK_CHANGES)
+    if bad:
+        raise ConfigError(f"a fork may change how deletions are unlearned and how the run is "
+                          f"evaluated, not {', '.join(bad)} (they change the trained models); "
+                          f"start a new run instead")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ConfigError(f"{dst} exists and is not empty; fork into a new folder")
+    with runlock.run_lock(src, purpose="fork"):  # no half-written checkpoint is copied
+        if _logged(src):
+            raise ConfigError(f"{src} has logged deletion requests: fork a run before its "
+                              f"first deletion")
+        shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".lock"))
+    try:
+        with open_run(cfg, dst, dataset, log, progress=False, allow_config_change=True,
+                      purpose="fork") as run:
+            results = driver.run_protocol(run, run.progress.phase_done)
+            if run.progress.phase_done < cfg.phases:
+                durable.commit(run)
+            return results
+    except BaseException:
+        shutil.rmtree(dst, ignore_errors=True)  # a failed fork leaves no half run behind
+        raise
+
+
+def _logged(run_dir: pathlib.Path) -> bool:
+    with deletion_log.DeletionLog.open(run_dir) as log:
+        return bool(log.records())
 
 
 def _version(module: str) -> str:

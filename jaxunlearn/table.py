@@ -2,10 +2,12 @@
 
 One row per run (its strategy), plus the oracle: forget, retain and test accuracy of the
 ensemble after unlearning, the population membership-inference AUC (`jaxunlearn.mia`'s
-logistic loss attack) and the per-example one (LiRA, when the run had the ``lira``
-evaluator), the seconds unlearning took, and the average gap to the oracle over the accuracy
-and MIA columns (the "Avg. Gap" of SalUn, ICLR 2024): 0 means indistinguishable from
-retraining without the forgotten examples.
+logistic loss attack) and the per-example ones (offline LiRA with the ``lira`` evaluator,
+online LiRA with ``lira_online``), each AUC with its spread over folds, the seconds unlearning
+took, and the average gap to the oracle over the accuracy and MIA columns (the "Avg. Gap" of
+SalUn, ICLR 2024): 0 means indistinguishable from retraining without the forgotten examples.
+An attack on fewer than `MIN_EXAMPLES` forgotten examples gets no figure: the table says "too
+few" and how many.
 
 The oracle of a row is its own run's (``oracle_reference`` or ``strategy=oracle``), else the
 first other run's: every run compared must share the data, the preset and every setting that
@@ -22,12 +24,20 @@ import pathlib
 
 # Settings that may differ between compared runs: how unlearning is done and measured, and how
 # the work is laid out; everything else (data, training, deletions) must be equal.
-FREE = {"preset", "strategy", "unlearn_epochs", "unlearn_lr", "neggrad_beta", "oracle_reference",
+FREE = {"preset", "strategy", "unlearn_epochs", "unlearn_lr", "neggrad_beta", "salun_sparsity",
+        "oracle_reference",
         "evaluators", "member_parallel", "substacks", "devices", "checkpoint_every",
         "keep_checkpoints", "baseline_unlearning", "shadow_members", "mia_folds"}
 COLUMNS = ("method", "exact", "forget_acc", "retain_acc", "test_acc", "mia_auc", "lira_auc",
-           "lira_tpr_1pct", "seconds", "avg_gap")
+           "lira_tpr_1pct", "online_auc", "online_tpr_1pct", "online_tpr_01pct", "seconds",
+           "avg_gap")
+# Each attack figure's spread over folds and its number of forgotten examples (CSV only).
+DETAILS = ("mia_auc_std", "lira_auc_std", "online_auc_std", "attack_n")
 GAP_COLUMNS = ("forget_acc", "retain_acc", "test_acc", "mia_auc")
+# Forgotten examples an attack figure needs; with fewer, the table says so instead of a figure
+# (an AUC from three examples is noise).
+MIN_EXAMPLES = 20
+TOO_FEW = "too few"
 
 
 class ReportError(ValueError):
@@ -81,22 +91,46 @@ def _get(block: dict | None, model: str, *path):
     return value
 
 
+def _attack(results: dict, block: str, model: str, *path):
+    """An attack's figure at ``path`` and its entry's ``n``: `TOO_FEW` under `MIN_EXAMPLES`
+    forgotten examples (or when the evaluator skipped it), None when not evaluated."""
+    entry = _get(results.get(block), model)
+    if not isinstance(entry, dict):
+        return None, None
+    n = entry.get("n", 0)
+    if "skipped" in entry or n < MIN_EXAMPLES:
+        return TOO_FEW, n
+    return _get({"x": entry}, "x", *path), n
+
+
 def _row(method: str, exact, results: dict, model: str, seconds) -> dict:
-    return {"method": method, "exact": exact,
-            "forget_acc": _get(results.get("forget"), model, "accuracy"),
-            "retain_acc": _get(results.get("retain"), model, "accuracy"),
-            "test_acc": _get(results.get("test"), model, "accuracy"),
-            "mia_auc": _get(results.get("mia"), model, "logistic", "auc"),
-            "lira_auc": _get(results.get("lira"), model, "auc"),
-            "lira_tpr_1pct": _get(results.get("lira"), model, "tpr_at_1pct_fpr"),
-            "seconds": seconds}
+    row = {"method": method, "exact": exact,
+           "forget_acc": _get(results.get("forget"), model, "accuracy"),
+           "retain_acc": _get(results.get("retain"), model, "accuracy"),
+           "test_acc": _get(results.get("test"), model, "accuracy"),
+           "seconds": seconds}
+    ns = []
+    for column, block, path in (
+            ("mia_auc", "mia", ("logistic", "auc")),
+            ("mia_auc_std", "mia", ("logistic", "auc_std")),
+            ("lira_auc", "lira", ("auc",)), ("lira_auc_std", "lira", ("auc_std",)),
+            ("lira_tpr_1pct", "lira", ("tpr_at_1pct_fpr",)),
+            ("online_auc", "lira_online", ("auc",)),
+            ("online_auc_std", "lira_online", ("auc_std",)),
+            ("online_tpr_1pct", "lira_online", ("tpr_at_1pct_fpr",)),
+            ("online_tpr_01pct", "lira_online", ("tpr_at_0.1pct_fpr",))):
+        row[column], n = _attack(results, block, model, *path)
+        ns.append(n)
+    known = [n for n in ns if n is not None]
+    row["attack_n"] = min(known) if known else None
+    return row
 
 
 def _gap(row: dict, oracle: dict) -> float | None:
-    pairs = [(row[c], oracle[c]) for c in GAP_COLUMNS]
-    if any(a is None or b is None for a, b in pairs):
-        return None
-    return sum(abs(a - b) for a, b in pairs) / len(pairs)
+    """The mean absolute difference over the `GAP_COLUMNS` both rows have figures for."""
+    pairs = [(row[c], oracle[c]) for c in GAP_COLUMNS
+             if isinstance(row[c], float) and isinstance(oracle[c], float)]
+    return sum(abs(a - b) for a, b in pairs) / len(pairs) if pairs else None
 
 
 def table(run_dirs) -> list[dict]:
@@ -125,7 +159,9 @@ def table(run_dirs) -> list[dict]:
     return rows
 
 
-def _fmt(value, column: str) -> str:
+def _fmt(value, column: str, row: dict | None = None) -> str:
+    if value == TOO_FEW:
+        return f"{TOO_FEW} (n={row['attack_n']})" if row else TOO_FEW
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if column == "exact":
@@ -133,20 +169,27 @@ def _fmt(value, column: str) -> str:
     if column == "seconds":
         return f"{value:.1f}"
     if isinstance(value, float):
-        return f"{100 * value:.2f}" if column.endswith("_acc") else f"{value:.3f}"
+        text = f"{100 * value:.2f}" if column.endswith("_acc") else f"{value:.3f}"
+        spread = (row or {}).get(column + "_std")
+        return text + (f" ± {spread:.3f}" if isinstance(spread, float) else "")
     return str(value)
 
 
 HEADERS = {"method": "method", "exact": "exact", "forget_acc": "forget acc %",
            "retain_acc": "retain acc %", "test_acc": "test acc %", "mia_auc": "MIA AUC (loss)",
            "lira_auc": "LiRA AUC", "lira_tpr_1pct": "LiRA TPR@1%FPR",
+           "online_auc": "online LiRA AUC", "online_tpr_1pct": "online TPR@1%FPR",
+           "online_tpr_01pct": "online TPR@0.1%FPR",
            "seconds": "unlearning s", "avg_gap": "avg gap to oracle"}
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(HEADERS[c] for c in COLUMNS) + " |",
-             "|" + "|".join("---" if c in ("method", "exact") else "---:" for c in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_fmt(r[c], c) for c in COLUMNS) + " |" for r in rows]
+    """The table in Markdown; columns no row has a figure for are left out."""
+    shown = [c for c in COLUMNS
+             if c in ("method", "exact") or any(r.get(c) is not None for r in rows)]
+    lines = ["| " + " | ".join(HEADERS[c] for c in shown) + " |",
+             "|" + "|".join("---" if c in ("method", "exact") else "---:" for c in shown) + "|"]
+    lines += ["| " + " | ".join(_fmt(r.get(c), c, r) for c in shown) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -156,7 +199,7 @@ def write(rows: list[dict], out) -> list[pathlib.Path]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(markdown(rows))
     with open(out / "table.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=COLUMNS + DETAILS)
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, out / "gap_vs_seconds.png")
@@ -172,7 +215,7 @@ def plot(rows: list[dict], path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
     for row in rows:
-        if row["seconds"] is None or row["avg_gap"] is None:
+        if not isinstance(row["seconds"], (int, float)) or row["avg_gap"] is None:
             continue
         ax.scatter(row["seconds"], 100 * row["avg_gap"], s=40,
                    marker="o" if row["exact"] else "^",

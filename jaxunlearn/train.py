@@ -111,7 +111,9 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, use_augment: 
       weight: float32 ``[b]``, 1 for real examples and 0 for padding; a negative weight makes
         the step ascend that example's loss (BatchNorm and the mean use its absolute value).
       active: bool scalar; an inactive member (or an all-padding batch) is returned unchanged.
-      lr_scale: float scalar multiplying the update (a learning-rate schedule); None: 1.
+      lr_scale: float scalar multiplying the update (a learning-rate schedule), or a pytree
+        like ``params`` of per-parameter multipliers (a mask of the parameters that may
+        change, times the schedule: SalUn); None: 1.
       label_smoothing: smoothing of the training labels (static).
 
     Returns:
@@ -137,13 +139,31 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, use_augment: 
     with jax.named_scope("optimizer"):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         if lr_scale is not None:
-            updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
+            if jax.tree.structure(lr_scale) == jax.tree.structure(updates):  # per parameter
+                updates = jax.tree.map(lambda u, r: u * r.astype(u.dtype), updates, lr_scale)
+            else:
+                updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
         new = MemberState(params=optax.apply_updates(state.params, updates),
                           batch_stats=batch_stats, opt_state=opt_state, step=state.step + 1,
                           key=state.key)
         take = jnp.logical_and(active, jnp.sum(mass) > 0)
         new = jax.tree.map(lambda n, o: jnp.where(take, n, o), new, state)
     return new, jnp.where(take, total, 0.0)
+
+
+def loss_grads(model: nn.Module, state: MemberState, images: jax.Array, labels: jax.Array,
+               idx: jax.Array, weight: jax.Array) -> Params:
+    """The gradient of one member's weighted cross-entropy sum on ``images[idx]`` (no label
+    smoothing, no augmentation; BatchNorm in training mode, its statistics left as they are)
+    with respect to its parameters: SalUn's saliency."""
+    x, y = normalize(images[idx]), labels[idx]
+
+    def loss_fn(params):
+        logits, _ = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
+                                train=True, weight=weight, mutable=["batch_stats"])
+        return jnp.sum(cross_entropy(logits, y) * weight)
+
+    return jax.grad(loss_fn)(state.params)
 
 
 def eval_logits(model: nn.Module, state: MemberState, images: jax.Array,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
@@ -69,13 +70,23 @@ class Recipe(NamedTuple):
     phase's own schedule: ``epochs`` at a constant learning rate ``lr_scale`` times the
     configured one, a fresh optimiser state, and ``forget`` (int ids) fed although deleted, each
     with weight ``forget_weight`` (one per member; negative: gradient ascent) and, when
-    ``labels`` (int, one per ``forget`` id) is given, that label instead of its own."""
+    ``labels`` (int, one per ``forget`` id) is given, that label instead of its own. A
+    ``param_scale`` (a stacked params-like pytree ``[m, ...]`` of 0/1) lets only the
+    parameters it marks change (SalUn's saliency mask)."""
 
     epochs: int
     lr_scale: float
     forget: np.ndarray = np.zeros(0, np.int64)
     forget_weight: np.ndarray | float = 1.0
     labels: np.ndarray | None = None
+    param_scale: object = None  # a stacked params-like mask [m, ...]: only those may change
+
+
+@jax.jit
+def _masked_scale(mask, scale):
+    """Per-parameter learning-rate multipliers: ``mask`` (a stacked params-like pytree
+    ``[k, ...]``) times each member's ``scale`` ``[k]``."""
+    return jax.tree.map(lambda x: x * scale.reshape((-1,) + (1,) * (x.ndim - 1)), mask)
 
 
 class Trainer:
@@ -145,6 +156,11 @@ class Trainer:
             batches = [(group.place(idx[:, sel], per_step), group.place(weight[:, sel], per_step),
                         None if scale is None else group.place(scale[:, sel], per_step))
                        for sel in parts]
+            masks = [None] * len(parts)
+            if recipe is not None and recipe.param_scale is not None:
+                masks = [recipe.param_scale if whole else
+                         jax.tree.map(lambda x, sel=sel: x[sel], recipe.param_scale)
+                         for sel in parts]
             resumed = epoch == start.epoch
             offset = start.step if resumed else 0
             carried = (np.asarray(start.loss, np.float64) if resumed and start.loss is not None
@@ -163,9 +179,11 @@ class Trainer:
 
             for s in range(offset, idx.shape[0]):
                 for j, (idx_dev, weight_dev, scale_dev) in enumerate(batches):
+                    lr = None if scale_dev is None else scale_dev[s]
+                    if masks[j] is not None:
+                        lr = _masked_scale(masks[j], lr)
                     stacks[j], loss = group.step(stacks[j], idx_dev[s], weight_dev[s], actives[j],
-                                                 None if scale_dev is None else scale_dev[s],
-                                                 labels=labels)
+                                                 lr, labels=labels)
                     losses[j].append(loss)
                 group.lineage.record(idx[s], weight[s], members)
                 if whole:

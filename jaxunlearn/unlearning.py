@@ -147,8 +147,9 @@ def finish(run) -> dict:
         models.append(run.model("baseline", run.baseline))
     blocks = run.evaluate(models, forget, run.retain_ids(cfg.phases))
     for evaluator in run.evaluators:
-        befores = [p[evaluator.name]["ensemble_before"] for p in results["phases"]
-                   if evaluator.name in p]
+        befores = [p[evaluator.name]["ensemble_before"]
+                   for p in results["phases"] + results.get("requests", [])
+                   if "ensemble_before" in p.get(evaluator.name, {})]
         if evaluator.carry_before and befores:
             blocks[evaluator.name]["ensemble_before_last_deletion"] = befores[-1]
     violations = ens.lineage.violations(run.deletions.ids)

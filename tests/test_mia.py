@@ -167,3 +167,67 @@ def test_tpr_at_fpr_hand_computed():
     assert mia.tpr_at_fpr(scores, labels, 0.25) == pytest.approx(2 / 3)  # one allowed: 3
     assert mia.tpr_at_fpr(scores, labels, 0.5) == pytest.approx(2 / 3)   # two: 2
     assert mia.tpr_at_fpr(scores, labels, 1.0) == pytest.approx(1.0)
+
+
+# Online LiRA --------------------------------------------------------------------------------
+
+
+def _planted_online(seed=0, m=16, n=300, gap=2.0, noise=0.5):
+    """Confidences of m models on n examples, each in about half of them: trained on an example,
+    a model is ``gap`` (per example, up to 2x) more confident."""
+    rng = np.random.default_rng(seed)
+    held = rng.random((m, n)) < 0.5
+    base, gaps = rng.normal(0, 2, n), rng.uniform(0.5, 1.0, n) * gap
+    conf = base[None] + gaps[None] * held + rng.normal(0, noise, (m, n))
+    columns = np.broadcast_to(np.arange(n), (m, n))
+    return rng, held, base, conf, columns
+
+
+def test_online_lira_has_power_on_a_planted_memorised_set_and_is_chance_without_it():
+    rng, held, base, conf, columns = _planted_online()
+    scores = mia.online_lira_scores(conf, conf, held)
+    got = mia.grouped_attack(scores[held], columns[held], scores[~held], columns[~held])
+    assert got["auc"] > 0.95 and got["tpr_at_1pct_fpr"] > 0.5
+    assert got["n"] == 300 and got["pairs"] == held.sum() and got["folds"] == 5
+    # "Unlearned" models that never trained on any example: their held pairs score like the
+    # non-members against the same references.
+    unseen = base[None] + rng.normal(0, 0.5, conf.shape)
+    after = mia.online_lira_scores(unseen, conf, held)
+    null = mia.grouped_attack(after[held], columns[held], scores[~held], columns[~held])
+    assert abs(null["auc"] - 0.5) < 0.04 and null["tpr_at_1pct_fpr"] < 0.03
+
+
+def test_online_lira_never_uses_a_model_as_its_own_reference():
+    _, held, _, conf, _ = _planted_online(m=4, n=50)
+    scores = mia.online_lira_scores(conf, conf, held)
+    # Model 0's scores do not move when its own reference confidences do.
+    moved = conf.copy()
+    moved[0] += 100.0
+    np.testing.assert_allclose(mia.online_lira_scores(conf, moved, held)[0], scores[0])
+    # ...but they do when another model's do.
+    moved = conf.copy()
+    moved[1] += 100.0
+    assert not np.allclose(mia.online_lira_scores(conf, moved, held)[0], scores[0])
+
+
+def test_online_lira_leaves_out_members_and_examples_without_both_sides():
+    _, held, _, conf, _ = _planted_online(m=4, n=20)
+    held[:, 0] = True  # example 0: in every model, no out-reference
+    targets = np.array([True, True, False, True])
+    scores = mia.online_lira_scores(conf, conf, held, targets)
+    assert np.isnan(scores[2]).all() and np.isnan(scores[:, 0]).all()
+    ins = held.sum(axis=0)[None, :] - held  # each target's in-references per example
+    outs = (~held).sum(axis=0)[None, :] - ~held
+    both = (ins > 0) & (outs > 0)
+    np.testing.assert_array_equal(np.isfinite(scores[targets]), both[targets])
+
+
+def test_grouped_attack_says_when_a_forget_set_is_too_small():
+    got = mia.grouped_attack(np.ones(30), np.arange(30) % 3, np.zeros(500), np.arange(500))
+    assert got["n"] == 3 and "too few" in got["skipped"] and "auc" not in got
+    # FPRs the non-members cannot resolve give no figure.
+    rng = np.random.default_rng(0)
+    got = mia.grouped_attack(rng.normal(1, 1, 40), np.arange(40), rng.normal(0, 1, 50),
+                             np.arange(50))
+    assert got["tpr_at_0.1pct_fpr"] is None and got["tpr_at_1pct_fpr"] is None
+    assert 0.6 < got["auc"] < 0.95

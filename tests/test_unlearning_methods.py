@@ -14,8 +14,9 @@ from conftest import checkpoint_tree, group_state, results_of, rows
 from jaxunlearn import audit, cli, driver, table, train
 from jaxunlearn.config import ConfigError, apply_overrides, check, get_preset
 from jaxunlearn.models import make_model
+from jaxunlearn.run import fork as run_fork
 
-APPROXIMATE = ["finetune", "neggrad", "random_labels"]
+APPROXIMATE = ["finetune", "neggrad", "random_labels", "salun"]
 
 
 def _cfg(**changes):
@@ -115,11 +116,68 @@ def test_negative_weight_ascends_the_loss():
     assert loss(up) > loss(state) > loss(down)
 
 
+def _changed_share(new, old, i) -> float:
+    """The share of member ``i``'s parameter entries that differ between two states."""
+    diff = [np.asarray(a)[i] != np.asarray(b)[i] for a, b in zip(jax.tree.leaves(new),
+                                                                   jax.tree.leaves(old))]
+    return sum(int(d.sum()) for d in diff) / sum(d.size for d in diff)
+
+
+def test_salun_changes_only_the_weights_salient_for_the_forget_set(tmp_path, sample, before):
+    seen = checkpoint_tree(before)["groups"]["ensemble"]["lineage"]["seen"]
+    ids = np.flatnonzero(seen[0])[:3]
+    invalid = seen[:, ids].any(axis=1)
+    schedule = _schedule(tmp_path, {"1": ids.tolist()})
+    shares = {}
+    for strategy in ("salun", "random_labels"):
+        cfg = _cfg(strategy=strategy, deletions=schedule, salun_sparsity=0.9)
+        run, _ = _run(cfg, tmp_path, sample, strategy, stop_after_phase=1)
+        old, new = group_state(before), group_state(run)
+        assert jax.tree.structure(new["params"]) == jax.tree.structure(old["params"])
+        shares[strategy] = [_changed_share(new["params"], old["params"], i)
+                            for i in np.flatnonzero(invalid)]
+    # The top 10% of weights by |forget gradient| may move (a few more where |g| ties at the
+    # threshold); random labels without the mask move nearly all of them.
+    assert all(0 < share <= 0.11 for share in shares["salun"]), shares
+    assert all(share > 0.9 for share in shares["random_labels"]), shares
+
+
+def test_a_fork_unlearns_one_trained_run_another_way(tmp_path, sample):
+    from jaxunlearn import requests
+
+    base, _ = _run(_cfg(deletion_rate=0.0, strategy="rewind"), tmp_path, sample, "base")
+    fork = tmp_path / "finetune"
+    assert cli.main(["fork", str(base), str(fork), "strategy=finetune", "unlearn_lr=0.05"]) == 0
+    forked = results_of(fork)
+    assert forked["complete"] and forked["config"]["strategy"] == "finetune"
+    assert forked["config"]["unlearn_lr"] == 0.05
+    for part in ("params", "batch_stats"):  # the same trained bits
+        jax.tree.map(np.testing.assert_array_equal, group_state(fork)[part],
+                     group_state(base)[part])
+    seen = checkpoint_tree(base)["groups"]["ensemble"]["lineage"]["seen"]
+    ids = np.flatnonzero(seen[0])[:2].tolist()
+    outcome = requests.forget(fork, ids, log=lambda s: None, dataset=sample)
+    assert outcome["status"] == "applied"
+    assert outcome["results"]["requests"][-1]["cost"]["strategy"] == "finetune"
+    assert not outcome["results"]["lineage_audit"]["exact"]
+    assert results_of(base)["config"]["strategy"] == "rewind"  # the original is untouched
+    assert not results_of(base).get("deleted_ids")
+    # A run that deleted something cannot change how it unlearns; a fork cannot retrain.
+    with pytest.raises(ConfigError, match="before its first deletion"):
+        run_fork(fork, tmp_path / "again", ["strategy=neggrad"])
+    with pytest.raises(ConfigError, match="epochs"):
+        run_fork(base, tmp_path / "longer", ["epochs=3"])
+    with pytest.raises(ConfigError, match="not empty"):
+        run_fork(base, fork, ["strategy=oracle"])
+    assert not (tmp_path / "again").exists() and not (tmp_path / "longer").exists()
+
+
 @pytest.mark.parametrize("change, words", [
     ({"unlearn_epochs": 0}, "unlearn_epochs"),
     ({"unlearn_lr": 0.0}, "unlearn_lr"),
     ({"unlearn_lr": -0.1}, "unlearn_lr"),
     ({"neggrad_beta": 1.0}, "neggrad_beta"),
+    ({"salun_sparsity": 1.0}, "salun_sparsity"),
     ({"shadow_members": 2}, "add lira to evaluators"),
     ({"shadow_members": 2, "evaluators": "lira", "plan": "shards", "fraction": 1.0},
      "plan bootstrap or subset"),

@@ -3,7 +3,8 @@ config's ``evaluators`` setting (comma-separated names, in the order they run).
 
 * ``scores``: forget, retain and test accuracy and loss;
 * ``mia``: loss-based membership inference, forget vs test;
-* ``lira``: per-example membership inference (offline LiRA) from the ensemble's own members.
+* ``lira``: per-example membership inference (offline LiRA) from the ensemble's own members;
+* ``lira_online``: online LiRA for unlearning (U-LiRA): each example's in- and out-members.
 """
 
 from __future__ import annotations

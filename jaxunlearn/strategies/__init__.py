@@ -5,6 +5,7 @@
 * ``oracle``: retrain everything from scratch, the exact reference.
 * ``finetune``, ``neggrad``, ``random_labels`` (`approximate`): train the invalid members
   further so that they forget; cheap, not exact.
+* ``salun`` (`salun`): random labels on the weights salient for the forget set; not exact.
 
 Every module of this package is imported here, and a `Strategy` subclass with a ``name``
 registers itself: adding a strategy is adding a file.

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import jax
 import numpy as np
 
 from jaxunlearn import plans
