@@ -254,6 +254,8 @@ def check(cfg: Config, n_train: int) -> None:
                                    f"be in (0, 1), got {cfg.neggrad_beta}")
     need(0 <= cfg.salun_sparsity < 1, f"salun_sparsity (the share of weights SalUn leaves "
                                       f"unchanged) must be in [0, 1), got {cfg.salun_sparsity}")
+    need(cfg.strategy != "scrub" or cfg.devices == 1,
+         f"strategy=scrub distils on one device; set devices=1 (got {cfg.devices})")
     need(cfg.model in ARCHITECTURES, f"unknown model {cfg.model!r}; choose one of {sorted(ARCHITECTURES)}")
     need(cfg.baseline == "none" or cfg.baseline in ARCHITECTURES,
          f"unknown baseline {cfg.baseline!r}; choose none or one of {sorted(ARCHITECTURES)}")

@@ -170,20 +170,22 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, strategy
 
     Shapes: ``idx`` int32 ``[m, b]``, ``weight`` float32 ``[m, b]``, ``active`` bool ``[m]``,
     ``lr_scale`` float32 ``[m]`` (each member's learning-rate multiplier) or None;
+    ``teacher`` float32 ``[m, n, classes]`` (each member's teacher logits on the resident
+    examples: distillation, `jaxunlearn.train.train_step`) or None;
     ``images``/``labels`` are the resident training set shared by all members; ``loss_sums`` is
     float32 ``[m]``, each member's weighted loss sum on its batch.
     """
     member_step = functools.partial(train.train_step, model, tx, use_augment,
                                     label_smoothing=label_smoothing)
 
-    def step(state, images, labels, idx, weight, active, lr_scale=None):
+    def step(state, images, labels, idx, weight, active, lr_scale=None, teacher=None):
         if lr_scale is None:  # a scale of exactly 1 leaves every update's bits unchanged
             lr_scale = jnp.ones(active.shape, jnp.float32)
 
-        def one(s, i, w, a, r, images, labels):
-            return member_step(s, images, labels, i, w, a, r)
-        return over_members(strategy, one, (state, idx, weight, active, lr_scale), images,
-                            labels)
+        def one(s, i, w, a, r, t, images, labels):
+            return member_step(s, images, labels, i, w, a, r, teacher=t)
+        return over_members(strategy, one, (state, idx, weight, active, lr_scale, teacher),
+                            images, labels)
 
     return step
 

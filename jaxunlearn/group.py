@@ -241,15 +241,20 @@ class ModelGroup:
                                                                    sharding.REPLICATED))
         self._changed(changed)
 
-    def step(self, state, idx, weight, active, lr_scale=None, labels=None):
+    def step(self, state, idx, weight, active, lr_scale=None, labels=None, teacher=None):
         """One optimiser step of the ``active`` members (device mask ``[k]``) of the stack
         ``state`` on their batches ``idx``/``weight`` ``[k, b]``, their updates scaled by
         ``lr_scale`` ``[k]`` (None: 1); returns the new stack and the loss sums ``[k]``. The
         group's own state is the stack of all its members. ``labels``: a resident label array
-        from `relabelled` in place of the true labels."""
+        from `relabelled` in place of the true labels; ``teacher``: each member's teacher
+        logits on the resident examples ``[k, n, classes]``, for distillation (one device)."""
         images, true = self.train_arrays
-        return self._fns.step(state, images, true if labels is None else labels, idx, weight,
-                              active, lr_scale)
+        labels = true if labels is None else labels
+        if teacher is None:
+            return self._fns.step(state, images, labels, idx, weight, active, lr_scale)
+        if self.mesh is not None:
+            raise ValueError("distillation (scrub) runs on one device; set devices=1")
+        return self._fns.step(state, images, labels, idx, weight, active, lr_scale, teacher)
 
     def gradients(self, ids: list[np.ndarray], batch_size: int):
         """Each member's gradient of its cross-entropy summed over its own examples ``ids[i]``

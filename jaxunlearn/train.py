@@ -82,6 +82,19 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) 
     return optax.softmax_cross_entropy(logits, target)
 
 
+# SCRUB's distillation (Kurmanji et al. 2023, their code's defaults): temperature, and the weights
+# of the KL divergence and of the cross-entropy on the retained examples.
+SCRUB_T, SCRUB_ALPHA, SCRUB_GAMMA = 4.0, 0.001, 0.99
+
+
+def distill_kl(student: jax.Array, teacher: jax.Array, temperature: float) -> jax.Array:
+    """Per-example ``KL(softmax(teacher / T) || softmax(student / T)) * T**2`` ``[b]`` (Hinton
+    et al.'s scaling keeps its gradient's size independent of ``T``)."""
+    t = jax.nn.log_softmax(teacher.astype(jnp.float32) / temperature)
+    s = jax.nn.log_softmax(student.astype(jnp.float32) / temperature)
+    return jnp.sum(jnp.exp(t) * (t - s), axis=-1) * temperature ** 2
+
+
 def lr_scale(schedule: str, progress, warmup: float = 0.2):
     """The learning-rate multiplier at ``progress`` (the fraction of a phase's training done,
     in [0, 1]): ``constant`` 1; ``onecycle`` rises linearly from 0.1 to 1 over the first
@@ -101,7 +114,8 @@ LR_SCHEDULES = ("constant", "onecycle")
 def train_step(model: nn.Module, tx: optax.GradientTransformation, use_augment: bool,
                state: MemberState, images: jax.Array, labels: jax.Array, idx: jax.Array,
                weight: jax.Array, active: jax.Array, lr_scale: jax.Array | None = None,
-               label_smoothing: float = 0.0) -> tuple[MemberState, jax.Array]:
+               label_smoothing: float = 0.0,
+               teacher: jax.Array | None = None) -> tuple[MemberState, jax.Array]:
     """One optimiser step of one member on the examples ``images[idx]``.
 
     Args:
@@ -115,6 +129,11 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, use_augment: 
         like ``params`` of per-parameter multipliers (a mask of the parameters that may
         change, times the schedule: SalUn); None: 1.
       label_smoothing: smoothing of the training labels (static).
+      teacher: float ``[n, classes]``: a teacher's logits on the resident examples, for
+        distillation (SCRUB): an example's loss is then `SCRUB_GAMMA` x cross-entropy plus
+        `SCRUB_ALPHA` x the teacher-student KL divergence at temperature `SCRUB_T`, or, with a
+        negative weight, the KL divergence alone (ascended: the student moves away from the
+        teacher there). None: plain cross-entropy.
 
     Returns:
       The new state and the batch's weighted loss sum (so epoch means are exact).
@@ -132,7 +151,11 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, use_augment: 
         logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
                                       train=True, weight=mass, mutable=["batch_stats"])
         with jax.named_scope("loss"):
-            total = jnp.sum(cross_entropy(logits, y, label_smoothing) * weight)
+            loss = cross_entropy(logits, y, label_smoothing)
+            if teacher is not None:
+                kl = distill_kl(logits, teacher[idx], SCRUB_T)
+                loss = jnp.where(weight < 0, kl, SCRUB_GAMMA * loss + SCRUB_ALPHA * kl)
+            total = jnp.sum(loss * weight)
             return total / jnp.maximum(jnp.sum(mass), 1.0), (updates["batch_stats"], total)
 
     grads, (batch_stats, total) = jax.grad(loss_fn, has_aux=True)(state.params)

@@ -72,7 +72,10 @@ class Recipe(NamedTuple):
     with weight ``forget_weight`` (one per member; negative: gradient ascent) and, when
     ``labels`` (int, one per ``forget`` id) is given, that label instead of its own. A
     ``param_scale`` (a stacked params-like pytree ``[m, ...]`` of 0/1) lets only the
-    parameters it marks change (SalUn's saliency mask)."""
+    parameters it marks change (SalUn's saliency mask). A ``teacher`` (each member's teacher
+    logits on the training examples) trains by distillation (`jaxunlearn.train.train_step`),
+    and ``fresh_optimizer=False`` continues the optimiser state of the previous call (SCRUB's
+    alternating passes)."""
 
     epochs: int
     lr_scale: float
@@ -80,6 +83,8 @@ class Recipe(NamedTuple):
     forget_weight: np.ndarray | float = 1.0
     labels: np.ndarray | None = None
     param_scale: object = None  # a stacked params-like mask [m, ...]: only those may change
+    teacher: object = None  # device float [m, n_train, classes]: teacher logits (distillation)
+    fresh_optimizer: bool = True  # False: go on with the members' optimiser state
 
 
 @jax.jit
@@ -120,7 +125,9 @@ class Trainer:
         cfg, clock = self.cfg, timing.Clock()
         epochs = recipe.epochs if recipe else epochs_of(cfg, stage.source)
         members = np.asarray(members, bool)
-        if recipe or (start is None and cfg.reset_optimizer_each_phase and stage.slice == 1):
+        if (recipe and recipe.fresh_optimizer) or (
+                recipe is None and start is None and cfg.reset_optimizer_each_phase
+                and stage.slice == 1):
             group.reset_optimizer(members)
         start = start or Start()
         if kind != "epoch":
@@ -156,7 +163,9 @@ class Trainer:
             batches = [(group.place(idx[:, sel], per_step), group.place(weight[:, sel], per_step),
                         None if scale is None else group.place(scale[:, sel], per_step))
                        for sel in parts]
-            masks = [None] * len(parts)
+            masks, teachers = [None] * len(parts), [None] * len(parts)
+            if recipe is not None and recipe.teacher is not None:
+                teachers = [recipe.teacher if whole else recipe.teacher[sel] for sel in parts]
             if recipe is not None and recipe.param_scale is not None:
                 masks = [recipe.param_scale if whole else
                          jax.tree.map(lambda x, sel=sel: x[sel], recipe.param_scale)
@@ -183,7 +192,7 @@ class Trainer:
                     if masks[j] is not None:
                         lr = _masked_scale(masks[j], lr)
                     stacks[j], loss = group.step(stacks[j], idx_dev[s], weight_dev[s], actives[j],
-                                                 lr, labels=labels)
+                                                 lr, labels=labels, teacher=teachers[j])
                     losses[j].append(loss)
                 group.lineage.record(idx[s], weight[s], members)
                 if whole:

@@ -7,8 +7,8 @@ the members that trained on it give the "in" Gaussian and the others the "out" o
 then scored pair by pair (one of its members, one example), each member against the others'
 references only. The members are the pairs of a forgotten example with a member that held it
 before unlearning; the non-members are the pairs of a retained example with a member that never
-trained on it (the same members, the same data distribution). Before unlearning that is
-Carlini et al.'s online attack; after exact unlearning the forgotten pairs are out-pairs and
+trained on it, before or since (the same members, the same data distribution). Before
+unlearning that is Carlini et al.'s online attack; after exact unlearning the forgotten pairs are out-pairs and
 score like the non-members (AUC about 0.5); an approximate method that still remembers scores
 higher. The spread is over folds split by example. ``pair_accuracy`` gives the same pairs'
 accuracy: the members on the forgotten examples they held and on the retained ones they never
@@ -70,8 +70,11 @@ class OnlineLiRA(Evaluator):
             scores = mia.online_lira_scores(conf, ref["conf"], ref["held"], targets,
                                             ref["live"])
             held, columns = ref["held"], np.arange(conf.shape[1])
+            # Non-members: retained examples the member saw neither before nor now (a member
+            # `replace` redrew may have trained on some since).
+            now = group.lineage.seen[:, np.concatenate([forget, retain])]
             pos = targets[:, None] & held & (columns < n_forget)[None, :]
-            neg = targets[:, None] & ~held & (columns >= n_forget)[None, :]
+            neg = targets[:, None] & ~held & ~now & (columns >= n_forget)[None, :]
             groups = np.broadcast_to(columns, conf.shape)
             result = mia.grouped_attack(
                 scores[pos], groups[pos], scores[neg], groups[neg], folds=self.cfg.mia_folds,

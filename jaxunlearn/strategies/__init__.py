@@ -6,6 +6,8 @@
 * ``finetune``, ``neggrad``, ``random_labels`` (`approximate`): train the invalid members
   further so that they forget; cheap, not exact.
 * ``salun`` (`salun`): random labels on the weights salient for the forget set; not exact.
+* ``scrub`` (`scrub`): a student of the member before unlearning, pushed away from it on the
+  forget set and held to it on the retained sample; not exact.
 
 Every module of this package is imported here, and a `Strategy` subclass with a ``name``
 registers itself: adding a strategy is adding a file.

@@ -1,0 +1,55 @@
+"""``scrub`` (SCRUB, Kurmanji et al., NeurIPS 2023: "Towards unbounded machine unlearning"):
+the invalid members become students of their own state before unlearning (the teacher), pushed
+away from it on the forget set and held to it on the retained sample.
+
+Each of ``unlearn_epochs`` epochs is a min pass over the member's retained sample (cross-entropy
+plus the teacher-student KL divergence: SCRUB's ``gamma`` 0.99 and ``alpha`` 0.001, temperature
+4, `jaxunlearn.train.SCRUB_*`); the first half of them (SCRUB's ``msteps``), rounded up, start
+with a max pass over the forgotten ids the member held (the KL divergence ascended). One
+optimiser state runs through all passes, at ``unlearn_lr`` times the learning rate. The teacher's
+logits are computed once, on every training example, before the first pass (un-augmented: with
+``augment=true`` the student sees crops and flips of what the teacher scored). Approximate, like
+the other methods of `approximate`; one device only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxunlearn import plans, sharding
+from jaxunlearn.stages import Stage
+from jaxunlearn.strategies.approximate import Approximate
+from jaxunlearn.strategies.base import Outcome
+from jaxunlearn.trainer import Cost, Recipe
+
+
+class Scrub(Approximate):
+    name = "scrub"
+    order = 14
+
+    def unlearn(self, state, ctx, phase, ids, invalid):
+        group, cfg, everyone = ctx.group, ctx.cfg, np.ones(ctx.group.members, bool)
+        if not invalid.any():
+            return state, Outcome(Cost(), everyone, False, 0)
+        rounds = state["rounds"] + 1
+        teacher = group.member_logits(cfg.eval_batch_size, np.arange(group.n_train), invalid)
+        teacher = group.place(np.nan_to_num(teacher), sharding.MEMBERS)
+        last = ctx.stages.get(group.source, ctx.stages.last(group.source, phase))
+        retain = plans.without(last.samples, ctx.deleted)
+        held = [ids[group.lineage.seen[i, ids]] if invalid[i] else ids[:0]
+                for i in range(group.members)]
+        forget = np.unique(np.concatenate(held))
+        max_epochs = -(-cfg.unlearn_epochs // 2)
+        cost, first = Cost(), True
+        for epoch in range(1, cfg.unlearn_epochs + 1):
+            passes = ([("max", held, forget, -1.0)] if epoch <= max_epochs else []) + [
+                ("min", retain, np.zeros(0, np.int64), 1.0)]
+            for n, (_, samples, fed, weight) in enumerate(passes):
+                stage = Stage(group.source, last.t, phase, 1, 1, samples, None)
+                recipe = Recipe(1, cfg.unlearn_lr, fed, weight, teacher=teacher,
+                                fresh_optimizer=first)
+                # Each pass its own batch order (the round seeds it).
+                cost += ctx.trainer.train(group, stage, invalid, kind=self.name,
+                                          round_=rounds * 1000 + 2 * epoch + n, recipe=recipe)
+                first = False
+        return {"rounds": rounds}, Outcome(cost, everyone, True, 0)
