@@ -291,7 +291,7 @@ def test_evaluators_are_chosen_by_the_config(tmp_path, sample):
 
 def test_strategies_are_registered_with_their_properties():
     assert strategies.NAMES == ("replace", "rewind", "oracle", "finetune", "neggrad",
-                                "random_labels")
+                                "random_labels", "salun", "scrub")
     exact = {n for n in strategies.NAMES if strategies.make(n).exact}
     assert exact == {"replace", "rewind", "oracle"}
     assert all(strategies.make(n).unlearns for n in strategies.NAMES)
