@@ -338,17 +338,17 @@ def _restore(run: Run, changes: dict, log: Callable[[str], None]) -> None:
 
 
 # What a fork may change: how deletions are unlearned, evaluated and stored, never training.
-FORK_CHANGES = UNLEARNING_CHANGES | {
-    "data", "eval_batch_size", "eval_every_epoch", "checkpoint_every", "keep_checkpoints",
-    "retain_eval", "mia_folds", "member_parallel", "devices", "evaluators", "substacks", "tta"}
+FORK_CHANGES = UNLEARNING_CHANGES | RESUMABLE_CHANGES - {
+    "learning_rate", "weight_decay", "epochs", "batch_size", "momentum", "lr_schedule",
+    "lr_warmup", "label_smoothing"}
 
 
 def fork(src, dst, overrides=(), dataset: data_lib.Dataset | None = None,
          log: Callable[[str], None] = print) -> dict:
     """Copies the run in ``src``, which must have deleted nothing yet, into the new folder
-    ``dst`` with other unlearning settings (``key=value`` ``overrides`` of `FORK_CHANGES`: how
-    deletions are unlearned, evaluated and stored, e.g. ``strategy=finetune``), and brings the copy to the same point
-    under them (a finished run is finished again: end state scored, a checkpoint written). One
+    ``dst`` with other unlearning settings (``key=value`` ``overrides`` of `FORK_CHANGES`:
+    how deletions are unlearned, evaluated and stored, e.g. ``strategy=finetune``), and brings
+    the copy to the same point under them (a finished run is finished again: end state scored, a checkpoint written). One
     trained run can so be unlearned in several ways, each copy on its own: the models trained
     are the same bits. Returns the copy's results."""
     import shutil

@@ -8,8 +8,8 @@ then scored pair by pair (one of its members, one example), each member against 
 references only. The members are the pairs of a forgotten example with a member that held it
 before unlearning; the non-members are the pairs of a retained example with a member that never
 trained on it, before or since (the same members, the same data distribution). Before
-unlearning that is Carlini et al.'s online attack; after exact unlearning the forgotten pairs are out-pairs and
-score like the non-members (AUC about 0.5); an approximate method that still remembers scores
+unlearning that is Carlini et al.'s online attack; after exact unlearning the forgotten pairs
+are out-pairs and score like the non-members (AUC about 0.5); an approximate method that still remembers scores
 higher. The spread is over folds split by example. ``pair_accuracy`` gives the same pairs'
 accuracy: the members on the forgotten examples they held and on the retained ones they never
 saw, which exact unlearning makes about equal (a check that needs no oracle).
@@ -20,22 +20,12 @@ later (a resumed run's end state) says so instead of a figure."""
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
 from jaxunlearn import mia
 from jaxunlearn.evaluators.base import Evaluation, Evaluator
-from jaxunlearn.evaluators.lira import confidences
 
 MIN_EXAMPLES = 20  # forgotten examples needed for a figure (fewer: the block says so)
-
-
-def _key(*ids: np.ndarray) -> str:
-    h = hashlib.sha1()
-    for x in ids:
-        h.update(np.ascontiguousarray(x, np.int64).tobytes())
-    return h.hexdigest()
 
 
 class OnlineLiRA(Evaluator):
@@ -48,20 +38,21 @@ class OnlineLiRA(Evaluator):
 
     def run(self, evaluation: Evaluation) -> dict[str, dict]:
         forget, retain = evaluation.sets["forget"][0], evaluation.sets["retain"][0]
-        key, n_forget = _key(forget, retain), len(forget)
+        ids, n_forget = np.concatenate([forget, retain]), len(forget)
+        labels = np.concatenate([evaluation.labels("forget"), evaluation.labels("retain")])
         out = {}
         for model in evaluation.models:
             group = model.group
             live = (np.ones(group.members, bool) if model.live is None
                     else np.asarray(model.live, bool))
-            conf = np.concatenate([confidences(evaluation, model, "forget"),
-                                   confidences(evaluation, model, "retain")], axis=1)
+            logits = np.concatenate([evaluation.logits(model, "forget"),
+                                     evaluation.logits(model, "retain")], axis=1)
+            conf = mia.logit_confidence(logits, labels)
             if model.name == "ensemble_before":
-                ids = np.concatenate([forget, retain])
-                self.reference = {"key": key, "members": group.members, "conf": conf,
+                self.reference = {"ids": ids, "members": group.members, "conf": conf,
                                   "held": group.lineage.seen[:, ids].copy(), "live": live}
             ref = self.reference
-            if not n_forget or ref is None or ref["key"] != key or \
+            if not n_forget or ref is None or not np.array_equal(ref["ids"], ids) or \
                     ref["members"] != group.members:
                 out[model.name] = {"n": 0, "skipped": "no reference scored before this "
                                                       "deletion in this process"}
@@ -72,7 +63,7 @@ class OnlineLiRA(Evaluator):
             held, columns = ref["held"], np.arange(conf.shape[1])
             # Non-members: retained examples the member saw neither before nor now (a member
             # `replace` redrew may have trained on some since).
-            now = group.lineage.seen[:, np.concatenate([forget, retain])]
+            now = group.lineage.seen[:, ids]
             pos = targets[:, None] & held & (columns < n_forget)[None, :]
             neg = targets[:, None] & ~held & ~now & (columns >= n_forget)[None, :]
             groups = np.broadcast_to(columns, conf.shape)
@@ -81,9 +72,6 @@ class OnlineLiRA(Evaluator):
                 seed=self.cfg.seed, min_examples=MIN_EXAMPLES)
             # The same pairs' accuracy: a member on the forgotten examples it held, and on the
             # retained examples it never saw (after exact unlearning, about equal).
-            logits = np.concatenate([evaluation.logits(model, "forget"),
-                                     evaluation.logits(model, "retain")], axis=1)
-            labels = np.concatenate([evaluation.labels("forget"), evaluation.labels("retain")])
             hit = np.argmax(np.nan_to_num(logits), axis=-1) == labels[None, :]
             result["pair_accuracy"] = {
                 "forgotten": float(hit[pos].mean()) if pos.any() else None,

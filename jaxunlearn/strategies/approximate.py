@@ -43,10 +43,7 @@ class Approximate(Strategy):
         if not invalid.any():
             return state, Outcome(Cost(), everyone, False, 0)
         rounds = state["rounds"] + 1
-        last = ctx.stages.get(group.source, ctx.stages.last(group.source, phase))
-        retain = plans.without(last.samples, ctx.deleted)
-        held = [ids[group.lineage.seen[i, ids]] if invalid[i] else ids[:0]
-                for i in range(group.members)]
+        last, retain, held = self.samples(ctx, phase, ids, invalid)
         forget = np.unique(np.concatenate(held)) if self.uses_forget else np.zeros(0, np.int64)
         samples = [np.concatenate([r, f]) if self.uses_forget else r
                    for r, f in zip(retain, held)]
@@ -55,6 +52,16 @@ class Approximate(Strategy):
         cost = ctx.trainer.train(group, stage, invalid, kind=self.name, round_=rounds,
                                  recipe=recipe)
         return {"rounds": rounds}, Outcome(cost, everyone, True, 0)
+
+    @staticmethod
+    def samples(ctx, phase, ids, invalid):
+        """The last stage before ``phase``'s end, each member's retained sample (that stage's
+        minus the deleted ids) and the ids of this request it held (empty unless invalid)."""
+        group = ctx.group
+        last = ctx.stages.get(group.source, ctx.stages.last(group.source, phase))
+        held = [ids[group.lineage.seen[i, ids]] if invalid[i] else ids[:0]
+                for i in range(group.members)]
+        return last, plans.without(last.samples, ctx.deleted), held
 
     def recipe(self, ctx, rounds, retain, held, forget) -> Recipe:
         return Recipe(ctx.cfg.unlearn_epochs, ctx.cfg.unlearn_lr, forget)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxunlearn import plans, sharding
+from jaxunlearn import sharding
 from jaxunlearn.stages import Stage
 from jaxunlearn.strategies.approximate import Approximate
 from jaxunlearn.strategies.base import Outcome
@@ -34,17 +34,15 @@ class Scrub(Approximate):
         rounds = state["rounds"] + 1
         teacher = group.member_logits(cfg.eval_batch_size, np.arange(group.n_train), invalid)
         teacher = group.place(np.nan_to_num(teacher), sharding.MEMBERS)
-        last = ctx.stages.get(group.source, ctx.stages.last(group.source, phase))
-        retain = plans.without(last.samples, ctx.deleted)
-        held = [ids[group.lineage.seen[i, ids]] if invalid[i] else ids[:0]
-                for i in range(group.members)]
+        last, retain, held = self.samples(ctx, phase, ids, invalid)
         forget = np.unique(np.concatenate(held))
         max_epochs = -(-cfg.unlearn_epochs // 2)
         cost, first = Cost(), True
         for epoch in range(1, cfg.unlearn_epochs + 1):
-            passes = ([("max", held, forget, -1.0)] if epoch <= max_epochs else []) + [
-                ("min", retain, np.zeros(0, np.int64), 1.0)]
-            for n, (_, samples, fed, weight) in enumerate(passes):
+            # A max pass (the forgotten ids, the KL ascended), then a min pass (retained).
+            passes = ([(held, forget, -1.0)] if epoch <= max_epochs else []) + [
+                (retain, np.zeros(0, np.int64), 1.0)]
+            for n, (samples, fed, weight) in enumerate(passes):
                 stage = Stage(group.source, last.t, phase, 1, 1, samples, None)
                 recipe = Recipe(1, cfg.unlearn_lr, fed, weight, teacher=teacher,
                                 fresh_optimizer=first)
