@@ -103,7 +103,7 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-# The fast nets' recipe (one air-s: 85.6% on CIFAR-10 in 5 epochs, 17 minutes on 2 CPU cores;
+# The fast nets' recipe (one air-s: 85.6% on CIFAR-10 in 5 epochs, 7 minutes on 2 CPU cores;
 # the README's Models).
 AIR_RECIPE = dict(stem="cifar", optimizer="sgd", learning_rate=0.8, momentum=0.9,
                   weight_decay=5e-4, lr_schedule="onecycle", lr_warmup=0.2, label_smoothing=0.2,
@@ -163,7 +163,7 @@ PRESET_HELP = {
                 "epochs/phase) vs one air-m given the same compute: about 55 minutes on 2 CPU cores",
     "privacy": "16 air-s on random halves of a 2,000-image CIFAR-10 pool, trained to memorise "
                "(the LiRA setting); experiments/privacy.py unlearns it every way",
-    "air-s-single": "one air-s on full CIFAR-10, 5 epochs (the fast family's recipe): about 17 "
+    "air-s-single": "one air-s on full CIFAR-10, 5 epochs (the fast family's recipe): about 7 "
                     "minutes on 2 CPU cores",
 }
 
