@@ -68,10 +68,37 @@ def audit(run_dir) -> tuple[bool, list[str], str]:
         for member in np.flatnonzero(saved["lineage"][:, deleted].any(axis=1)):
             problems.append(f"lineage.npz (the finished run's live state): member {member} "
                             f"still depends on a deleted id")
+    problems += _saved_logits(run_dir, deleted)
     summary = (f"{'ok' if not problems else 'FAILED'}: {len(records)} request(s) in the log, "
                f"{len(deleted)} deleted id(s), {len(steps)} kept checkpoint(s) checked, "
                f"{len(problems)} violation(s)")
     return not problems, problems + notes, summary
+
+
+def _saved_logits(run_dir, deleted: np.ndarray) -> list[str]:
+    """The saved logits (`jaxunlearn.run.LOGITS`) must hold no score of a deleted id and must
+    have been written after the last deletion (earlier ones may be invalidated members')."""
+    import json
+
+    from jaxunlearn.run import LOGITS
+
+    path = run_dir / LOGITS
+    if not path.exists():
+        return []
+    try:
+        with np.load(path) as f:
+            meta = json.loads(bytes(f["meta"]).decode())
+            held = sorted(set().union(*(set(f[k].tolist()) for k in f.files
+                                        if k.endswith("/ids"))) & set(deleted.tolist()))
+    except (OSError, ValueError, KeyError) as e:
+        return [f"{LOGITS} cannot be read ({e}); remove it (it is only a cache)"]
+    out = []
+    if held:
+        out.append(f"{LOGITS} holds scores of deleted id(s) {held[:10]}")
+    if meta.get("deleted") != len(deleted):
+        out.append(f"{LOGITS} was written with {meta.get('deleted')} id(s) deleted, not "
+                   f"{len(deleted)}: it may hold scores of invalidated members; remove it")
+    return out
 
 
 def _unfinished_writes(ckpts, steps, run_dir) -> list[str]:

@@ -202,6 +202,11 @@ def cmd_forget(args) -> int:
     print(f"request {outcome['request']} applied: {len(record.get('ids', []))} id(s) deleted, "
           f"members invalidated {record.get('invalidated', [])}, retrained "
           f"{cost.get('member_epochs', 0)} member-epochs in {cost.get('seconds', 0.0):.1f}s")
+    t = outcome["timing"]
+    print(f"request {outcome['request']} durable after {t['honoured']:.1f}s (then scored); "
+          f"took {t['total']:.1f}s: " + ", ".join(
+        f"{t[k]:.1f}s {k}" for k in ("open", "retraining", "compile", "scoring", "checkpoint",
+                                     "other")) + f", {t['scored_rows']} rows scored")
     print(summary_line(outcome["results"]))
     return 0
 

@@ -135,26 +135,36 @@ def run_phase(run: Run, phase: int) -> dict:
     return record
 
 
-def apply(run: Run, phase: int, request: Request) -> dict:
+def apply(run: Run, phase: int, request: Request, durable_first: bool = False) -> dict:
     """Applies one request after ``phase``: its ids not deleted yet are invalidated, unlearned
     with the run's strategy and scored. A scheduled deletion returns its blocks for the phase's
-    record; any other goes into ``results["requests"]``."""
+    record; any other goes into ``results["requests"]``. ``durable_first``: the request is
+    made durable (`durable.commit`: checkpoint, purge, the log's outcome) as soon as its ids
+    are unlearned, and scored after that; ``run.marks["honoured"]`` says when."""
     ids = np.setdiff1d(request.ids, run.deletions.ids).astype(np.int64)
     invalid = run.ensemble.lineage.invalid(ids)
     scheduled = isinstance(request.source, Scheduled)
-    blocks = unlearning.delete(run, phase, ids, invalid, scheduled) if ids.size else {}
-    if request.id is not None:
-        cost = blocks.get("cost", {})
-        run.deletions.applied[request.id] = {
-            "invalidated": np.flatnonzero(invalid).tolist(),
-            "cost": {k: cost.get(k) for k in ("member_epochs", "member_examples", "seconds")},
-            "message": "" if ids.size else "nothing left to delete: already deleted"}
-    if not scheduled:
-        record = {"request": request.id, "phase": phase, "ids": ids.tolist(),
-                  "source": str(request.source), "invalidated": np.flatnonzero(invalid).tolist(),
-                  **blocks}
-        run.report.results.setdefault("requests", []).append(record)
-    return blocks
+    record = {} if scheduled else {
+        "request": request.id, "phase": phase, "ids": ids.tolist(),
+        "source": str(request.source), "invalidated": np.flatnonzero(invalid).tolist()}
+
+    def honoured(record: dict) -> None:
+        if request.id is not None:
+            cost = record.get("cost", {})
+            run.deletions.applied[request.id] = {
+                "invalidated": np.flatnonzero(invalid).tolist(),
+                "cost": {k: cost.get(k) for k in ("member_epochs", "member_examples", "seconds")},
+                "message": "" if ids.size else "nothing left to delete: already deleted"}
+        if not scheduled:
+            run.report.results.setdefault("requests", []).append(record)
+        if durable_first:
+            durable.commit(run)
+            run.marks["honoured"] = time.perf_counter()
+
+    if ids.size:
+        return unlearning.delete(run, phase, ids, invalid, scheduled, record, honoured)
+    honoured(record)
+    return record
 
 
 def complete(run: Run) -> dict:
@@ -164,9 +174,8 @@ def complete(run: Run) -> dict:
     queue = Queue(run.log, run.deletions)
     while True:
         applied = 0
-        for request in queue.forgets():
-            apply(run, run.cfg.phases, request)
-            durable.commit(run)
+        for request in queue.forgets():  # each made durable before it is scored
+            apply(run, run.cfg.phases, request, durable_first=True)
             applied += 1
         if not applied and run.report.results["complete"]:
             return run.report.results

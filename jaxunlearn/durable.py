@@ -137,12 +137,18 @@ def purge(run) -> list[int]:
 def commit(run) -> None:
     """The durable step after a phase or a request: checkpoint, purge, then the deletion log's
     outcomes and the results file (a crash anywhere in it is completed on resume)."""
+    with run.spans("checkpoint"):
+        _commit(run)
+
+
+def _commit(run) -> None:
     write_checkpoint(run)
     faults.point("checkpoint.before_purge")
     purged = purge(run)
     if run.primary:  # the live lineage, for `audit`
         run.ensemble.lineage.save(run.out / "lineage.npz", run.deletions.ids)
     run.report.save()
+    run.save_logits()
     complete_requests(run, purged)
 
 

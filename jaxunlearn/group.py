@@ -8,6 +8,7 @@ them).
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 from typing import Any, Callable, NamedTuple
 
@@ -361,17 +362,35 @@ class ModelGroup:
         k = jax.tree.leaves(state)[0].shape[0]
         return np.concatenate(out, axis=1)[:, :n] if out else np.zeros((k, 0, self.classes))
 
-    def host_params(self):
-        """The members' parameters as numpy (gathered from every process)."""
-        return jax.tree.map(sharding.to_host, self.state.params)
+    def fingerprints(self, host_state=None) -> list[str]:
+        """Each member's fingerprint: a hash of its parameters and batch statistics (what its
+        predictions depend on), equal for equal members in any process. ``host_state``: the
+        state as from `host_state`, when at hand; computed once per member version."""
+        memo = getattr(self, "_fingerprints", None)
+        if memo is not None and np.array_equal(memo[0], self.versions):
+            return memo[1]
+        host = self.host_state() if host_state is None else host_state
+        leaves = jax.tree.leaves((host.params, host.batch_stats))
+        out = []
+        for i in range(self.members):
+            h = hashlib.sha256()
+            for leaf in leaves:
+                h.update(np.ascontiguousarray(leaf[i]).tobytes())
+            out.append(h.hexdigest()[:32])
+        self._fingerprints = (self.versions.copy(), out)
+        return out
 
     # ---- durable state -------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"state": flax.serialization.to_state_dict(self.host_state()),
+        host = self.host_state()
+        self.fingerprints(host)
+        return {"state": flax.serialization.to_state_dict(host),
                 "lineage": {"seen": self.lineage.seen, "born": self.lineage.born}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.set_state(self.state_from_dict(state["state"]))
+        host = self.state_from_dict(state["state"])
+        self.set_state(host)
+        self.fingerprints(host)
         self.lineage.seen[:] = state["lineage"]["seen"]
         self.lineage.born[:] = state["lineage"]["born"]

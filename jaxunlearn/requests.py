@@ -21,12 +21,13 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import re
+import time
 from typing import Callable, Iterator, NamedTuple, Union
 
 import jax
 import numpy as np
 
-from jaxunlearn import checkpoint, deletion_log, runlock
+from jaxunlearn import checkpoint, deletion_log, runlock, timing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +204,7 @@ def forget(run_dir, ids: list[int], log: Callable[[str], None] = print,
     from jaxunlearn import driver
     from jaxunlearn.run import open_run, saved_config
 
-    run_dir = pathlib.Path(run_dir)
+    run_dir, t0, c0 = pathlib.Path(run_dir), time.perf_counter(), timing.compile_seconds()
     tree = validate(run_dir, ids)
     cfg = saved_config(run_dir)
     with deletion_log.DeletionLog.open(run_dir) as requests:
@@ -234,13 +235,36 @@ def forget(run_dir, ids: list[int], log: Callable[[str], None] = print,
             run = reopen(wait)
         except runlock.RunLocked as e:
             return {"request": request_id, "status": "queued", "message": str(e)}
+    opened = time.perf_counter() - t0 - (timing.compile_seconds() - c0)
     with run:
         if run.progress.phase_done < cfg.phases:  # fell back inside the run: not finished
             return {"request": request_id, "status": "queued",
                     "message": "the run is not finished; it applies the request when resumed"}
         results = driver.complete(run)
+        spans = {**run.spans.seconds, "scored_rows": run.logits.rows,
+                 "honoured": run.marks.get("honoured")}
     mine = next((r for r in results.get("requests", []) if r["request"] == request_id), None)
-    return {"request": request_id, "status": "applied", "record": mine, "results": results}
+    return {"request": request_id, "status": "applied", "record": mine, "results": results,
+            "timing": _timing(t0, opened, c0, spans, mine)}
+
+
+def _timing(t0: float, opened: float, c0: float, spans: dict, record: dict | None) -> dict:
+    """Where a `forget` call's wall seconds went: ``open`` (checks, the request logged, data,
+    the run restored), ``retraining`` (the strategy's training), ``scoring``, ``checkpoint``
+    (writes, purge, log outcomes, results file), each without compilation; ``compile`` (all of it); ``other`` (the rest:
+    invalidation, snapshots, the end state...); ``honoured``: wall seconds until the request
+    was durable, before it was scored; ``scored_rows``: member-example logits computed."""
+    total = time.perf_counter() - t0
+    retraining = ((record or {}).get("cost") or {}).get("seconds") or 0.0
+    out = {"total": total, "open": opened, "retraining": retraining,
+           "compile": timing.compile_seconds() - c0, "scoring": spans.get("scoring", 0.0),
+           "checkpoint": spans.get("checkpoint", 0.0)}
+    out["other"] = total - sum(v for k, v in out.items() if k != "total")
+    out["overhead"] = total - retraining
+    out["scored_rows"] = spans["scored_rows"]  # member-example logits computed
+    # until the request was durable (unlearned, checkpointed, purged, logged): the rest scores
+    out["honoured"] = spans["honoured"] - t0 if spans["honoured"] is not None else total
+    return out
 
 
 def log_text(run_dir) -> str:

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from jaxunlearn import checkpoint, config as config_lib, data as data_lib, deletion_log
-from jaxunlearn import deletions as deletions_lib, durable, evaluators, plans, strategies
+from jaxunlearn import deletions as deletions_lib, durable, evaluators, plans, strategies, timing
 from jaxunlearn.snapshots import SnapshotStore
 from jaxunlearn.config import Config, ConfigError
 from jaxunlearn.group import ModelGroup
@@ -31,6 +31,10 @@ from jaxunlearn.ledger import Ledger
 from jaxunlearn.report import Report
 from jaxunlearn.stages import Stages
 from jaxunlearn.trainer import Trainer
+
+# The members' logits on the examples scored so far, for the next process to reuse: written
+# at each commit, without the deleted ids, and removed when a deletion starts.
+LOGITS = "logits.npz"
 
 # Settings a resumed run may change (with allow_config_change): they change how the rest of
 # the run trains, evaluates or is stored, not the shapes or meaning of what is checkpointed.
@@ -118,6 +122,8 @@ class Run:
         self.reference = strategies.Reference(self.strategy)
         self.evaluators = evaluators.make(cfg)
         self.logits = evaluators.LogitCache(cfg.eval_batch_size)
+        # Where this process's time went (scoring, checkpoint, ...), and when things happened.
+        self.spans, self.marks = timing.Spans(), {}
         self.ledger, self.progress = Ledger(), Progress()
         self.ckpts = checkpoint.Checkpoints(out, read_only=not self.primary)
         self.log = deletion_log.DeletionLog.open(out) if self.primary else None
@@ -163,14 +169,37 @@ class Run:
 
     def test_logits(self, group: ModelGroup, live=None) -> np.ndarray:
         """``group``'s member logits on the test set (cached until a member changes)."""
-        return self.logits.get(group, [group.test_ids], live)[0]
+        with self.spans("scoring"):
+            return self.logits.get(group, [group.test_ids], live)[0]
 
     def evaluate(self, models: list[evaluators.Model], forget: np.ndarray,
                  retain: np.ndarray) -> dict:
         """Every configured evaluator's blocks for ``models``."""
         evaluation = evaluators.Evaluation(self.logits, models, forget, retain,
                                            self.train_labels, self.test_labels)
-        return evaluators.evaluate(self.evaluators, evaluation)
+        with self.spans("scoring"):
+            return evaluators.evaluate(self.evaluators, evaluation)
+
+    def save_logits(self) -> None:
+        """Keeps the current members' cached logits on disk for the next process (the
+        ``LOGITS`` file), the deleted ids' left out."""
+        if self.primary and jax.process_count() == 1:
+            self.logits.save(self.out / LOGITS, [u.group for u in self.units.values()],
+                             self.deletions.mask, {"checkpoint": self.progress.checkpoint,
+                                                   "deleted": len(self.deletions.ids)})
+
+    def load_logits(self) -> int:
+        """Takes the cached logits of the members a previous process saved (matched by their
+        fingerprints); returns how many members matched."""
+        if jax.process_count() > 1:  # every process must compute alike (collectives)
+            return 0
+        return self.logits.load(self.out / LOGITS, [u.group for u in self.units.values()])
+
+    def drop_saved_logits(self) -> None:
+        """Removes the ``LOGITS`` file: a deletion is about to invalidate members whose scores
+        it may hold (the next commit writes the survivors' again)."""
+        if self.primary:
+            (self.out / LOGITS).unlink(missing_ok=True)
 
     def retain_ids(self, phase: int) -> np.ndarray:
         return evaluators.retain_ids(self.cfg, self.chunks, phase, self.deletions.mask)
@@ -322,6 +351,7 @@ def _restore(run: Run, changes: dict, log: Callable[[str], None]) -> None:
             tmp.write_text(run.cfg.to_json())
             os.replace(tmp, run.out / "config.json")
     durable.load_state_tree(run, tree)
+    run.load_logits()
     if unlearning:  # nothing deleted yet: the strategies start afresh
         for unit in run.units.values():
             unit.state = unit.strategy.init(run.context(unit))

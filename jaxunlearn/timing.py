@@ -7,6 +7,7 @@ process's compilation time (tracing, lowering, backend) from JAX's monitoring ev
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import time
 
@@ -45,3 +46,23 @@ class Clock:
     def seconds(self) -> float:
         return (time.perf_counter() - self.t0 - (compile_seconds() - self.c0)
                 - self.excluded)
+
+
+class Spans:
+    """Wall seconds per named span, compilation inside it left out, summed over its
+    occurrences; a span inside one of the same name is not counted twice."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+        self._open: collections.Counter = collections.Counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self._open[name] += 1
+        clock = Clock()
+        try:
+            yield
+        finally:
+            self._open[name] -= 1
+            if not self._open[name]:
+                self.seconds[name] += clock.seconds()

@@ -15,6 +15,7 @@ up to date incrementally after that; a `forget` request updates it only with ``d
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -41,24 +42,31 @@ def _reference(run, upto: int, train: bool):
     return ref.get(run.context(unit), upto)
 
 
-def delete(run, phase: int, ids: np.ndarray, invalid: np.ndarray, scheduled: bool) -> dict:
+def delete(run, phase: int, ids: np.ndarray, invalid: np.ndarray, scheduled: bool,
+           record: dict | None = None, honoured: Callable[[dict], None] | None = None) -> dict:
     """Deletes ``ids`` (none deleted yet) after ``phase``; ``invalid`` (bool ``[m]``) marks
     the ensemble members whose lineage holds one; ``scheduled``: the run's own deletion (else a
-    request). Returns the deletion's blocks: the evaluators' (before and after unlearning, the
-    oracle and the baseline), ``cost`` and ``after_unlearning``."""
+    request). Fills ``record`` (a new dict when None) with the deletion's blocks: the
+    evaluators' (before and after unlearning, the oracle and the baseline), ``cost`` and
+    ``after_unlearning``, and returns it. ``honoured(record)`` is called once the ids are
+    unlearned, before anything is scored after (``record`` has the "before" blocks and
+    ``cost``): a request can be made durable there, its scoring following."""
+    record = {} if record is None else record
     cfg, unit, labels = run.cfg, run.units["ensemble"], run.test_labels
     ens = unit.group
     upto = run.stages.last(ens.source, phase)
     expected = run.stages.expected_invalidated(ens.source, ids, ens.lineage.born, upto)
     run.deletions.mark(ids)
+    run.drop_saved_logits()
     run.report.results["complete"] = False  # the end state no longer describes the run
     # Before and after unlearning, the models are scored on the same sets.
     forget, retain = run.deletions.sorted_ids(), run.retain_ids(phase)
     before = run.evaluate([run.model("ensemble_before", ens)], forget, retain)
 
     t0, clock = time.perf_counter(), timing.Clock()
-    unit.state, outcome = unit.strategy.unlearn(unit.state, run.context(unit), phase, ids,
-                                                invalid)
+    with run.spans("unlearning"):
+        unit.state, outcome = unit.strategy.unlearn(unit.state, run.context(unit), phase, ids,
+                                                    invalid)
     run.ledger.replacements += outcome.replaced
     cost = {"strategy": unit.strategy.name, "ids": int(ids.size),
             "invalidated_observed": int(invalid.sum()), "invalidated_expected": expected,
@@ -81,15 +89,19 @@ def delete(run, phase: int, ids: np.ndarray, invalid: np.ndarray, scheduled: boo
         models.append(run.model("oracle", oracle))
     if run.baseline is not None:
         models.append(run.model("baseline", run.baseline))
-    after = run.evaluate(models, forget, retain)
     ran, spent = cost["member_examples"], cost["seconds"]
     cost["speedup_vs_oracle"] = cost["oracle"]["member_examples"] / ran if ran else None
     cost["speedup_vs_oracle_seconds"] = (cost["oracle"]["seconds"] / spent
                                          if ran and spent > 0 else None)
     run.ledger.events.append(cost)
-
-    record = {k: {**before.get(k, {}), **after.get(k, {})} for k in {**before, **after}}
+    record.update({k: dict(v) for k, v in before.items()})
     record["cost"] = cost
+    if honoured is not None:
+        honoured(record)
+
+    after = run.evaluate(models, forget, retain)
+    for k, v in after.items():
+        record.setdefault(k, {}).update(v)
     test = run.test_logits(ens, outcome.live)
     record["after_unlearning"] = {
         "ensemble": metrics.aggregate(test, labels, ens.voters(outcome.live), cfg.aggregation)}

@@ -3,9 +3,12 @@
 An `Evaluation` holds the models under test (each a group with its live members and its
 aggregation) and the example sets (``forget``, ``retain``, ``test``). Evaluators read logits
 and per-example scores from it; logits come from a `LogitCache` shared by the whole run, which
-computes a member's logits on a set once and again only after the member changed (its
+computes a member's logits on an example once and again only after the member changed (its
 ``versions`` entry), so the test logits a phase computed are the "before" scores of its
-deletions, and a member that unlearning left alone is not scored again.
+deletions, and a member that unlearning left alone is not scored again. The run keeps the
+current members' logits on disk between processes (`LogitCache.save`, matched back by the
+members' fingerprints), so a `forget` request scores only the members it retrained and the ids
+it deletes.
 
 An evaluator is a class with a ``name`` whose ``run(evaluation)`` returns ``{block: {model:
 metrics}}``; subclasses register themselves and the config's ``evaluators`` setting picks them.
@@ -13,7 +16,9 @@ metrics}}``; subclasses register themselves and the config's ``evaluators`` sett
 
 from __future__ import annotations
 
-import hashlib
+import json
+import os
+import pathlib
 from typing import ClassVar, NamedTuple
 
 import numpy as np
@@ -36,56 +41,101 @@ class Model(NamedTuple):
 
 
 class LogitCache:
-    """Member logits per (group, example set), recomputed only for members that changed, and
-    for those only (as a stack of their own)."""
+    """Member logits per example, computed once and again only after the member changed (its
+    ``versions`` entry), and then for the members and examples missing only (as a stack of
+    those members). `save` and `load` carry the current members' rows from one process to the
+    next, matched by the members' fingerprints: a `forget` scores only what its request
+    changed."""
 
     def __init__(self, batch_size: int):
         self.batch_size = batch_size
-        self._rows: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # -> (versions, logits)
+        # group name -> [versions [m], have [m, n] bool, logits [m, n, classes]] (n: resident)
+        self._groups: dict[str, list] = {}
         self.seconds = 0.0  # spent computing logits (compilation left out)
+        self.rows = 0  # member-example rows computed
 
-    @staticmethod
-    def _key(group: ModelGroup, ids: np.ndarray) -> tuple:
-        ids = np.ascontiguousarray(ids, np.int64)
-        return group.name, hashlib.sha1(ids.tobytes()).hexdigest()
+    def _entry(self, group: ModelGroup) -> list:
+        entry = self._groups.get(group.name)
+        n = group.n_train + group.n_test
+        if entry is None or entry[2].shape != (group.members, n, group.classes):
+            entry = self._groups[group.name] = [
+                np.full(group.members, -1, np.int64), np.zeros((group.members, n), bool),
+                np.zeros((group.members, n, group.classes), np.float32)]
+        versions, have, _ = entry
+        changed = versions != group.versions
+        have[changed], versions[changed] = False, group.versions[changed]
+        return entry
 
     def get(self, group: ModelGroup, sets: list[np.ndarray],
             needed: np.ndarray | None = None) -> list[np.ndarray]:
         """Logits ``[m, n, classes]`` of ``group`` on each id array of ``sets`` (resident ids).
         Only members in ``needed`` (bool ``[m]``; all when None) are brought up to date; the
-        rows of the others are NaN unless current. The members and sets to compute go through
-        the model in one pass."""
+        rows of the others are NaN unless current. What is missing goes through the model in
+        one pass."""
         needed = np.ones(group.members, bool) if needed is None else np.asarray(needed, bool)
-        keys = [self._key(group, ids) for ids in sets]
-        stale = {}
-        for i, key in enumerate(keys):
-            versions = self._rows[key][0] if key in self._rows else None
-            todo = needed if versions is None else needed & (versions != group.versions)
-            if todo.any():
-                stale[i] = todo
-        if stale:
-            todo = np.logical_or.reduce(list(stale.values()))
-            ids = [np.asarray(sets[i]) for i in stale]
+        _, have, logits = self._entry(group)
+        ids = np.unique(np.concatenate([np.asarray(x, np.int64) for x in sets]))
+        missing = needed[:, None] & ~have[:, ids]
+        if missing.any():
+            todo, rows = missing.any(axis=1), ids[missing.any(axis=0)]
             clock = timing.Clock()
-            logits = group.member_logits(self.batch_size, np.concatenate(ids), todo)
+            new = group.member_logits(self.batch_size, rows, todo)
             self.seconds += clock.seconds()
-            bounds = np.cumsum([0] + [len(x) for x in ids])
-            for n, i in enumerate(stale):
-                new = logits[:, bounds[n]:bounds[n + 1]]
-                if keys[i] in self._rows:
-                    versions, old = self._rows[keys[i]]
-                    new = np.where(todo[:, None, None], new, old)
-                    versions = np.where(todo, group.versions, versions)
-                else:
-                    versions = np.where(todo, group.versions, -1)
-                self._rows[keys[i]] = (versions, new)
+            self.rows += int(todo.sum()) * len(rows)
+            logits[np.ix_(todo, rows)] = new[todo]
+            have[np.ix_(todo, rows)] = True
         out = []
-        for key in keys:
-            versions, logits = self._rows[key]
-            current = versions == group.versions
-            out.append(logits if current.all() else
-                       np.where(current[:, None, None], logits, np.nan).astype(logits.dtype))
+        for x in sets:
+            x = np.asarray(x, np.int64)
+            known = have[:, x]
+            out.append(logits[:, x] if known.all() else
+                       np.where(known[..., None], logits[:, x], np.nan).astype(np.float32))
         return out
+
+    def save(self, path, groups: list[ModelGroup], exclude: np.ndarray, meta: dict) -> None:
+        """Writes the current rows of ``groups``' members to ``path`` (atomically), keyed by
+        their fingerprints, without the training examples in ``exclude`` (bool ``[n_train]``:
+        the deleted ones); ``meta`` is stored with them."""
+        arrays, fingerprints = {}, {}
+        for group in groups:
+            if group.name not in self._groups:
+                continue
+            versions, have, logits = self._groups[group.name]
+            keep = have.copy()
+            keep[:, :group.n_train] &= ~np.asarray(exclude, bool)
+            fingerprints[group.name] = group.fingerprints()
+            for i in np.flatnonzero((versions == group.versions) & keep.any(axis=1)):
+                ids = np.flatnonzero(keep[i])
+                arrays[f"{group.name}/{i}/ids"] = ids.astype(np.int32)
+                arrays[f"{group.name}/{i}/logits"] = logits[i, ids]
+        arrays["meta"] = np.frombuffer(json.dumps(
+            {**meta, "fingerprints": fingerprints}).encode(), np.uint8)
+        path = pathlib.Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+
+    def load(self, path, groups: list[ModelGroup]) -> int:
+        """Takes the rows `save` wrote for members whose fingerprints match ``groups``' current
+        members; returns how many members it matched (0 when there is no readable file)."""
+        try:
+            with np.load(path) as f:
+                saved = json.loads(bytes(f["meta"]).decode())["fingerprints"]
+                matched = 0
+                for group in groups:
+                    now = group.fingerprints()
+                    for j, fingerprint in enumerate(saved.get(group.name, [])):
+                        if fingerprint not in now or f"{group.name}/{j}/ids" not in f:
+                            continue
+                        i = now.index(fingerprint)
+                        _, have, logits = self._entry(group)
+                        ids = f[f"{group.name}/{j}/ids"].astype(np.int64)
+                        logits[i, ids], have[i, ids] = f[f"{group.name}/{j}/logits"], True
+                        matched += 1
+                return matched
+        except (OSError, ValueError, KeyError):
+            return 0  # no file, or not one this version can read: everything is scored again
 
 
 class Evaluation:
@@ -148,5 +198,8 @@ def retain_ids(cfg: Config, chunks: list[np.ndarray], phase: int,
     working = plans.working_set(chunks, phase, deleted)
     if len(working) <= cfg.retain_eval:
         return working
-    rng = plans.stream(cfg.seed, "eval", phase)
-    return np.sort(rng.choice(working, cfg.retain_eval, replace=False))
+    # The first retain_eval retained ids of a fixed random order of the phase's examples: a
+    # deletion changes the sample by the ids it deletes only (their scores stay cached).
+    everyone = np.concatenate(chunks[:phase])
+    order = everyone[plans.stream(cfg.seed, "eval", phase).permutation(len(everyone))]
+    return np.sort(order[~deleted[order]][:cfg.retain_eval])

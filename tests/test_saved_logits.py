@@ -1,0 +1,85 @@
+"""A `forget` scores only what its request changed: the members' logits are kept on disk
+between processes (matched by fingerprint), never with a deleted id's or an invalidated
+member's scores, and the audit checks that."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from jaxunlearn import audit, driver, requests
+from jaxunlearn.config import apply_overrides, get_preset
+from jaxunlearn.run import LOGITS
+
+
+def _strip(obj):
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items() if "seconds" not in str(k)}
+    if isinstance(obj, list):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, sample):
+    """A finished SISA run: a deleted id invalidates the one member whose shard holds it."""
+    cfg = apply_overrides(get_preset("smoke"), {
+        "plan": "shards", "fraction": 1.0, "slices": 2, "strategy": "rewind",
+        "deletion_rate": 0.0, "oracle_reference": "none", "baseline": "none",
+        "eval_every_epoch": False, "retain_eval": 200, "evaluators": "scores,mia"})
+    out = tmp_path_factory.mktemp("saved") / "run"
+    driver.train_and_evaluate(cfg, out, dataset=sample, log=lambda s: None, progress=False)
+    return out
+
+
+def test_a_forget_scores_only_the_retrained_member_and_the_deleted_id(shards, sample, tmp_path):
+    warm, cold = tmp_path / "warm", tmp_path / "cold"
+    shutil.copytree(shards, warm)
+    shutil.copytree(shards, cold)
+    (cold / LOGITS).unlink()  # as before: every member scored again in the new process
+    assert (warm / LOGITS).exists()
+    outcomes = {name: requests.forget(path, [17], log=lambda s: None, dataset=sample)
+                for name, path in (("warm", warm), ("cold", cold))}
+    record = outcomes["warm"]["record"]
+    assert len(record["invalidated"]) == 1  # shards: one member held id 17
+    n_test, members = 100, 3
+    retain = record["retain"]["ensemble"]["n"]
+    # Warm: the deleted id for every member before unlearning (the retain sample may swap one
+    # id in), then the retrained member on the test, retain and forget sets; nothing else.
+    assert outcomes["warm"]["timing"]["scored_rows"] <= 2 * members + n_test + retain + 1
+    assert outcomes["cold"]["timing"]["scored_rows"] >= members * (n_test + retain)
+    # The same scores either way.
+    assert _strip(outcomes["warm"]["record"]) == _strip(outcomes["cold"]["record"])
+    assert _strip(outcomes["warm"]["results"]["final"]) == _strip(
+        outcomes["cold"]["results"]["final"])
+    ok, problems, _ = audit.audit(warm)
+    assert ok, problems
+    with np.load(warm / LOGITS) as f:  # the deleted id's scores were not kept
+        assert not any(17 in f[k] for k in f.files if k.endswith("/ids"))
+
+
+def test_the_audit_fails_on_saved_logits_from_before_a_deletion(shards, sample, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(shards, run)
+    older = (run / LOGITS).read_bytes()  # scores of members the request will invalidate
+    requests.forget(run, [23], log=lambda s: None, dataset=sample)
+    assert audit.audit(run)[0]
+    (run / LOGITS).write_bytes(older)
+    ok, problems, _ = audit.audit(run)
+    assert not ok and any("written with 0 id(s) deleted, not 1" in p for p in problems), problems
+
+
+def test_the_retain_sample_changes_only_by_the_deleted_ids():
+    from jaxunlearn import plans
+    from jaxunlearn.evaluators import retain_ids
+
+    cfg = apply_overrides(get_preset("smoke"), {"retain_eval": 50})
+    chunks = plans.make_chunks(300, 3)
+    deleted = np.zeros(300, bool)
+    first = retain_ids(cfg, chunks, 3, deleted)
+    assert len(first) == 50 and len(np.unique(first)) == 50
+    deleted[first[:3]] = True
+    second = retain_ids(cfg, chunks, 3, deleted)
+    assert len(second) == 50 and not deleted[second].any()
+    assert len(np.setdiff1d(first, second)) == 3  # the three deleted ones, replaced
+    assert set(first[3:]) <= set(second)
