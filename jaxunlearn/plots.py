@@ -8,7 +8,9 @@ import pathlib
 def plot_phases(results: dict, path) -> pathlib.Path:
     """Test accuracy and mean cross-entropy per phase: ensemble, its members, and the baseline.
 
-    Phases followed by deletions are marked with the number of members they invalidated.
+    Phases followed by deletions are marked with the number of members they invalidated and,
+    where measured, the seconds unlearning took vs retraining the ensemble from scratch
+    ("base": retraining the baseline from scratch).
     """
     import matplotlib
 
@@ -32,7 +34,13 @@ def plot_phases(results: dict, path) -> pathlib.Path:
         for r in results["phases"]:
             if r["deleted_ids"]:
                 ax.axvline(r["phase"] + 0.5, color="grey", lw=0.8, ls=":")
-                ax.annotate(f"-{len(r['deleted_ids'])} ids\n{len(r['invalidated'])} reset",
+                cost = r.get("cost") or {}
+                spent = (f"\n{cost['seconds']:.0f}s vs\n{cost['oracle']['seconds']:.0f}s"
+                         if cost.get("seconds") is not None and cost.get("oracle") else "")
+                base = ((cost.get("baseline") or {}).get("oracle") or {}).get("seconds")
+                spent += f"\nbase {base:.0f}s" if base is not None and spent else ""
+                ax.annotate(f"-{len(r['deleted_ids'])} ids\n{len(r['invalidated'])} reset"
+                            + spent,
                             (r["phase"] + 0.5, 0.98), xycoords=("data", "axes fraction"),
                             ha="center", va="top", fontsize=7, color="grey")
         ax.set_xlabel("phase")

@@ -116,4 +116,19 @@ def summary_line(results: dict) -> str:
     return (f"final: ensemble acc {f['ensemble']['test_accuracy']:.4f}"
             + (f", baseline acc {f['baseline']['test_accuracy']:.4f}" if f["baseline"] else "")
             + f"; {len(results['deleted_ids'])} ids deleted, {results['replacements']} member "
-              f"replacements; lineage audit {verdict}; {results['wall_seconds']:.1f}s")
+              f"replacements{_deletion_costs(results)}; lineage audit {verdict}; "
+              f"{results['wall_seconds']:.1f}s")
+
+
+def _deletion_costs(results: dict) -> str:
+    """What honouring the deletions cost the ensemble, and would have cost retraining it and
+    the baseline from scratch at each deletion (their own measured training)."""
+    cost = results.get("cost") or {}
+    if not cost.get("events"):
+        return ""
+    text = (f" in {cost['seconds']:.1f}s of {cost['strategy']} (retraining the ensemble at "
+            f"each deletion: {cost['oracle']['seconds']:.1f}s")
+    retraining = (cost.get("baseline") or {}).get("retraining")
+    if retraining:
+        text += f"; the baseline: {retraining['seconds']:.1f}s"
+    return text + ")"

@@ -56,6 +56,24 @@ def test_smoke_results_schema(smoke_run):
                                         "held_by_design": 0, "members": 3, "deleted": 3}
 
 
+def test_the_summary_says_what_the_deletions_cost_both_sides(smoke_run):
+    from jaxunlearn.report import summary_line
+
+    results = json.loads((smoke_run / "results.json").read_text())
+    cost, events = results["cost"], [p["cost"] for p in results["phases"] if "cost" in p]
+    assert cost["events"] == len(events) == 2
+    # retraining the baseline from scratch at each deletion: its own training of the stages
+    retraining = cost["baseline"]["retraining"]
+    assert retraining["member_examples"] == sum(
+        e["baseline"]["oracle"]["member_examples"] for e in events) > 0
+    assert retraining["seconds"] == pytest.approx(
+        sum(e["baseline"]["oracle"]["seconds"] for e in events))
+    line = summary_line(results)
+    assert (f"in {cost['seconds']:.1f}s of replace (retraining the ensemble at each deletion: "
+            f"{cost['oracle']['seconds']:.1f}s; the baseline: {retraining['seconds']:.1f}s)"
+            in line), line
+
+
 def test_smoke_metrics_log_has_epoch_and_phase_lines(smoke_run):
     lines = [json.loads(l) for l in (smoke_run / "metrics.jsonl").read_text().splitlines()]
     kinds = [l["kind"] for l in lines]
