@@ -10,6 +10,11 @@ once, each request reopens the run from disk); with ``--cli`` each is a fresh ``
 forget`` process, so its time includes starting Python and JAX (``start``: the process's wall
 time beyond what `forget` measured itself).
 
+With ``--together K`` the requests come K at a time: K - 1 logged first (as requests that
+arrive while the run is busy), then a `forget` that applies the K pending requests as one
+deletion (one replay of the members they invalidate); a row is then a batch, and the summary
+gives its seconds per request as well.
+
 Per request: wall seconds split into ``open`` (checks, data, restore), ``retraining``,
 ``compile``, ``scoring``, ``checkpoint`` (writes, purge, log, results), ``other``; members
 invalidated and member-examples retrained; the ensemble's test accuracy after. Summary: median
@@ -61,18 +66,26 @@ def pick_ids(results: dict, n: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).choice(pool, n, replace=False).tolist()
 
 
-def serve_in_process(run_dir: pathlib.Path, ids: list[int], data: str | None):
-    from jaxunlearn import cache, data as data_lib, requests
+def serve_in_process(run_dir: pathlib.Path, ids: list[int], data: str | None,
+                     together: int = 1):
+    """Each batch of ``together`` ids: all but the last logged as requests first (as if they
+    arrived while the run was busy), then a `forget` of the last, which applies them all as
+    one deletion."""
+    from jaxunlearn import cache, data as data_lib, deletion_log, requests
     from jaxunlearn.run import saved_config
 
     cache.use_compilation_cache()
     cfg = saved_config(run_dir)
     dataset = data_lib.load_dataset(data or cfg.data)
-    for i in ids:
+    for start in range(0, len(ids), together):
+        batch = ids[start:start + together]
         t0 = time.perf_counter()
-        outcome = requests.forget(run_dir, [i], log=lambda s: None, dataset=dataset)
+        with deletion_log.DeletionLog.open(run_dir) as log:
+            for i in batch[:-1]:
+                log.request([i], str(requests.Forget()))
+        outcome = requests.forget(run_dir, batch[-1:], log=lambda s: None, dataset=dataset)
         wall = time.perf_counter() - t0
-        yield i, outcome, {**outcome["timing"], "start": 0.0, "wall": wall}
+        yield batch, outcome, {**outcome["timing"], "start": 0.0, "wall": wall}
 
 
 def serve_cli(run_dir: pathlib.Path, ids: list[int], data: str | None):
@@ -86,7 +99,7 @@ def serve_cli(run_dir: pathlib.Path, ids: list[int], data: str | None):
         results = json.loads((run_dir / "results.json").read_text())
         record = results["requests"][-1]
         timing = parse_timing(done.stdout)
-        yield i, {"record": record, "results": results}, {
+        yield [i], {"record": record, "results": results}, {
             **timing, "start": wall - timing["total"], "wall": wall}
 
 
@@ -108,11 +121,11 @@ def parse_timing(stdout: str) -> dict:
     raise SystemExit(f"no timing line in the output of forget:\n{stdout}")
 
 
-def row(i: int, outcome: dict, timing: dict) -> dict:
+def row(ids: list[int], outcome: dict, timing: dict) -> dict:
     record = outcome["record"] or {}
     cost = record.get("cost") or {}
     final = outcome["results"]["final"]["ensemble"]
-    return {"id": i, "invalidated": record.get("invalidated", []),
+    return {"ids": ids, "invalidated": record.get("invalidated", []),
             "member_examples": cost.get("member_examples", 0),
             "member_epochs": cost.get("member_epochs", 0),
             "test_accuracy": final["test_accuracy"], "seconds": timing}
@@ -133,6 +146,7 @@ def summarise(rows: list[dict], scratch: float) -> dict:
     out["scored_rows"] = stats([r["seconds"]["scored_rows"] for r in rows])
     out["member_examples"] = stats([r["member_examples"] for r in rows])
     out["invalidated"] = stats([len(r["invalidated"]) for r in rows])
+    out["per_request"] = stats([r["seconds"]["wall"] / len(r["ids"]) for r in rows])
     out["training_from_scratch_s"] = scratch
     out["speedup_vs_scratch_median"] = scratch / out["wall"]["median"]
     out["fraction_of_scratch_median"] = out["wall"]["median"] / scratch
@@ -147,6 +161,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cli", action="store_true",
                         help="each request a fresh `jaxunlearn forget` process")
+    parser.add_argument("--together", type=int, default=1, metavar="K",
+                        help="apply the requests K at a time, as one deletion (in process)")
     parser.add_argument("--data", help="the run's data, where its config's does not find it")
     parser.add_argument("--work", type=pathlib.Path,
                         help="where to copy the run (default: a temporary folder, removed)")
@@ -164,19 +180,22 @@ def main(argv=None) -> int:
         args.work = pathlib.Path(tmp)
     copy = args.work / args.run_dir.name
     shutil.copytree(args.run_dir, copy, ignore=shutil.ignore_patterns(".lock"))
-    serve = serve_cli if args.cli else serve_in_process
+    if args.together > 1 and args.cli:
+        parser.error("--together serves in process; drop --cli")
+    serve = (serve_cli if args.cli else
+             lambda *a: serve_in_process(*a, together=args.together))
     rows = []
     print(f"serving {len(ids)} requests on a copy of {args.run_dir} "
           f"({'a process each' if args.cli else 'in process'}); training from scratch took "
           f"{scratch:.1f}s")
-    header = ["id", "invalidated", "member-examples", "wall s", "honoured", "start", *PARTS,
+    header = ["ids", "invalidated", "member-examples", "wall s", "honoured", "start", *PARTS,
               "scored rows", "test acc"]
     print(" | ".join(header))
     try:
-        for i, outcome, timing in serve(copy, ids, args.data):
-            rows.append(row(i, outcome, timing))
+        for batch, outcome, timing in serve(copy, ids, args.data):
+            rows.append(row(batch, outcome, timing))
             r = rows[-1]
-            print(" | ".join([str(i), str(r["invalidated"]), str(r["member_examples"]),
+            print(" | ".join([",".join(map(str, batch)), str(r["invalidated"]), str(r["member_examples"]),
                               f"{timing['wall']:.1f}", f"{timing['honoured']:.1f}",
                               f"{timing['start']:.1f}", *(f"{timing[k]:.1f}" for k in PARTS),
                               str(timing.get("scored_rows", "")),
@@ -200,7 +219,8 @@ def main(argv=None) -> int:
             "command": benchlib.command_line("deletion_serving.py", argv or sys.argv[1:]),
             "date": benchlib.utc_now(), "versions": benchlib.versions(),
             "run": str(args.run_dir), "config": results["config"], "mode":
-            "cli" if args.cli else "in_process", "rows": rows, "summary": summary})
+            "cli" if args.cli else "in_process", "together": args.together, "rows": rows,
+            "summary": summary})
     return 0 if ok else 1
 
 

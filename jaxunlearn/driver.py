@@ -135,26 +135,38 @@ def run_phase(run: Run, phase: int) -> dict:
     return record
 
 
-def apply(run: Run, phase: int, request: Request, durable_first: bool = False) -> dict:
-    """Applies one request after ``phase``: its ids not deleted yet are invalidated, unlearned
-    with the run's strategy and scored. A scheduled deletion returns its blocks for the phase's
-    record; any other goes into ``results["requests"]``. ``durable_first``: the request is
-    made durable (`durable.commit`: checkpoint, purge, the log's outcome) as soon as its ids
-    are unlearned, and scored after that; ``run.marks["honoured"]`` says when."""
-    ids = np.setdiff1d(request.ids, run.deletions.ids).astype(np.int64)
+def apply(run: Run, phase: int, request: Request | list[Request],
+          durable_first: bool = False) -> dict:
+    """Applies a request (or several together: one deletion of all their ids) after
+    ``phase``: its ids not deleted yet are invalidated, unlearned with the run's strategy and
+    scored. A scheduled deletion returns its blocks for the phase's record; any other goes into
+    ``results["requests"]`` (one record, listing every request applied in it). ``durable_first``:
+    the deletion is made durable (`durable.commit`: checkpoint, purge, the log's outcomes) as
+    soon as its ids are unlearned, and scored after that; ``run.marks["honoured"]`` says when."""
+    together = request if isinstance(request, list) else [request]
+    first = together[0]
+    ids = np.setdiff1d(np.concatenate([r.ids for r in together]),
+                       run.deletions.ids).astype(np.int64)
     invalid = run.ensemble.lineage.invalid(ids)
-    scheduled = isinstance(request.source, Scheduled)
+    scheduled = isinstance(first.source, Scheduled)
     record = {} if scheduled else {
-        "request": request.id, "phase": phase, "ids": ids.tolist(),
-        "source": str(request.source), "invalidated": np.flatnonzero(invalid).tolist()}
+        "request": first.id, "phase": phase, "ids": ids.tolist(),
+        "source": str(first.source), "invalidated": np.flatnonzero(invalid).tolist(),
+        **({"together": [r.id for r in together]} if len(together) > 1 else {})}
 
     def honoured(record: dict) -> None:
-        if request.id is not None:
-            cost = record.get("cost", {})
-            run.deletions.applied[request.id] = {
+        cost = record.get("cost", {})
+        for r in together:
+            if r.id is None:
+                continue
+            others = [o.id for o in together if o is not r]
+            run.deletions.applied[r.id] = {
                 "invalidated": np.flatnonzero(invalid).tolist(),
                 "cost": {k: cost.get(k) for k in ("member_epochs", "member_examples", "seconds")},
-                "message": "" if ids.size else "nothing left to delete: already deleted"}
+                "message": "; ".join(
+                    ([] if np.setdiff1d(r.ids, ids).size < len(r.ids) else
+                     ["nothing left to delete: already deleted"])
+                    + ([f"applied in one deletion with request(s) {others}"] if others else []))}
         if not scheduled:
             run.report.results.setdefault("requests", []).append(record)
         if durable_first:
@@ -168,16 +180,16 @@ def apply(run: Run, phase: int, request: Request, durable_first: bool = False) -
 
 
 def complete(run: Run) -> dict:
-    """A finished run's end: the requests pending in its log applied (each made durable),
-    then the end state written and made durable (the oracle reference included); again while
-    requests arrived meanwhile."""
+    """A finished run's end: the requests pending in its log applied, all those pending at
+    once together (one deletion, one replay) and made durable before they are scored; then the
+    end state written and made durable (the oracle reference included); again while requests
+    arrived meanwhile."""
     queue = Queue(run.log, run.deletions)
     while True:
-        applied = 0
-        for request in queue.forgets():  # each made durable before it is scored
-            apply(run, run.cfg.phases, request, durable_first=True)
-            applied += 1
-        if not applied and run.report.results["complete"]:
+        pending = list(queue.forgets())
+        if pending:
+            apply(run, run.cfg.phases, pending, durable_first=True)
+        elif run.report.results["complete"]:
             return run.report.results
         unlearning.finish(run)
         durable.commit(run)

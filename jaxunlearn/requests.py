@@ -243,7 +243,8 @@ def forget(run_dir, ids: list[int], log: Callable[[str], None] = print,
         results = driver.complete(run)
         spans = {**run.spans.seconds, "scored_rows": run.logits.rows,
                  "honoured": run.marks.get("honoured")}
-    mine = next((r for r in results.get("requests", []) if r["request"] == request_id), None)
+    mine = next((r for r in results.get("requests", [])
+                 if request_id in r.get("together", [r["request"]])), None)
     return {"request": request_id, "status": "applied", "record": mine, "results": results,
             "timing": _timing(t0, opened, c0, spans, mine)}
 

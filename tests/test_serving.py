@@ -1,13 +1,14 @@
-"""A `forget` scores only what its request changed: the members' logits are kept on disk
-between processes (matched by fingerprint), never with a deleted id's or an invalidated
-member's scores, and the audit checks that."""
+"""Serving deletion requests: a `forget` scores only what its request changed (the members'
+logits are kept on disk between processes, matched by fingerprint, never with a deleted id's or
+an invalidated member's scores, and the audit checks that); requests pending together are
+applied as one deletion."""
 
 import shutil
 
 import numpy as np
 import pytest
 
-from jaxunlearn import audit, driver, requests
+from jaxunlearn import audit, deletion_log, driver, requests
 from jaxunlearn.config import apply_overrides, get_preset
 from jaxunlearn.run import LOGITS
 
@@ -83,3 +84,26 @@ def test_the_retain_sample_changes_only_by_the_deleted_ids():
     assert len(second) == 50 and not deleted[second].any()
     assert len(np.setdiff1d(first, second)) == 3  # the three deleted ones, replaced
     assert set(first[3:]) <= set(second)
+
+
+def test_requests_pending_together_are_applied_as_one_deletion(shards, sample, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(shards, run)
+    with deletion_log.DeletionLog.open(run) as log:  # arrived while the run was busy
+        first = log.request([31], str(requests.Forget()))
+        second = log.request([32], str(requests.Forget()))
+    outcome = requests.forget(run, [33], log=lambda s: None, dataset=sample)
+    assert outcome["status"] == "applied"
+    results = outcome["results"]
+    (record,) = results["requests"]
+    assert record["together"] == [first, second, outcome["request"]] == [1, 2, 3]
+    assert record["ids"] == [31, 32, 33] and outcome["record"] is record
+    assert set(results["deleted_ids"]) == {31, 32, 33}
+    # one replay for the members the three ids invalidate
+    assert results["cost"]["events"] == 1 and results["cost"]["ids"] == 3
+    records = deletion_log.DeletionLog.open(run).records()
+    assert [r["outcome"] for r in records] == ["applied"] * 3
+    assert all(r["members_invalidated"] == record["invalidated"] for r in records)
+    assert "applied in one deletion with request(s) [2, 3]" in records[0]["message"]
+    ok, problems, _ = audit.audit(run)
+    assert ok, problems
