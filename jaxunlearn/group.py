@@ -355,6 +355,8 @@ class ModelGroup:
 
     def _stack_logits(self, state, ids: np.ndarray, batch_size: int) -> np.ndarray:
         images, n, out = self.train_arrays[0], len(ids), []
+        if 0 < n < batch_size:  # a few ids (a request's): a batch of the next power of two,
+            batch_size = min(batch_size, max(8, 1 << (n - 1).bit_length()))  # not a full one
         for start in range(0, n, batch_size):
             idx = ids[np.arange(start, start + batch_size) % n].astype(np.int32)  # wrap last
             logits = self._fns.logits(state, images, self.place(idx, sharding.REPLICATED))
