@@ -3,6 +3,8 @@ logits are kept on disk between processes, matched by fingerprint, never with a 
 an invalidated member's scores, and the audit checks that); requests pending together are
 applied as one deletion."""
 
+import json
+import pathlib
 import shutil
 
 import numpy as np
@@ -107,3 +109,28 @@ def test_requests_pending_together_are_applied_as_one_deletion(shards, sample, t
     assert "applied in one deletion with request(s) [2, 3]" in records[0]["message"]
     ok, problems, _ = audit.audit(run)
     assert ok, problems
+
+
+def test_the_serving_benchmark_splits_each_request_and_leaves_the_run_alone(shards, tmp_path):
+    import sys
+
+    from conftest import results_of
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import deletion_serving
+
+    before = (shards / "results.json").read_bytes()
+    out = tmp_path / "serving.json"
+    assert deletion_serving.main([str(shards), "--requests", "2", "--seed", "1", "--data",
+                                  "sample", "--out", str(out)]) == 0
+    assert (shards / "results.json").read_bytes() == before  # served on a copy
+    record = json.loads(out.read_text())
+    assert len(record["rows"]) == 2 and record["summary"]["audit_ok"]
+    for row in record["rows"]:
+        t = row["seconds"]
+        assert len(row["invalidated"]) == 1 and row["member_examples"] > 0
+        assert t["retraining"] <= t["honoured"] <= t["wall"]
+        # the spans are wired: its retrained member was scored, its checkpoint written
+        assert t["scoring"] > 0 and t["checkpoint"] > 0 and t["scored_rows"] > 0
+    assert record["summary"]["training_from_scratch_s"] == pytest.approx(
+        deletion_serving.training_seconds(results_of(shards)))
