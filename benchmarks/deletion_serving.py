@@ -59,10 +59,7 @@ def training_seconds(results: dict) -> float:
 
 
 def pick_ids(results: dict, n: int, seed: int) -> list[int]:
-    deleted = set(results.get("deleted_ids", []))
-    for r in results.get("requests", []):
-        deleted |= set(r.get("ids", []))
-    pool = np.setdiff1d(np.arange(results["n_train"]), sorted(deleted))
+    pool = np.setdiff1d(np.arange(results["n_train"]), results["deleted_ids"])
     return np.random.default_rng(seed).choice(pool, n, replace=False).tolist()
 
 

@@ -78,18 +78,16 @@ def audit(run_dir) -> tuple[bool, list[str], str]:
 def _saved_logits(run_dir, deleted: np.ndarray) -> list[str]:
     """The saved logits (`jaxunlearn.run.LOGITS`) must hold no score of a deleted id and must
     have been written after the last deletion (earlier ones may be invalidated members')."""
-    import json
-
+    from jaxunlearn.evaluators import read_saved
     from jaxunlearn.run import LOGITS
 
     path = run_dir / LOGITS
     if not path.exists():
         return []
     try:
-        with np.load(path) as f:
-            meta = json.loads(bytes(f["meta"]).decode())
-            held = sorted(set().union(*(set(f[k].tolist()) for k in f.files
-                                        if k.endswith("/ids"))) & set(deleted.tolist()))
+        meta, rows = read_saved(path)
+        held = sorted(set().union(*(ids.tolist() for ids, _ in rows.values()))
+                      & set(deleted.tolist()))
     except (OSError, ValueError, KeyError) as e:
         return [f"{LOGITS} cannot be read ({e}); remove it (it is only a cache)"]
     out = []

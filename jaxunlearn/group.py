@@ -143,6 +143,19 @@ def _with_lr_scale(step: Callable) -> Callable:
 _VERSIONS = itertools.count()
 
 
+def member_fingerprints(host_state) -> list[str]:
+    """Each member's fingerprint in a stacked host state: a hash of its parameters and batch
+    statistics (what its predictions depend on), equal for equal members in any process."""
+    leaves = jax.tree.leaves((host_state.params, host_state.batch_stats))
+    out = []
+    for i in range(leaves[0].shape[0]):
+        h = hashlib.sha256()
+        for leaf in leaves:
+            h.update(np.ascontiguousarray(leaf[i]).tobytes())
+        out.append(h.hexdigest()[:32])
+    return out
+
+
 class ModelGroup:
     """One stacked group of members (the ensemble, or the baseline as a group of one), with its
     jitted steps, its data on the device and its lineage. Driver-side: it owns mutable state.
@@ -168,6 +181,7 @@ class ModelGroup:
         self.state = (self.initial_state() if initialise else
                       jax.eval_shape(self._fns.init, self._host(key), members))
         self.versions = np.full(members, next(_VERSIONS), np.int64)
+        self._fingerprints = None  # (versions, fingerprints) of the last `fingerprints`
         # The members whose predictions count (the rest are shadow members, for evaluation).
         self.predicting = np.ones(members, bool)
         # Training and test images live in one resident array (test ids follow the training
@@ -365,22 +379,13 @@ class ModelGroup:
         return np.concatenate(out, axis=1)[:, :n] if out else np.zeros((k, 0, self.classes))
 
     def fingerprints(self, host_state=None) -> list[str]:
-        """Each member's fingerprint: a hash of its parameters and batch statistics (what its
-        predictions depend on), equal for equal members in any process. ``host_state``: the
-        state as from `host_state`, when at hand; computed once per member version."""
-        memo = getattr(self, "_fingerprints", None)
-        if memo is not None and np.array_equal(memo[0], self.versions):
-            return memo[1]
-        host = self.host_state() if host_state is None else host_state
-        leaves = jax.tree.leaves((host.params, host.batch_stats))
-        out = []
-        for i in range(self.members):
-            h = hashlib.sha256()
-            for leaf in leaves:
-                h.update(np.ascontiguousarray(leaf[i]).tobytes())
-            out.append(h.hexdigest()[:32])
-        self._fingerprints = (self.versions.copy(), out)
-        return out
+        """Each member's fingerprint (`member_fingerprints`), computed once per member version;
+        ``host_state``: the state as from `host_state`, when at hand."""
+        if self._fingerprints is None or not np.array_equal(self._fingerprints[0],
+                                                            self.versions):
+            host = self.host_state() if host_state is None else host_state
+            self._fingerprints = (self.versions.copy(), member_fingerprints(host))
+        return self._fingerprints[1]
 
     # ---- durable state -------------------------------------------------------------------
 

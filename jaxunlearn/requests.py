@@ -241,30 +241,30 @@ def forget(run_dir, ids: list[int], log: Callable[[str], None] = print,
             return {"request": request_id, "status": "queued",
                     "message": "the run is not finished; it applies the request when resumed"}
         results = driver.complete(run)
-        spans = {**run.spans.seconds, "scored_rows": run.logits.rows,
-                 "honoured": run.marks.get("honoured")}
     mine = next((r for r in results.get("requests", [])
                  if request_id in r.get("together", [r["request"]])), None)
     return {"request": request_id, "status": "applied", "record": mine, "results": results,
-            "timing": _timing(t0, opened, c0, spans, mine)}
+            "timing": _timing(run, t0, opened, c0, mine)}
 
 
-def _timing(t0: float, opened: float, c0: float, spans: dict, record: dict | None) -> dict:
+def _timing(run, t0: float, opened: float, c0: float, record: dict | None) -> dict:
     """Where a `forget` call's wall seconds went: ``open`` (checks, the request logged, data,
     the run restored), ``retraining`` (the strategy's training), ``scoring``, ``checkpoint``
-    (writes, purge, log outcomes, results file), each without compilation; ``compile`` (all of it); ``other`` (the rest:
-    invalidation, snapshots, the end state...); ``honoured``: wall seconds until the request
-    was durable, before it was scored; ``scored_rows``: member-example logits computed."""
+    (writes, purge, log outcomes, results file), each without compilation; ``compile`` (all
+    of it); ``other`` (the rest: invalidation, snapshots, the end state...); ``honoured``: wall
+    seconds until the request was durable, before it was scored; ``scored_rows``:
+    member-example logits computed."""
     total = time.perf_counter() - t0
     retraining = ((record or {}).get("cost") or {}).get("seconds") or 0.0
     out = {"total": total, "open": opened, "retraining": retraining,
-           "compile": timing.compile_seconds() - c0, "scoring": spans.get("scoring", 0.0),
-           "checkpoint": spans.get("checkpoint", 0.0)}
+           "compile": timing.compile_seconds() - c0,
+           "scoring": run.spans.seconds.get("scoring", 0.0),
+           "checkpoint": run.spans.seconds.get("checkpoint", 0.0)}
     out["other"] = total - sum(v for k, v in out.items() if k != "total")
     out["overhead"] = total - retraining
-    out["scored_rows"] = spans["scored_rows"]  # member-example logits computed
-    # until the request was durable (unlearned, checkpointed, purged, logged): the rest scores
-    out["honoured"] = spans["honoured"] - t0 if spans["honoured"] is not None else total
+    out["scored_rows"] = run.logits.rows
+    honoured = run.marks.get("honoured")
+    out["honoured"] = honoured - t0 if honoured is not None else total
     return out
 
 

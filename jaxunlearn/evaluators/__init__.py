@@ -14,7 +14,7 @@ import pkgutil
 
 from jaxunlearn.config import Config
 from jaxunlearn.evaluators.base import (REGISTRY, Evaluation, Evaluator, LogitCache, Model,
-                                        retain_ids)
+                                        read_saved, retain_ids)
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -22,7 +22,7 @@ for _module in pkgutil.iter_modules(__path__):
 NAMES = tuple(REGISTRY)
 
 __all__ = ["Evaluation", "Evaluator", "LogitCache", "Model", "NAMES", "make", "evaluate",
-           "retain_ids"]
+           "read_saved", "retain_ids"]
 
 
 def names(cfg: Config) -> list[str]:

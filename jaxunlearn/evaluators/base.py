@@ -120,22 +120,34 @@ class LogitCache:
         """Takes the rows `save` wrote for members whose fingerprints match ``groups``' current
         members; returns how many members it matched (0 when there is no readable file)."""
         try:
-            with np.load(path) as f:
-                saved = json.loads(bytes(f["meta"]).decode())["fingerprints"]
-                matched = 0
-                for group in groups:
-                    now = group.fingerprints()
-                    for j, fingerprint in enumerate(saved.get(group.name, [])):
-                        if fingerprint not in now or f"{group.name}/{j}/ids" not in f:
-                            continue
-                        i = now.index(fingerprint)
-                        _, have, logits = self._entry(group)
-                        ids = f[f"{group.name}/{j}/ids"].astype(np.int64)
-                        logits[i, ids], have[i, ids] = f[f"{group.name}/{j}/logits"], True
-                        matched += 1
-                return matched
+            meta, rows = read_saved(path)
         except (OSError, ValueError, KeyError):
             return 0  # no file, or not one this version can read: everything is scored again
+        matched = 0
+        for group in groups:
+            now = group.fingerprints()
+            _, have, logits = self._entry(group)
+            for j, fingerprint in enumerate(meta["fingerprints"].get(group.name, [])):
+                if fingerprint in now and (group.name, j) in rows:
+                    i, (ids, saved) = now.index(fingerprint), rows[(group.name, j)]
+                    logits[i, ids], have[i, ids] = saved, True
+                    matched += 1
+        return matched
+
+
+def read_saved(path) -> tuple[dict, dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]]:
+    """What `LogitCache.save` wrote: its ``meta`` (with each group's member ``fingerprints``)
+    and ``{(group, member): (resident ids, logits)}``. Raises OSError, ValueError or KeyError
+    for a missing or unreadable file."""
+    with np.load(path) as f:
+        meta = json.loads(bytes(f["meta"]).decode())
+        rows = {}
+        for key in f.files:
+            if key.endswith("/ids"):
+                name, member, _ = key.rsplit("/", 2)
+                rows[(name, int(member))] = (f[key].astype(np.int64),
+                                             f[f"{name}/{member}/logits"])
+    return meta, rows
 
 
 class Evaluation:

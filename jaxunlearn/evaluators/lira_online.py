@@ -9,10 +9,10 @@ references only. The members are the pairs of a forgotten example with a member 
 before unlearning; the non-members are the pairs of a retained example with a member that never
 trained on it, before or since (the same members, the same data distribution). Before
 unlearning that is Carlini et al.'s online attack; after exact unlearning the forgotten pairs
-are out-pairs and score like the non-members (AUC about 0.5); an approximate method that still remembers scores
-higher. The spread is over folds split by example. ``pair_accuracy`` gives the same pairs'
-accuracy: the members on the forgotten examples they held and on the retained ones they never
-saw, which exact unlearning makes about equal (a check that needs no oracle).
+are out-pairs and score like the non-members (AUC about 0.5); an approximate method that still
+remembers scores higher. The spread is over folds split by example. ``pair_accuracy`` gives
+the same pairs' accuracy: the members on the forgotten examples they held and on the retained
+ones they never saw, which exact unlearning makes about equal (a check that needs no oracle).
 
 It needs each example on both sides, as with ``plan=subset fraction=0.5`` (the ``privacy``
 preset); the reference lives in the process that scored the deletion, so a block computed
