@@ -51,15 +51,17 @@ PARTS = ("open", "retraining", "compile", "scoring", "checkpoint", "other")
 
 
 def training_seconds(results: dict) -> float:
-    """Seconds the run spent training its models from scratch (every group, every phase,
-    compilation and scoring left out)."""
-    return sum(v for phase in results["phases"]
-               for k, v in phase.get("seconds_by_model", {}).items()
-               if k not in ("unlearning", "evaluation"))
+    """Seconds the run spent training its models from scratch (every group, every phase, a
+    pretrained initialisation's training included; compilation and scoring left out)."""
+    return results.get("pretrain", {}).get("seconds", 0.0) + sum(
+        v for phase in results["phases"] for k, v in phase.get("seconds_by_model", {}).items()
+        if k not in ("unlearning", "evaluation"))
 
 
 def pick_ids(results: dict, n: int, seed: int) -> list[int]:
-    pool = np.setdiff1d(np.arange(results["n_train"]), results["deleted_ids"])
+    """``n`` random ids a request may name: not deleted, not declared never deletable."""
+    deletable = results["n_train"] - results["config"].get("pretrain", 0)
+    pool = np.setdiff1d(np.arange(deletable), results["deleted_ids"])
     return np.random.default_rng(seed).choice(pool, n, replace=False).tolist()
 
 

@@ -59,6 +59,7 @@ def audit(run_dir) -> tuple[bool, list[str], str]:
                                 f"deleted id(s) {ids[:10]}")
         if newest is not None:
             notes += _notes(cfg, units, loaded[newest], deleted)
+            problems += _pretraining(cfg, loaded[newest][1]["tree"], deleted)
         problems += _unnamed_snapshots(run_dir, units, [meta for _, meta in loaded.values()])
     finally:
         ckpts.close()
@@ -73,6 +74,18 @@ def audit(run_dir) -> tuple[bool, list[str], str]:
                f"{len(deleted)} deleted id(s), {len(steps)} kept checkpoint(s) checked, "
                f"{len(problems)} violation(s)")
     return not problems, problems + notes, summary
+
+
+def _pretraining(cfg, tree: dict, deleted: np.ndarray) -> list[str]:
+    """With a pretrained initialisation, no deleted id may be one it was trained on (the
+    examples the config declares never deletable)."""
+    if not cfg.pretrain:
+        return []
+    n_train = tree["report"]["results"]["n_train"]
+    held = deleted[deleted >= n_train - cfg.pretrain]
+    return [f"deleted id(s) {held[:10].tolist()} are in the pretraining set (ids "
+            f"{n_train - cfg.pretrain}..{n_train - 1}): every member started from a model "
+            f"trained on them"] if held.size else []
 
 
 def _saved_logits(run_dir, deleted: np.ndarray) -> list[str]:

@@ -48,6 +48,15 @@ class Config:
     precision: str = "fp32"  # fp32, or bf16 compute with fp32 parameters and optimizer state
     devices: int = 1  # shard the member axis over N devices with shard_map (0: all, 1: none)
     aggregation: str = "mean_logits"  # mean_logits, mean_probs, vote
+    # A pretrained initialisation: the last N training examples are declared never deletable
+    # and only pretrain one model (pretrain_epochs at pretrain_batch_size and pretrain_lr; 0:
+    # batch_size, learning_rate), which every member starts from and is reset to when
+    # unlearned. The chunks, shards and deletions use the other examples; a request for one of
+    # the N is refused. 0: members start from random weights.
+    pretrain: int = 0
+    pretrain_epochs: int = 5
+    pretrain_batch_size: int = 0
+    pretrain_lr: float = 0.0
     # Phases and sampling
     phases: int = 5
     plan: str = "bootstrap"  # bootstrap, subset, shards (SISA: disjoint shards; needs fraction=1)
@@ -291,7 +300,18 @@ def check(cfg: Config, n_train: int) -> None:
                                     f"{cfg.keep_checkpoints}")
     need(cfg.retain_eval >= 1, f"retain_eval must be at least 1, got {cfg.retain_eval}")
     need(cfg.mia_folds >= 2, f"mia_folds must be at least 2, got {cfg.mia_folds}")
-    need(n_train >= cfg.phases, f"{n_train} training examples cannot fill {cfg.phases} phases")
+    need(0 <= cfg.pretrain < n_train,
+         f"pretrain (the examples declared never deletable) must be in [0, {n_train}), got "
+         f"{cfg.pretrain}")
+    need(cfg.pretrain_epochs >= 1, f"pretrain_epochs must be at least 1, got "
+                                   f"{cfg.pretrain_epochs}")
+    need(cfg.pretrain_batch_size >= 0, f"pretrain_batch_size must be 0 (as batch_size) or "
+                                       f"more, got {cfg.pretrain_batch_size}")
+    need(np.isfinite(cfg.pretrain_lr) and cfg.pretrain_lr >= 0,
+         f"pretrain_lr must be 0 (as learning_rate) or positive, got {cfg.pretrain_lr}")
+    n_train -= cfg.pretrain  # the deletable examples: all the phases see
+    need(n_train >= cfg.phases, f"{n_train} deletable training examples cannot fill "
+                                f"{cfg.phases} phases")
     try:
         strategies.for_run(cfg)
         evaluators.names(cfg)

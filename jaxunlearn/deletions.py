@@ -64,7 +64,8 @@ def validate_schedule(schedule: dict[int, list[int]], chunks: list[np.ndarray]) 
         seen: set[int] = set()
         for i in ids:
             if not 0 <= i < n_train:
-                raise ScheduleError(f"example id {i} (after phase {p}) does not exist: ids are 0..{n_train - 1}")
+                raise ScheduleError(f"example id {i} (after phase {p}) does not exist or "
+                                    f"cannot be deleted: deletable ids are 0..{n_train - 1}")
             if i >= arrived:
                 raise ScheduleError(f"example id {i} cannot be deleted after phase {p}: only ids "
                                     f"0..{arrived - 1} have arrived by then")
@@ -95,8 +96,10 @@ class Deletions:
     the outcome of each applied request, until the deletion log records it."""
 
     def __init__(self, seed: int, rate: float, chunks: list[np.ndarray],
-                 schedule: dict[int, list[int]] | None):
-        n_train = int(sum(len(c) for c in chunks))
+                 schedule: dict[int, list[int]] | None, n_train: int | None = None):
+        """``n_train``: the training examples, the chunks' and any never deletable (the
+        chunks' alone when None)."""
+        n_train = int(sum(len(c) for c in chunks)) if n_train is None else n_train
         self.chunks, self.rate, self.schedule = chunks, rate, schedule
         self.mask = np.zeros(n_train, bool)  # shared with the trainer: updated in place
         self.ids: list[int] = []

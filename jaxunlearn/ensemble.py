@@ -220,6 +220,19 @@ def reset_optimizer(tx: optax.GradientTransformation, state: MemberState,
     return select_members(mask, fresh, state)
 
 
+def rebase(tx: optax.GradientTransformation, state: MemberState, base: dict,
+           mask: jax.Array) -> MemberState:
+    """The members in ``mask`` (bool ``[m]``) start from ``base`` (one member's ``params`` and
+    ``batch_stats``, no member axis: a pretrained initialisation) with a fresh optimiser state;
+    their step and key stay. The others come back unchanged."""
+    m = state.step.shape[0]
+    stack = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (m,) + x.shape), tree)
+    params = stack(base["params"])
+    based = state._replace(params=params, batch_stats=stack(base["batch_stats"]),
+                           opt_state=jax.vmap(tx.init)(params))
+    return select_members(mask, based, state)
+
+
 def select_members(mask: jax.Array, on_true: MemberState, on_false: MemberState) -> MemberState:
     """Per-member choice between two stacked states: ``mask`` bool ``[m]``."""
 

@@ -39,6 +39,7 @@ class Compiled(NamedTuple):
     logits: Callable
     unlearn: Callable
     reset_optimizer: Callable
+    rebase: Callable  # (state, base, mask) -> the masked members started from base
     gather: Callable  # (state, sel int [k]) -> the members sel as a stack of k
     scatter: Callable  # (state, sub, sel) -> state with sub's rows written at sel
     grads: Callable  # (state, images, labels, idx, weight) -> each member's loss gradient
@@ -100,6 +101,7 @@ def _compile_group(arch, stem, precision, optimizer, learning_rate, weight_decay
     step = ensemble.make_train_step(model, tx, strategy, augment, label_smoothing)
     logits = ensemble.make_eval_logits(model, strategy, tta)
     reset = functools.partial(ensemble.reset_optimizer, tx)
+    rebase = functools.partial(ensemble.rebase, tx)
     init = functools.partial(ensemble.init_ensemble, model, tx)
     mesh = sharding.member_mesh(devices) if devices != 1 else None
     setup = setup_compiler_options()
@@ -113,6 +115,7 @@ def _compile_group(arch, stem, precision, optimizer, learning_rate, weight_decay
             logits=jax.jit(logits, compiler_options=fast),
             unlearn=jax.jit(unlearn.make_unlearn(model, tx), donate_argnums=1),
             reset_optimizer=jax.jit(reset, donate_argnums=0),
+            rebase=jax.jit(rebase, donate_argnums=0),
             gather=jax.jit(_gather), scatter=jax.jit(_scatter, donate_argnums=0), grads=grads)
     M, R = sharding.MEMBERS, sharding.REPLICATED
     return Compiled(
@@ -124,6 +127,7 @@ def _compile_group(arch, stem, precision, optimizer, learning_rate, weight_decay
         logits=jax.jit(sharding.shard(logits, mesh, (M, R, R), M), compiler_options=fast),
         unlearn=jax.jit(unlearn.make_unlearn(model, tx, mesh), donate_argnums=1),
         reset_optimizer=jax.jit(sharding.shard(reset, mesh, (M, M), M), donate_argnums=0),
+        rebase=jax.jit(sharding.shard(rebase, mesh, (M, R, M), M), donate_argnums=0),
         gather=jax.jit(_gather, out_shardings=NamedSharding(mesh, M)),
         scatter=jax.jit(_scatter, out_shardings=NamedSharding(mesh, M), donate_argnums=0),
         grads=grads)
@@ -167,7 +171,8 @@ class ModelGroup:
     def __init__(self, name: str, source: str, arch: str, members: int, cfg: Config, key,
                  data: tuple, devices: int = 1, initialise: bool = True):
         """``source``: whose stages it trains on (`jaxunlearn.stages.SOURCES`); ``data``: host
-        arrays (train images, train labels, test images, test labels). Without
+        arrays (train images, train labels, test images, test labels), or a group on the same
+        devices whose resident copy this group shares. Without
         ``initialise`` the state is only its shape until `load_state_dict` or `set_state`
         (a run restored from a checkpoint initialises nothing)."""
         self.name, self.source = name, source
@@ -178,6 +183,9 @@ class ModelGroup:
         if self.mesh is not None:
             sharding.check_divisible(members, self.mesh)
         self.key, self.members = key, members
+        # A pretrained initialisation (one member's params and batch statistics, host arrays)
+        # every member starts from instead of its random draw; None: random (`set_base`).
+        self.base = None
         self.state = (self.initial_state() if initialise else
                       jax.eval_shape(self._fns.init, self._host(key), members))
         self.versions = np.full(members, next(_VERSIONS), np.int64)
@@ -186,13 +194,16 @@ class ModelGroup:
         self.predicting = np.ones(members, bool)
         # Training and test images live in one resident array (test ids follow the training
         # ids), so one compiled logits function scores both.
-        train_images, train_labels, test_images, test_labels = data
-        self.n_train, self.n_test = len(train_images), len(test_images)
-        self.host_labels = np.concatenate([train_labels, test_labels])
-        self.train_arrays = (self.place(np.concatenate([train_images, test_images]),
-                                        sharding.REPLICATED),
-                             self.place(self.host_labels,
-                                        sharding.REPLICATED))
+        if isinstance(data, ModelGroup):  # the same data, already on the same device
+            self.n_train, self.n_test = data.n_train, data.n_test
+            self.host_labels, self.train_arrays = data.host_labels, data.train_arrays
+        else:
+            train_images, train_labels, test_images, test_labels = data
+            self.n_train, self.n_test = len(train_images), len(test_images)
+            self.host_labels = np.concatenate([train_labels, test_labels])
+            self.train_arrays = (self.place(np.concatenate([train_images, test_images]),
+                                            sharding.REPLICATED),
+                                 self.place(self.host_labels, sharding.REPLICATED))
         self.lineage = Lineage.empty(members, self.n_train)
         self.classes = int(jax.eval_shape(fns.logits, self.state, self.train_arrays[0],
                                           jnp.zeros(1, jnp.int32)).shape[-1])
@@ -213,8 +224,23 @@ class ModelGroup:
         return other
 
     def initial_state(self):
-        """The members as initialised from the group key (bit-identical on every call)."""
-        return self._fns.init(self._host(self.key), self.members)
+        """The members as initialised from the group key, or from the pretrained ``base``
+        (bit-identical on every call)."""
+        state = self._fns.init(self._host(self.key), self.members)
+        if self.base is None:
+            return state
+        return self._fns.rebase(state, self._placed_base(),
+                                self.place_members(np.ones(self.members, bool)))
+
+    def set_base(self, base: dict) -> None:
+        """Makes ``base`` (``{"params", "batch_stats"}`` of one member, host arrays: a model
+        pretrained on data that is never deleted) every member's initialisation, from now on
+        and for every member now (their lineage is emptied: nothing is trained yet)."""
+        self.base = jax.tree.map(np.asarray, base)
+        self.reinitialise()
+
+    def _placed_base(self):
+        return jax.tree.map(lambda x: self.place(x, sharding.REPLICATED), self.base)
 
     def reinitialise(self, initialise: bool = True) -> None:
         """Every member back to its initial state (its shape only, without ``initialise``),
@@ -308,9 +334,13 @@ class ModelGroup:
         self.state = self._fns.reset_optimizer(self.state, self.place_members(mask))
 
     def unlearn(self, key, invalid: np.ndarray) -> None:
-        """Reinitialises the ``invalid`` members (bool ``[m]``) from ``key``."""
+        """Reinitialises the ``invalid`` members (bool ``[m]``) from ``key`` (from the
+        pretrained ``base`` when the group has one, with a member key drawn from ``key``)."""
         invalid = np.asarray(invalid, bool)
-        self.state = self._fns.unlearn(self._host(key), self.state, self.place_members(invalid))
+        placed = self.place_members(invalid)
+        self.state = self._fns.unlearn(self._host(key), self.state, placed)
+        if self.base is not None:
+            self.state = self._fns.rebase(self.state, self._placed_base(), placed)
         self._changed(invalid)
 
     def host_state(self):
@@ -393,9 +423,12 @@ class ModelGroup:
         host = self.host_state()
         self.fingerprints(host)
         return {"state": flax.serialization.to_state_dict(host),
-                "lineage": {"seen": self.lineage.seen, "born": self.lineage.born}}
+                "lineage": {"seen": self.lineage.seen, "born": self.lineage.born},
+                **({"base": self.base} if self.base is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
+        if "base" in state:
+            self.base = jax.tree.map(np.asarray, state["base"])
         host = self.state_from_dict(state["state"])
         self.set_state(host)
         self.fingerprints(host)

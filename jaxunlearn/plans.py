@@ -44,6 +44,12 @@ def make_chunks(n_train: int, phases: int) -> list[np.ndarray]:
     return np.array_split(np.arange(n_train, dtype=np.int64), phases)
 
 
+def pretraining_ids(n_train: int, pretrain: int) -> np.ndarray:
+    """The ids declared never deletable (``pretrain``, the last of the ``n_train``): they only
+    pretrain the members' initialisation, outside every chunk."""
+    return np.arange(n_train - pretrain, n_train, dtype=np.int64)
+
+
 def working_set(chunks: list[np.ndarray], phase: int, deleted: np.ndarray) -> np.ndarray:
     """Ids of chunks ``1..phase`` that are not deleted (``deleted``: bool ``[n_train]``)."""
     ids = np.concatenate(chunks[:phase])

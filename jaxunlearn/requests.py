@@ -169,7 +169,7 @@ def validate(run_dir, ids: list[int]) -> dict:
     from jaxunlearn.run import saved_config
 
     run_dir = runlock.check_run_dir(run_dir)
-    saved_config(run_dir)
+    cfg = saved_config(run_dir)
     try:
         tree = latest_meta(run_dir)["tree"]
     except checkpoint.CheckpointError as e:
@@ -179,6 +179,13 @@ def validate(run_dir, ids: list[int]) -> dict:
     if out_of_range:
         raise RequestError(f"example id(s) {out_of_range[:10]} do not exist: this run's "
                            f"training ids are 0..{n_train - 1}")
+    held = [i for i in ids if i >= n_train - cfg.pretrain]
+    if held:
+        raise RequestError(
+            f"example id(s) {held[:10]} are in this run's pretraining set (ids "
+            f"{n_train - cfg.pretrain}..{n_train - 1}, declared never deletable with "
+            f"pretrain={cfg.pretrain}): every member starts from a model trained on them, so "
+            f"forgetting them means a new run (with pretrain=0, or without these ids)")
     gone = set(tree["deletions"]["ids"])
     if (run_dir / deletion_log.LOG_NAME).exists():
         with deletion_log.DeletionLog.open(run_dir, create=False) as log:

@@ -94,7 +94,7 @@ class Run:
         # the run folder and keeps the deletion log.
         self.primary = jax.process_index() == 0
         self.t0 = time.perf_counter()
-        self.chunks = plans.make_chunks(ds.n_train, cfg.phases)
+        self.chunks = plans.make_chunks(ds.n_train - cfg.pretrain, cfg.phases)
         self.train_labels, self.test_labels = ds.train_labels, ds.test_labels
         k_ens, k_base, self.k_unlearn = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
         arrays = (ds.train_images, ds.train_labels, ds.test_images, ds.test_labels)
@@ -104,7 +104,7 @@ class Run:
         self.stages = Stages(cfg, self.chunks)
         self.snapshots = SnapshotStore(out, read_only=not self.primary)
         self.deletions = deletions_lib.Deletions(cfg.seed, cfg.deletion_rate, self.chunks,
-                                                 schedule)
+                                                 schedule, ds.n_train)
         epochs = cfg.phases * (cfg.epochs * self.stages.slices("ensemble") + (
             config_lib.epochs_of(cfg, "baseline") if cfg.baseline != "none" else 0))
         self.report = Report(cfg, out, self._header(ds, ensemble), log, progress,
@@ -272,7 +272,8 @@ def open_run(cfg: Config, workdir, dataset: data_lib.Dataset | None = None,
     config_lib.check(cfg, ds.n_train)
     schedule = deletions_lib.load_schedule(cfg.deletions) if cfg.deletions else None
     if schedule is not None and not existing:
-        deletions_lib.validate_schedule(schedule, plans.make_chunks(ds.n_train, cfg.phases))
+        deletions_lib.validate_schedule(
+            schedule, plans.make_chunks(ds.n_train - cfg.pretrain, cfg.phases))
     if not existing and jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=out.is_dir() and not any(out.iterdir()))
         (out / "plots").mkdir()
@@ -282,6 +283,10 @@ def open_run(cfg: Config, workdir, dataset: data_lib.Dataset | None = None,
         if existing:
             _restore(run, changes, log)
         else:
+            if cfg.pretrain:
+                from jaxunlearn import pretraining
+
+                pretraining.pretrain(run)
             durable.write_checkpoint(run)  # step 0: the initial state
             run.report.save()
     except BaseException:
