@@ -79,7 +79,7 @@ def run_cell(base: pathlib.Path, cell: pathlib.Path, overrides: list[str], ids: 
     import shutil
 
     from jaxunlearn import requests
-    from jaxunlearn.run import fork
+    from jaxunlearn.driver import fork
 
     done = finished(cell)
     if done is not None:

@@ -212,7 +212,7 @@ def cmd_forget(args) -> int:
 
 
 def cmd_fork(args) -> int:
-    from jaxunlearn.run import fork
+    from jaxunlearn.driver import fork
 
     fork(args.run_dir, args.new_dir, args.overrides, log=functools.partial(print, flush=True))
     print(f"forked {args.run_dir} into {args.new_dir}"
@@ -238,11 +238,12 @@ def cmd_log(args) -> int:
 
 
 def cmd_presets(args) -> int:
+    width = max(map(len, config_lib.PRESETS))
     for name, cfg in config_lib.PRESETS.items():
-        print(f"{name:6s} {config_lib.PRESET_HELP[name]}")
+        print(f"{name:{width}s}  {config_lib.PRESET_HELP[name]}")
         if args.verbose:
             for key, value in cfg.to_dict().items():
-                print(f"         {key} = {value}")
+                print(f"{'':{width}s}    {key} = {value}")
     return 0
 
 

@@ -32,34 +32,17 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxunlearn import download
+from jaxunlearn.cifar_format import (BATCH_BYTES, BIN_ARCHIVE, BIN_DIR, BIN_FILES,
+                                     DOWNLOAD_HOST, ENV_VAR, HOW_TO_PROVIDE, PY_ARCHIVE, PY_DIR,
+                                     PY_FILES, RECORD_BYTES, RECORDS, DataError)
+
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer",
                "dog", "frog", "horse", "ship", "truck")
 CIFAR10_MEAN = (0.49139968, 0.48215841, 0.44653091)
 CIFAR10_STD = (0.24703223, 0.24348513, 0.26158784)
-ENV_VAR = "JAXUNLEARN_DATA"
 
 SAMPLE_ENCODING = "delta-w-h-rgb-v1"
-_RECORDS, _RECORD_BYTES = 10_000, 1 + 3 * 32 * 32
-_BATCH_BYTES = _RECORDS * _RECORD_BYTES  # 30,730,000
-_BIN_DIR, _PY_DIR = "cifar-10-batches-bin", "cifar-10-batches-py"
-_BIN_ARCHIVE, _PY_ARCHIVE = "cifar-10-binary.tar.gz", "cifar-10-python.tar.gz"
-_BIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6)) + ("test_batch.bin",)
-_PY_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
-_DOWNLOAD_HOST = ("www.cs.toronto.edu", 443)  # the tfds cifar10 builder downloads from here
-_HOW_TO_PROVIDE = (
-    "Ways to provide CIFAR-10:\n"
-    "  jaxunlearn data --download   fetch the official archive once into the user cache\n"
-    "                        (then --data cifar10, or no --data with the seed preset, finds it)\n"
-    f"  --data PATH           a '{_BIN_DIR}/' or '{_PY_DIR}/' folder, a folder\n"
-    f"                        holding one, or the official '{_BIN_ARCHIVE}' or\n"
-    f"                        '{_PY_ARCHIVE}' archive\n"
-    f"  {ENV_VAR}=PATH  the same, through the environment\n"
-    "  --data tfds           tensorflow-datasets: pip install 'jaxunlearn[tfds]' (downloads once)\n"
-    "  --data sample         the bundled 1,000/300-image sample (offline demos and tests)")
-
-
-class DataError(Exception):
-    """A dataset could not be found or read; the message says what to do."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -120,16 +103,16 @@ def _planes_to_nhwc(pixels: np.ndarray) -> np.ndarray:
 
 
 def _check_size(name: str, size: int) -> None:
-    if size != _BATCH_BYTES:
+    if size != BATCH_BYTES:
         raise DataError(
-            f"{name}: {size:,} bytes, expected {_BATCH_BYTES:,} ({_RECORDS:,} records of "
-            f"{_RECORD_BYTES:,} bytes); the file is truncated or corrupt: re-download "
-            f"{_BIN_ARCHIVE}")
+            f"{name}: {size:,} bytes, expected {BATCH_BYTES:,} ({RECORDS:,} records of "
+            f"{RECORD_BYTES:,} bytes); the file is truncated or corrupt: re-download "
+            f"{BIN_ARCHIVE}")
 
 
 def _decode_binary(name: str, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     _check_size(name, raw.size)
-    records = raw.reshape(_RECORDS, _RECORD_BYTES)
+    records = raw.reshape(RECORDS, RECORD_BYTES)
     return _planes_to_nhwc(records[:, 1:]), _check_labels(name, records[:, 0])
 
 
@@ -187,14 +170,14 @@ def load_binary(path) -> Dataset:
     """
     path = Path(path)
     if path.is_file():
-        members = _read_archive(path, _BIN_FILES, _BIN_DIR)
+        members = _read_archive(path, BIN_FILES, BIN_DIR)
         parts = [_decode_binary(f"{path}:{n}", np.frombuffer(members[n], np.uint8))
-                 for n in _BIN_FILES]
+                 for n in BIN_FILES]
         return _assemble(parts, f"CIFAR-10 binary archive {path}", "binary-archive")
-    _missing_files(path, _BIN_FILES)
-    for name in _BIN_FILES:  # sizes first: fail before reading anything
+    _missing_files(path, BIN_FILES)
+    for name in BIN_FILES:  # sizes first: fail before reading anything
         _check_size(str(path / name), (path / name).stat().st_size)
-    parts = [_decode_binary(str(path / n), np.fromfile(path / n, np.uint8)) for n in _BIN_FILES]
+    parts = [_decode_binary(str(path / n), np.fromfile(path / n, np.uint8)) for n in BIN_FILES]
     return _assemble(parts, f"CIFAR-10 binary folder {path}", "binary")
 
 
@@ -234,21 +217,21 @@ def _decode_pickle(name: str, payload: bytes) -> tuple[np.ndarray, np.ndarray]:
     try:
         batch = _RestrictedUnpickler(io.BytesIO(payload), encoding="bytes").load()
     except Exception as e:  # any failure of an untrusted pickle is a data error
-        raise DataError(f"{name}: {e}; re-download {_PY_ARCHIVE}") from e
+        raise DataError(f"{name}: {e}; re-download {PY_ARCHIVE}") from e
     if not isinstance(batch, dict):
         raise DataError(f"{name}: expected a dict, got {type(batch).__name__}")
     fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     data, labels = fields.get("data"), fields.get("labels")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.shape != (
-            _RECORDS, 3072):
+            RECORDS, 3072):
         got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else repr(type(data))
         raise DataError(f"{name}: 'data' must be uint8 [10000, 3072], got {got}; re-download "
-                        f"{_PY_ARCHIVE}")
+                        f"{PY_ARCHIVE}")
     try:
         labels = np.asarray(labels, dtype=np.int64)
     except (TypeError, ValueError) as e:
         raise DataError(f"{name}: 'labels' is not a list of integers ({e})") from e
-    if labels.shape != (_RECORDS,):
+    if labels.shape != (RECORDS,):
         raise DataError(f"{name}: expected 10000 labels, got shape {labels.shape}")
     return _planes_to_nhwc(data), _check_labels(name, labels)
 
@@ -261,11 +244,11 @@ def load_python(path) -> Dataset:
     """
     path = Path(path)
     if path.is_file():
-        members = _read_archive(path, _PY_FILES, _PY_DIR)
-        parts = [_decode_pickle(f"{path}:{n}", members[n]) for n in _PY_FILES]
+        members = _read_archive(path, PY_FILES, PY_DIR)
+        parts = [_decode_pickle(f"{path}:{n}", members[n]) for n in PY_FILES]
         return _assemble(parts, f"CIFAR-10 python archive {path}", "python-archive")
-    _missing_files(path, _PY_FILES)
-    parts = [_decode_pickle(str(path / n), (path / n).read_bytes()) for n in _PY_FILES]
+    _missing_files(path, PY_FILES)
+    parts = [_decode_pickle(str(path / n), (path / n).read_bytes()) for n in PY_FILES]
     return _assemble(parts, f"CIFAR-10 python folder {path}", "python")
 
 
@@ -324,21 +307,21 @@ def load_tfds(data_dir: str | None = None, download: bool = False) -> Dataset:
     except ImportError as e:
         raise DataError("tensorflow-datasets is not installed: pip install 'jaxunlearn[tfds]', "
                         "or use a local CIFAR-10 layout or the bundled sample.\n"
-                        + _HOW_TO_PROVIDE) from e
+                        + HOW_TO_PROVIDE) from e
     try:
         builder = tfds.builder("cifar10", data_dir=None if data_dir is None else str(data_dir))
         where = builder.data_dir
         if not builder.is_prepared():
             if not download:
                 raise DataError(f"tensorflow-datasets has no prepared cifar10 in {where} (and "
-                                "download is off).\n" + _HOW_TO_PROVIDE)
+                                "download is off).\n" + HOW_TO_PROVIDE)
             if not _has_tensorflow():
                 raise DataError(f"tensorflow-datasets has no prepared cifar10 in {where}, and "
                                 "preparing it needs TensorFlow: pip install tensorflow.\n"
-                                + _HOW_TO_PROVIDE)
-            if not _host_reachable(_DOWNLOAD_HOST):
-                raise DataError(f"cannot reach {_DOWNLOAD_HOST[0]} to download CIFAR-10 (offline?)."
-                                "\n" + _HOW_TO_PROVIDE)
+                                + HOW_TO_PROVIDE)
+            if not _host_reachable(DOWNLOAD_HOST):
+                raise DataError(f"cannot reach {DOWNLOAD_HOST[0]} to download CIFAR-10 (offline?)."
+                                "\n" + HOW_TO_PROVIDE)
             builder.download_and_prepare(file_format="array_record")
         train, test = _tfds_arrays(builder, "train"), _tfds_arrays(builder, "test")
     except DataError:
@@ -346,7 +329,7 @@ def load_tfds(data_dir: str | None = None, download: bool = False) -> Dataset:
     except Exception as e:  # tfds raises many types (ImportError for TensorFlow, IO errors...)
         raise DataError(f"tensorflow-datasets failed to provide cifar10 ({type(e).__name__}: "
                         f"{e}). Preparing it needs TensorFlow (pip install tensorflow); or use "
-                        "another source.\n" + _HOW_TO_PROVIDE) from e
+                        "another source.\n" + HOW_TO_PROVIDE) from e
     return _assemble([train, test], f"tensorflow-datasets cifar10 in {where}", "tfds")
 
 
@@ -400,27 +383,27 @@ def find_local(path) -> tuple[str, Path]:
                 first = next(iter(tar), None)
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             raise DataError(f"{path}: not a readable tar archive ({e}); expected "
-                            f"{_BIN_ARCHIVE} or {_PY_ARCHIVE}") from e
+                            f"{BIN_ARCHIVE} or {PY_ARCHIVE}") from e
         member = first.name if first else ""
-        for name, (binary, python) in ((member, (_BIN_DIR, _PY_DIR)),
+        for name, (binary, python) in ((member, (BIN_DIR, PY_DIR)),
                                        (path.name, ("binary", "python"))):
             if binary in name or python in name:
                 return ("binary-archive" if binary in name else "python-archive"), path
         raise DataError(f"{path}: a tar archive, but not a CIFAR-10 one (expected members under "
-                        f"'{_BIN_DIR}/' or '{_PY_DIR}/')")
+                        f"'{BIN_DIR}/' or '{PY_DIR}/')")
     if path.is_dir():
-        for names, kind in ((_BIN_FILES, "binary"), (_PY_FILES, "python")):
+        for names, kind in ((BIN_FILES, "binary"), (PY_FILES, "python")):
             if any((path / n).is_file() for n in names):
                 return kind, path
-        for child, kind in ((_BIN_DIR, "binary"), (_PY_DIR, "python"),
-                            (_BIN_ARCHIVE, "binary-archive"), (_PY_ARCHIVE, "python-archive")):
+        for child, kind in ((BIN_DIR, "binary"), (PY_DIR, "python"),
+                            (BIN_ARCHIVE, "binary-archive"), (PY_ARCHIVE, "python-archive")):
             if (path / child).exists():
                 return kind, path / child
-    looked = (f"{path} as a folder with {_BIN_FILES[0]}.. or {_PY_FILES[0]}.., or holding "
-              f"{_BIN_DIR}/, {_PY_DIR}/, {_BIN_ARCHIVE} or {_PY_ARCHIVE}")
+    looked = (f"{path} as a folder with {BIN_FILES[0]}.. or {PY_FILES[0]}.., or holding "
+              f"{BIN_DIR}/, {PY_DIR}/, {BIN_ARCHIVE} or {PY_ARCHIVE}")
     state = "is an empty or unrelated folder" if path.is_dir() else "does not exist"
     raise DataError(f"No CIFAR-10 data at {path} (it {state}). Looked for {looked}.\n"
-                    + _HOW_TO_PROVIDE)
+                    + HOW_TO_PROVIDE)
 
 
 def _load_local(path) -> Dataset:
@@ -463,8 +446,6 @@ def load_dataset(spec: str | None) -> Dataset:
             return _load_local(env)
         except DataError as e:
             raise DataError(f"${ENV_VAR}={env}: {e}") from e
-    from jaxunlearn import download
-
     found = download.cached()
     if found is not None:
         return load_binary(found)
@@ -473,7 +454,7 @@ def load_dataset(spec: str | None) -> Dataset:
         return load_tfds(download=False)
     raise DataError(f"No CIFAR-10 data found: ${ENV_VAR} is not set, the cache "
                     f"{download.default_dir()} holds no download, and {looked}.\n"
-                    + _HOW_TO_PROVIDE)
+                    + HOW_TO_PROVIDE)
 
 
 def describe(spec: str | None) -> str:

@@ -32,8 +32,8 @@ import urllib.request
 from typing import Callable
 
 from jaxunlearn import cache
-from jaxunlearn.data import (_BATCH_BYTES, _BIN_ARCHIVE, _BIN_DIR, _BIN_FILES, _HOW_TO_PROVIDE,
-                             DataError)
+from jaxunlearn.cifar_format import (BATCH_BYTES, BIN_ARCHIVE, BIN_DIR, BIN_FILES,
+                                     HOW_TO_PROVIDE, DataError)
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 MD5 = "c32a1d4ab5d03f1284b67883e8d87530"  # as published on https://www.cs.toronto.edu/~kriz/cifar.html
@@ -48,7 +48,7 @@ def default_dir() -> pathlib.Path:
 def cached(directory=None) -> pathlib.Path | None:
     """The unpacked ``cifar-10-batches-bin`` folder in ``directory`` (default: the cache) when
     a download completed there, else None."""
-    folder = pathlib.Path(directory or default_dir()).expanduser() / _BIN_DIR
+    folder = pathlib.Path(directory or default_dir()).expanduser() / BIN_DIR
     return folder if (folder / MARKER).is_file() else None
 
 
@@ -72,7 +72,7 @@ def download(directory=None, url: str | None = None, md5: str | None = None,
         found = cached(directory)
         if found is not None:
             return found
-        archive = directory / _BIN_ARCHIVE
+        archive = directory / BIN_ARCHIVE
         if not archive.is_file() or _md5(archive) != md5:
             _fetch(url, md5, archive, timeout, sys.stderr.isatty() if progress is None
                    else progress, log)
@@ -103,7 +103,7 @@ def _md5(path: pathlib.Path) -> str:
 def _offline(url: str, why) -> DataError:
     return DataError(f"could not download {url} ({why}). Offline? Provide CIFAR-10 another "
                      f"way, e.g. --data PATH to a copy, or --data sample for the bundled "
-                     f"sample.\n" + _HOW_TO_PROVIDE)
+                     f"sample.\n" + HOW_TO_PROVIDE)
 
 
 def _fetch(url: str, md5: str, archive: pathlib.Path, timeout: float, progress: bool,
@@ -152,20 +152,20 @@ def _fetch(url: str, md5: str, archive: pathlib.Path, timeout: float, progress: 
 def _unpack(archive: pathlib.Path, directory: pathlib.Path) -> pathlib.Path:
     """Unpacks ``archive`` beside ``directory/cifar-10-batches-bin``, checks it, renames it in
     place and marks it complete."""
-    final = directory / _BIN_DIR
+    final = directory / BIN_DIR
     with tempfile.TemporaryDirectory(dir=directory, prefix=".unpack-") as tmp:
         try:
             with tarfile.open(archive, "r:gz") as tar:
                 for member in tar.getmembers():  # only the binary layout's regular files
                     name = pathlib.PurePosixPath(member.name)
-                    if member.isfile() and name.parts[:1] == (_BIN_DIR,) and ".." not in name.parts:
+                    if member.isfile() and name.parts[:1] == (BIN_DIR,) and ".." not in name.parts:
                         tar.extract(member, tmp, set_attrs=False)
         except (tarfile.TarError, OSError, EOFError) as e:
             raise DataError(f"{archive} cannot be unpacked ({e}); delete it and download "
                             f"again") from e
-        unpacked = pathlib.Path(tmp) / _BIN_DIR
-        wrong = [n for n in _BIN_FILES if not (unpacked / n).is_file()
-                 or (unpacked / n).stat().st_size != _BATCH_BYTES]
+        unpacked = pathlib.Path(tmp) / BIN_DIR
+        wrong = [n for n in BIN_FILES if not (unpacked / n).is_file()
+                 or (unpacked / n).stat().st_size != BATCH_BYTES]
         if wrong:
             raise DataError(f"{archive} is not the CIFAR-10 binary archive: {wrong} missing or "
                             f"of the wrong size; delete it and download again")

@@ -9,17 +9,20 @@ continue (`resume` reopens one with its saved configuration). A run folder holds
 
 from __future__ import annotations
 
+import pathlib
+import shutil
 import time
 from typing import Callable
 
 import numpy as np
 
-import jax
 
-from jaxunlearn import checkpoint, data as data_lib, durable, faults, metrics, plans, unlearning
-from jaxunlearn.config import Config, apply_overrides
-from jaxunlearn.requests import Queue, Reapplied, Request, Scheduled, parse_source
+from jaxunlearn import data as data_lib, deletion_log, durable, faults, metrics, plans, runlock
+from jaxunlearn import run as run_lib, unlearning
+from jaxunlearn.config import Config, ConfigError, apply_overrides
+from jaxunlearn.deletion_queue import Queue
 from jaxunlearn.run import Run, open_run, saved_config
+from jaxunlearn.unlearning import apply
 from jaxunlearn.trainer import Start, TrainingDiverged
 
 
@@ -135,50 +138,6 @@ def run_phase(run: Run, phase: int) -> dict:
     return record
 
 
-def apply(run: Run, phase: int, request: Request | list[Request],
-          durable_first: bool = False) -> dict:
-    """Applies a request (or several together: one deletion of all their ids) after
-    ``phase``: its ids not deleted yet are invalidated, unlearned with the run's strategy and
-    scored. A scheduled deletion returns its blocks for the phase's record; any other goes into
-    ``results["requests"]`` (one record, listing every request applied in it). ``durable_first``:
-    the deletion is made durable (`durable.commit`: checkpoint, purge, the log's outcomes) as
-    soon as its ids are unlearned, and scored after that; ``run.marks["honoured"]`` says when."""
-    together = request if isinstance(request, list) else [request]
-    first = together[0]
-    ids = np.setdiff1d(np.concatenate([r.ids for r in together]),
-                       run.deletions.ids).astype(np.int64)
-    invalid = run.ensemble.lineage.invalid(ids)
-    scheduled = isinstance(first.source, Scheduled)
-    record = {} if scheduled else {
-        "request": first.id, "phase": phase, "ids": ids.tolist(),
-        "source": str(first.source), "invalidated": np.flatnonzero(invalid).tolist(),
-        **({"together": [r.id for r in together]} if len(together) > 1 else {})}
-
-    def honoured(record: dict) -> None:
-        cost = record.get("cost", {})
-        for r in together:
-            if r.id is None:
-                continue
-            others = [o.id for o in together if o is not r]
-            run.deletions.applied[r.id] = {
-                "invalidated": np.flatnonzero(invalid).tolist(),
-                "cost": {k: cost.get(k) for k in ("member_epochs", "member_examples", "seconds")},
-                "message": "; ".join(
-                    ([] if np.setdiff1d(r.ids, ids).size < len(r.ids) else
-                     ["nothing left to delete: already deleted"])
-                    + ([f"applied in one deletion with request(s) {others}"] if others else []))}
-        if not scheduled:
-            run.report.results.setdefault("requests", []).append(record)
-        if durable_first:
-            durable.commit(run)
-            run.marks["honoured"] = time.perf_counter()
-
-    if ids.size:
-        return unlearning.delete(run, phase, ids, invalid, scheduled, record, honoured)
-    honoured(record)
-    return record
-
-
 def complete(run: Run) -> dict:
     """A finished run's end: the requests pending in its log applied, all those pending at
     once together (one deletion, one replay) and made durable before they are scored; then the
@@ -193,36 +152,6 @@ def complete(run: Run) -> dict:
             return run.report.results
         unlearning.finish(run)
         durable.commit(run)
-
-
-def reapply_logged_deletions(run: Run, step: int, log: Callable[[str], None]) -> None:
-    """After falling back to an older checkpoint: deletes again, at once, the ids the log says
-    were deleted but checkpoint ``step`` predates (their checkpoints were damaged)."""
-    if run.log is None or jax.process_count() > 1:
-        return
-    logged, later = set(), set()
-    for r in run.log.records():
-        if r["outcome"] != "applied":
-            continue
-        logged |= set(r["ids"])
-        source = parse_source(r["source"])
-        if isinstance(source, Scheduled) and source.phase > run.progress.phase_done:
-            later |= set(r["ids"])  # the replayed phase deletes them again itself
-    missing = np.asarray(sorted(logged - later - set(run.deletions.ids)), np.int64)
-    if not missing.size:
-        return
-    if run.progress.position is not None:
-        raise checkpoint.CheckpointError(
-            f"checkpoint {step} is inside phase {run.progress.position['phase']} and predates "
-            f"the logged deletion of ids {missing[:10].tolist()}, whose checkpoints are "
-            f"damaged; restore them, or start a new run that deletes these ids")
-    log(f"checkpoint {step} predates the logged deletion of {missing.size} id(s): "
-        f"deleting them again now")
-    if run.progress.phase_done == 0:  # nothing trained yet: they are simply never drawn
-        run.deletions.mark(missing)
-    else:
-        apply(run, run.progress.phase_done, Request(None, missing, Reapplied(step)))
-    durable.commit(run)
 
 
 def _step_hook(run: Run, phase: int, source: str, slice_: int, record: dict):
@@ -243,3 +172,49 @@ def _step_hook(run: Run, phase: int, source: str, slice_: int, record: dict):
         faults.point("phase.step")
 
     return on_step
+
+
+# What a fork may change: how deletions are unlearned, evaluated and stored, never training.
+FORK_CHANGES = run_lib.UNLEARNING_CHANGES | run_lib.RESUMABLE_CHANGES - {
+    "learning_rate", "weight_decay", "epochs", "batch_size", "momentum", "lr_schedule",
+    "lr_warmup", "label_smoothing"}
+
+
+def fork(src, dst, overrides=(), dataset: data_lib.Dataset | None = None,
+         log: Callable[[str], None] = print) -> dict:
+    """Copies the run in ``src``, which must have deleted nothing yet, into the new folder
+    ``dst`` with other unlearning settings (``key=value`` ``overrides`` of `FORK_CHANGES`:
+    how deletions are unlearned, evaluated and stored, e.g. ``strategy=finetune``), and brings
+    the copy to the same point under them (a finished run is finished again: end state
+    scored, a checkpoint written). One trained run can so be unlearned in several ways, each
+    copy on its own: the models trained are the same bits. Returns the copy's results."""
+    src, dst = pathlib.Path(src), pathlib.Path(dst)
+    old = saved_config(src)
+    cfg = apply_overrides(old, list(overrides))
+    bad = sorted(set(run_lib.config_changes(old, cfg)) - FORK_CHANGES)
+    if bad:
+        raise ConfigError(f"a fork may change how deletions are unlearned and how the run is "
+                          f"evaluated, not {', '.join(bad)} (they change the trained models); "
+                          f"start a new run instead")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ConfigError(f"{dst} exists and is not empty; fork into a new folder")
+    with runlock.run_lock(src, purpose="fork"):  # no half-written checkpoint is copied
+        if _logged(src):
+            raise ConfigError(f"{src} has logged deletion requests: fork a run before its "
+                              f"first deletion")
+        shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".lock"))
+    try:
+        with open_run(cfg, dst, dataset, log, progress=False, allow_config_change=True,
+                      purpose="fork") as run:
+            results = run_protocol(run, run.progress.phase_done)
+            if run.progress.phase_done < cfg.phases:
+                durable.commit(run)
+            return results
+    except BaseException:
+        shutil.rmtree(dst, ignore_errors=True)  # a failed fork leaves no half run behind
+        raise
+
+
+def _logged(run_dir: pathlib.Path) -> bool:
+    with deletion_log.DeletionLog.open(run_dir) as log:
+        return bool(log.records())

@@ -22,9 +22,16 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
+def per_example_loss(log_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``-log p(label)`` per example (float64 ``[n]``) from log-probabilities ``[n, classes]``."""
+    log_probs = np.asarray(log_probs, np.float64)
+    labels = np.asarray(labels, np.int64)
+    return -np.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+
+
 def mean_cross_entropy(log_probs: np.ndarray, labels: np.ndarray) -> float:
     """True mean over examples of ``-log p(label)`` from log-probabilities ``[n, classes]``."""
-    return float(-np.take_along_axis(log_probs, labels[:, None], axis=-1).mean())
+    return float(per_example_loss(log_probs, labels).mean())
 
 
 def accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -90,6 +97,6 @@ def evaluate(member_logits: np.ndarray, labels: np.ndarray, live: np.ndarray | N
     if n == 0 or alive == 0:
         return {"accuracy": None, "loss": None, "n": n}, None
     log_probs = ensemble_log_probs(member_logits, live, method)
-    losses = -np.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+    losses = per_example_loss(log_probs, labels)
     acc = aggregate(member_logits, labels, live, method)["test_accuracy"]
     return {"accuracy": acc, "loss": float(losses.mean()), "n": n}, losses

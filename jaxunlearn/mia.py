@@ -21,13 +21,6 @@ _L2 = 1e-3  # ridge penalty on the logistic slope, added to the summed log-loss
 _NEWTON_STEPS = 25
 
 
-def per_example_loss(log_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """``-log p(label)`` per example (float64 ``[n]``) from log-probabilities ``[n, classes]``."""
-    log_probs = np.asarray(log_probs, np.float64)
-    labels = np.asarray(labels, np.int64)
-    return -np.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
-
-
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """ROC AUC of ``scores`` (higher = more likely member) for ``labels`` (1 = member, 0 = not).
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxunlearn import checkpoint, config as config_lib, data as data_lib, deletion_log
 from jaxunlearn import deletions as deletions_lib, durable, evaluators, plans, strategies, timing
+from jaxunlearn import pretraining, recovery, runlock, validation
 from jaxunlearn.snapshots import SnapshotStore
 from jaxunlearn.config import Config, ConfigError
 from jaxunlearn.group import ModelGroup
@@ -269,7 +270,7 @@ def open_run(cfg: Config, workdir, dataset: data_lib.Dataset | None = None,
             raise data_lib.DataError(
                 f"the data found ({ds.source}) is not the data {out} was trained on; pass "
                 f"the run's dataset (data=PATH --allow-config-change)")
-    config_lib.check(cfg, ds.n_train)
+    validation.check(cfg, ds.n_train)
     schedule = deletions_lib.load_schedule(cfg.deletions) if cfg.deletions else None
     if schedule is not None and not existing:
         deletions_lib.validate_schedule(
@@ -284,8 +285,6 @@ def open_run(cfg: Config, workdir, dataset: data_lib.Dataset | None = None,
             _restore(run, changes, log)
         else:
             if cfg.pretrain:
-                from jaxunlearn import pretraining
-
                 pretraining.pretrain(run)
             durable.write_checkpoint(run)  # step 0: the initial state
             run.report.save()
@@ -312,8 +311,6 @@ def _check_changes(out: pathlib.Path, old: Config, cfg: Config, allow: bool) -> 
 
 def _locked(cfg, ds, out, schedule, log, progress, purpose, wait, initialise) -> Run:
     """Locks the run folder (the primary process), then builds its `Run`."""
-    from jaxunlearn import runlock
-
     lock = contextlib.ExitStack()
     try:
         if jax.process_index() == 0:
@@ -328,8 +325,6 @@ def _locked(cfg, ds, out, schedule, log, progress, purpose, wait, initialise) ->
 def _restore(run: Run, changes: dict, log: Callable[[str], None]) -> None:
     """Puts an existing run back in the state of its newest complete checkpoint and finishes
     the durable step a crash interrupted."""
-    from jaxunlearn import driver
-
     if run.primary:
         gone = run.ckpts.discard_incomplete()
         if gone:
@@ -364,62 +359,12 @@ def _restore(run: Run, changes: dict, log: Callable[[str], None]) -> None:
     run.report.results["config"] = run.cfg.to_dict()
     if changes:  # a finished run is evaluated again under its new settings
         run.report.results["complete"] = False
-    driver.reapply_logged_deletions(run, step, log)
+    recovery.reapply_logged_deletions(run, step, log)
     # Finish a durable step a crash interrupted: the purge and the log's outcomes.
     durable.complete_requests(run, durable.purge(run))
     where = (f"inside phase {run.progress.position['phase']}" if run.progress.position else
              f"after phase {run.progress.phase_done}")
     log(f"resuming {run.out} from checkpoint {step} ({where})")
-
-
-# What a fork may change: how deletions are unlearned, evaluated and stored, never training.
-FORK_CHANGES = UNLEARNING_CHANGES | RESUMABLE_CHANGES - {
-    "learning_rate", "weight_decay", "epochs", "batch_size", "momentum", "lr_schedule",
-    "lr_warmup", "label_smoothing"}
-
-
-def fork(src, dst, overrides=(), dataset: data_lib.Dataset | None = None,
-         log: Callable[[str], None] = print) -> dict:
-    """Copies the run in ``src``, which must have deleted nothing yet, into the new folder
-    ``dst`` with other unlearning settings (``key=value`` ``overrides`` of `FORK_CHANGES`:
-    how deletions are unlearned, evaluated and stored, e.g. ``strategy=finetune``), and brings
-    the copy to the same point under them (a finished run is finished again: end state scored, a checkpoint written). One
-    trained run can so be unlearned in several ways, each copy on its own: the models trained
-    are the same bits. Returns the copy's results."""
-    import shutil
-
-    from jaxunlearn import driver, runlock
-
-    src, dst = pathlib.Path(src), pathlib.Path(dst)
-    old = saved_config(src)
-    cfg = config_lib.apply_overrides(old, list(overrides))
-    bad = sorted(set(config_changes(old, cfg)) - FORK_CHANGES)
-    if bad:
-        raise ConfigError(f"a fork may change how deletions are unlearned and how the run is "
-                          f"evaluated, not {', '.join(bad)} (they change the trained models); "
-                          f"start a new run instead")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise ConfigError(f"{dst} exists and is not empty; fork into a new folder")
-    with runlock.run_lock(src, purpose="fork"):  # no half-written checkpoint is copied
-        if _logged(src):
-            raise ConfigError(f"{src} has logged deletion requests: fork a run before its "
-                              f"first deletion")
-        shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".lock"))
-    try:
-        with open_run(cfg, dst, dataset, log, progress=False, allow_config_change=True,
-                      purpose="fork") as run:
-            results = driver.run_protocol(run, run.progress.phase_done)
-            if run.progress.phase_done < cfg.phases:
-                durable.commit(run)
-            return results
-    except BaseException:
-        shutil.rmtree(dst, ignore_errors=True)  # a failed fork leaves no half run behind
-        raise
-
-
-def _logged(run_dir: pathlib.Path) -> bool:
-    with deletion_log.DeletionLog.open(run_dir) as log:
-        return bool(log.records())
 
 
 def _version(module: str) -> str:

@@ -18,9 +18,12 @@ folders that do not.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import pathlib
+
+from jaxunlearn.config import Config
 
 # Settings that may differ between compared runs: how unlearning is done and measured, and how
 # the work is laid out; everything else (data, training, deletions) must be equal.
@@ -72,8 +75,11 @@ def check(runs: dict[str, dict]) -> None:
         if other["config"]["preset"] != first["config"]["preset"]:
             raise ReportError(f"{name} is preset {other['config']['preset']!r} but {names[0]} is "
                               f"{first['config']['preset']!r}; compare runs of one preset")
-        differ = sorted(k for k in first["config"]
-                        if k not in FREE and other["config"].get(k) != first["config"][k])
+        # A setting a run's version did not have yet had its default.
+        defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+        setting = lambda results, k: results["config"].get(k, defaults.get(k))
+        differ = sorted(k for k in set(first["config"]) | set(other["config"])
+                        if k not in FREE and setting(other, k) != setting(first, k))
         if differ:
             shown = ", ".join(f"{k}={other['config'].get(k)!r} vs {first['config'][k]!r}"
                               for k in differ[:5])

@@ -19,8 +19,10 @@ from typing import Callable
 
 import numpy as np
 
-from jaxunlearn import metrics, timing
+from jaxunlearn import durable, metrics, timing
 from jaxunlearn.config import epochs_of
+from jaxunlearn.deletion_queue import Request, Scheduled
+from jaxunlearn.strategies.base import at_path
 
 
 def member_records(logits, labels, valid, group) -> list[dict]:
@@ -133,8 +135,6 @@ def _unlearn_baseline(run, phase: int, ids: np.ndarray) -> dict:
 def finish(run) -> dict:
     """Writes the end state: ``final``, the evaluators' blocks against the oracle, the cost
     totals, the lineage audit, ``lineage.npz`` and the plot."""
-    from jaxunlearn.strategies.base import at_path
-
     cfg, labels, results = run.cfg, run.test_labels, run.report.results
     ens, unit = run.ensemble, run.units["ensemble"]
     last = results["phases"][-1]
@@ -199,3 +199,47 @@ def finish(run) -> dict:
         run.report.save()
         run.report.plot()
     return results
+
+
+def apply(run, phase: int, request: Request | list[Request],
+          durable_first: bool = False) -> dict:
+    """Applies a request (or several together: one deletion of all their ids) after
+    ``phase``: its ids not deleted yet are invalidated, unlearned with the run's strategy and
+    scored. A scheduled deletion returns its blocks for the phase's record; any other goes into
+    ``results["requests"]`` (one record, listing every request applied in it). ``durable_first``:
+    the deletion is made durable (`durable.commit`: checkpoint, purge, the log's outcomes) as
+    soon as its ids are unlearned, and scored after that; ``run.marks["honoured"]`` says when."""
+    together = request if isinstance(request, list) else [request]
+    first = together[0]
+    ids = np.setdiff1d(np.concatenate([r.ids for r in together]),
+                       run.deletions.ids).astype(np.int64)
+    invalid = run.ensemble.lineage.invalid(ids)
+    scheduled = isinstance(first.source, Scheduled)
+    record = {} if scheduled else {
+        "request": first.id, "phase": phase, "ids": ids.tolist(),
+        "source": str(first.source), "invalidated": np.flatnonzero(invalid).tolist(),
+        **({"together": [r.id for r in together]} if len(together) > 1 else {})}
+
+    def honoured(record: dict) -> None:
+        cost = record.get("cost", {})
+        for r in together:
+            if r.id is None:
+                continue
+            others = [o.id for o in together if o is not r]
+            run.deletions.applied[r.id] = {
+                "invalidated": np.flatnonzero(invalid).tolist(),
+                "cost": {k: cost.get(k) for k in ("member_epochs", "member_examples", "seconds")},
+                "message": "; ".join(
+                    ([] if np.setdiff1d(r.ids, ids).size < len(r.ids) else
+                     ["nothing left to delete: already deleted"])
+                    + ([f"applied in one deletion with request(s) {others}"] if others else []))}
+        if not scheduled:
+            run.report.results.setdefault("requests", []).append(record)
+        if durable_first:
+            durable.commit(run)
+            run.marks["honoured"] = time.perf_counter()
+
+    if ids.size:
+        return delete(run, phase, ids, invalid, scheduled, record, honoured)
+    honoured(record)
+    return record

@@ -41,3 +41,11 @@ def test_aggregate_only_live_members():
 def test_vote_tie_goes_to_higher_mean_probability():
     logits = np.log(np.array([[[0.6, 0.4]], [[0.1, 0.9]]]))
     assert metrics.aggregate(logits, np.array([1]), method="vote")["test_accuracy"] == 1.0
+
+
+def test_per_example_loss():
+    log_probs = np.log(np.array([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]))
+    out = metrics.per_example_loss(log_probs, np.array([0, 2]))
+    assert out.dtype == np.float64
+    np.testing.assert_allclose(out, [-np.log(0.5), -np.log(0.1)])
+    assert metrics.mean_cross_entropy(log_probs, np.array([0, 2])) == out.mean()

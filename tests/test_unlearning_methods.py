@@ -12,9 +12,10 @@ import pytest
 
 from conftest import checkpoint_tree, group_state, results_of, rows
 from jaxunlearn import audit, cli, driver, table, train
-from jaxunlearn.config import ConfigError, apply_overrides, check, get_preset
+from jaxunlearn.config import ConfigError, apply_overrides, get_preset
+from jaxunlearn.validation import check
 from jaxunlearn.models import make_model
-from jaxunlearn.run import fork as run_fork
+from jaxunlearn.driver import fork as run_fork
 
 APPROXIMATE = ["finetune", "neggrad", "random_labels", "salun", "scrub"]
 
@@ -118,6 +119,7 @@ def test_negative_weight_ascends_the_loss():
 
 def _changed_share(new, old, i) -> float:
     """The share of member ``i``'s parameter entries that differ between two states."""
+    assert jax.tree.structure(new) == jax.tree.structure(old)
     diff = [np.asarray(a)[i] != np.asarray(b)[i] for a, b in zip(jax.tree.leaves(new),
                                                                    jax.tree.leaves(old))]
     return sum(int(d.sum()) for d in diff) / sum(d.size for d in diff)
@@ -233,7 +235,7 @@ def test_lira_after_exact_unlearning_matches_the_oracle_and_shadows_never_predic
     assert lira["ensemble"]["n_nonmembers"] == results["n_test"]
     # rewind's ensemble is the oracle, bit for bit, so the attack cannot tell them apart
     assert lira["ensemble"]["auc"] == lira["oracle"]["auc"]
-    assert 0.0 <= lira["ensemble_before_last_deletion"]["auc"] <= 1.0
+    assert lira["ensemble_before_last_deletion"]["n"] == lira["ensemble"]["n"]
 
 
 @pytest.fixture(scope="module")
