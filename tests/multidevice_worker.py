@@ -74,8 +74,9 @@ def unlearn_check() -> None:
                 fresh_kernels += 1
     assert fresh_kernels >= 3, fresh_kernels  # the tiny ResNet's convolutions and classifier
     reference = single.unlearn(k_new, single.init(key, 4), jax.numpy.asarray(invalid))
-    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(reference)):
-        np.testing.assert_allclose(sharding.to_host(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(sharding.to_host(a), np.asarray(b),
+                                                         rtol=1e-6, atol=1e-7),
+                 out, reference)  # tree.map: the structures must match
     print("unlearn-check ok")
 
 
@@ -115,11 +116,11 @@ def substack_check() -> None:
         before = group.host_state()
         Trainer(cfg, Quiet(), np.zeros(128, bool), ds.test_labels).train(group, stage, chosen)
         after = group.host_state()
-        for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
-            np.testing.assert_array_equal(sharding.to_host(a)[~chosen], b[~chosen])
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(sharding.to_host(a)[~chosen],
+                                                                b[~chosen]), after, before)
         trained[devices] = after.params
-    for a, b in zip(jax.tree.leaves(trained[4]), jax.tree.leaves(trained[1])):
-        np.testing.assert_allclose(a[chosen], b[chosen], rtol=1e-4, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[chosen], b[chosen], rtol=1e-4,
+                                                         atol=1e-5), trained[4], trained[1])
     print("substack-check ok")
 
 

@@ -59,8 +59,8 @@ def test_weighted_batchnorm_ignores_padding():
     weight = jnp.array([1.0] * 6 + [0.0] * 2)
     out, stats = apply(variables, jnp.concatenate([x, junk]), weight)
     np.testing.assert_allclose(out[:6], ref, rtol=1e-4, atol=1e-4)
-    for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(ref_stats)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 stats, ref_stats)  # tree.map: the structures must match
 
 
 def test_unknown_model_and_stem_are_rejected():

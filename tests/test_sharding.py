@@ -42,11 +42,13 @@ def single(tmp_path_factory):
 
 def _assert_same_run(a, b):
     (ra, pa, la), (rb, pb, lb) = a, b
+    assert len(ra["phases"]) == len(rb["phases"]) == ra["config"]["phases"]
     for x, y in zip(ra["phases"], rb["phases"]):
         assert x["deleted_ids"] == y["deleted_ids"] and x["invalidated"] == y["invalidated"]
         assert x["ensemble"]["test_accuracy"] == y["ensemble"]["test_accuracy"]
         # Float rounding only (per-device programs reassociate sums): same tolerance as params.
         assert x["ensemble"]["test_loss"] == pytest.approx(y["ensemble"]["test_loss"], rel=1e-4)
+        assert len(x["members"]) == len(y["members"])
         for mx, my in zip(x["members"], y["members"]):
             assert mx["test_loss"] == pytest.approx(my["test_loss"], rel=1e-4)
     np.testing.assert_array_equal(la["lineage"], lb["lineage"])

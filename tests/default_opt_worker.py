@@ -1,0 +1,74 @@
+"""Run in a subprocess by test_default_opt.py, at XLA's default optimisation level (the level
+users compile at; the rest of the suite turns the backend's optimisation off): the bit-for-bit
+claims with the fast recipe (air-s, SGD with Nesterov, onecycle, label smoothing, augmentation,
+flip TTA) on SISA shards with slices.
+
+    python tests/default_opt_worker.py OUT_DIR   # prints "default-opt ok"
+"""
+
+import json
+import os
+import pathlib
+import sys
+
+import chex
+import jax
+import numpy as np
+
+from jaxunlearn import checkpoint, data, driver
+from jaxunlearn.config import apply_overrides, get_preset
+
+
+def final_state(run: pathlib.Path) -> dict:
+    ckpts = checkpoint.Checkpoints(run, read_only=True)
+    try:
+        tree, _ = ckpts.load(ckpts.steps()[-1])
+    finally:
+        ckpts.close()
+    state = tree["groups"]["ensemble"]["state"]
+    return {"params": state["params"], "batch_stats": state["batch_stats"]}
+
+
+def main(out: pathlib.Path) -> None:
+    assert "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")
+    sample = data.load_sample()
+    schedule = out / "deletions.json"
+    schedule.write_text(json.dumps({"1": [3], "2": [70, 10]}))
+    base = apply_overrides(get_preset("air-s-single"), {
+        "data": "sample", "train_limit": 160, "test_limit": 60, "members": 3, "phases": 2,
+        "plan": "shards", "fraction": 1.0, "slices": 2, "epochs": 1, "batch_size": 16,
+        "learning_rate": 0.2, "eval_batch_size": 60, "baseline": "none",
+        "oracle_reference": "none", "evaluators": "scores", "keep_checkpoints": 10,
+        "strategy": "rewind", "deletions": str(schedule)})
+    assert base.augment and base.tta and base.optimizer == "sgd" and base.lr_schedule == "onecycle"
+    quiet = dict(dataset=sample, log=lambda s: None, progress=False)
+    runs = {}
+    for name, changes in (("rewind", {}), ("oracle", {"strategy": "oracle"}),
+                          ("none", {"deletions": ""})):
+        runs[name] = out / name
+        driver.train_and_evaluate(apply_overrides(base, changes), runs[name], **quiet)
+    resumed = out / "resumed"
+    driver.train_and_evaluate(base, resumed, stop_after_phase=1, **quiet)
+    driver.resume(resumed, dataset=sample, log=lambda s: None, progress=False)
+
+    rewind = final_state(runs["rewind"])
+    # rewind equals retraining from scratch without the ids, bit for bit
+    chex.assert_trees_all_equal(rewind, final_state(runs["oracle"]))
+    # a killed-and-resumed run equals the uninterrupted one, bit for bit
+    chex.assert_trees_all_equal(rewind, final_state(resumed))
+    # the members no deletion touched are the members of a run that deleted nothing
+    results = json.loads((runs["rewind"] / "results.json").read_text())
+    hit = sorted({m for p in results["phases"] for m in p["invalidated"]})
+    untouched = [m for m in range(base.members) if m not in hit]
+    assert hit and untouched, (hit, untouched)
+    none = final_state(runs["none"])
+    rows = lambda tree: jax.tree.map(lambda x: np.asarray(x)[untouched], tree)
+    chex.assert_trees_all_equal(rows(rewind), rows(none))
+    changed = jax.tree.map(lambda a, b: not np.array_equal(np.asarray(a)[hit],
+                                                           np.asarray(b)[hit]), rewind, none)
+    assert any(jax.tree.leaves(changed))  # the rewound members did change
+    print("default-opt ok")
+
+
+if __name__ == "__main__":
+    main(pathlib.Path(sys.argv[1]))
