@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxunlearn import ensemble, train
+from jaxunlearn import ensemble, steps as step_fns
 from jaxunlearn.models import make_model
 
 
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     model = make_model(args.model, args.stem)
-    tx = train.make_optimizer("adam", 1e-3)
+    tx = step_fns.make_optimizer("adam", 1e-3)
     rows = [dict(model=args.model, stem=args.stem,
                  **time_strategy(model, tx, s, m, args.batch, args.steps))
             for m in args.members for s in args.strategies]

@@ -1,7 +1,7 @@
 """A/B of training-step variants in one process, timed round-robin so that the machine's drift
 falls on every variant alike.
 
-A variant is the library's one-member training step (`train.train_step`, air recipe: SGD with
+A variant is the library's one-member training step (`jaxunlearn.steps.train_step`, air recipe: SGD with
 Nesterov momentum and weight decay, label smoothing 0.2; synthetic resident data) with changes
 joined by ``+``:
 
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import benchlib
-from jaxunlearn import models, train, xla_options
+from jaxunlearn import models, steps as step_fns, xla_options
 
 YNN = "xla_cpu_experimental_ynn_fusion_type"
 
@@ -119,13 +119,13 @@ def main(argv=None) -> int:
         parts = parse(spec)
         batch = int(parts.get("b", args.batch))
         model = models.make_model(arch, stem or "cifar")
-        tx = train.make_optimizer("sgd", 0.1, 5e-4)
-        state = train.init_member(model, tx, jax.random.PRNGKey(0))
+        tx = step_fns.make_optimizer("sgd", 0.1, 5e-4)
+        state = step_fns.init_member(model, tx, jax.random.PRNGKey(0))
         idx = jnp.asarray(rng.integers(0, n, batch), jnp.int32)
         weight, active = jnp.ones(batch, jnp.float32), jnp.array(True)
 
         def step(s, i, w, model=model, tx=tx):
-            return train.train_step(model, tx, False, s, images, labels, i, w, active,
+            return step_fns.train_step(model, tx, False, s, images, labels, i, w, active,
                                     jnp.float32(1.0), 0.2)
 
         options = compile_options(parts)

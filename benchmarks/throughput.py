@@ -55,7 +55,7 @@ import numpy as np
 import optax
 
 import benchlib
-from jaxunlearn import ensemble, train, xla_options
+from jaxunlearn import ensemble, steps as step_fns, xla_options
 from jaxunlearn.group import compile_group
 from jaxunlearn.models import ARCHITECTURES, PRECISIONS, STEMS
 
@@ -149,18 +149,18 @@ def grid(models, single_models, members, single_members, strategies, precisions,
 def make_synthetic_step(model, tx, strategy: str):
     """The ensemble step without an input pipeline: ``step(state, x, y, weight, active)`` with a
     resident, already normalised float32 batch ``x[m, b, 32, 32, 3]`` per member. It mirrors
-    `jaxunlearn.train.train_step` minus the gather, augmentation and normalisation."""
+    `jaxunlearn.steps.train_step` minus the gather, augmentation and normalisation."""
 
     def member_step(state, x, y, weight, active):
         def loss_fn(params):
             logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
                                           x, train=True, weight=weight, mutable=["batch_stats"])
-            total = jnp.sum(train.cross_entropy(logits, y) * weight)
+            total = jnp.sum(step_fns.cross_entropy(logits, y) * weight)
             return total / jnp.maximum(jnp.sum(weight), 1.0), (updates["batch_stats"], total)
 
         grads, (batch_stats, total) = jax.grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new = train.MemberState(params=optax.apply_updates(state.params, updates),
+        new = step_fns.MemberState(params=optax.apply_updates(state.params, updates),
                                 batch_stats=batch_stats, opt_state=opt_state,
                                 step=state.step + 1, key=state.key)
         take = jnp.logical_and(active, jnp.sum(weight) > 0)

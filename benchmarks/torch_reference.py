@@ -9,7 +9,7 @@ in its tanh form as Flax's default, 2x2 max-pools, global max-pool, bias-free li
 logits / 9). Members are trained sequentially, as in the original study: a fresh model and a
 fresh optimiser per member, then ``--steps`` timed steps (after one warm-up step per member,
 which allocates the optimiser's state and lets cuDNN pick its algorithms: benchmark mode is
-on). Optimisers as `jaxunlearn.train.make_optimizer`: ``adam`` (lr 1e-3, the original's) or
+on). Optimisers as `jaxunlearn.steps.make_optimizer`: ``adam`` (lr 1e-3, the original's) or
 ``sgd`` (Nesterov momentum 0.9, lr 0.1, weight decay 5e-4 added to the gradient); the loss is
 cross-entropy with ``--label-smoothing``.
 Data: one synthetic, already normalised float32 batch ``[batch, 3, 32, 32]`` resident on the
@@ -186,7 +186,7 @@ def _sync(device: torch.device) -> None:
 
 
 def make_optimizer(name: str, params):
-    """The optimiser recipes of `jaxunlearn.train.make_optimizer` at the benchmarks' rates."""
+    """The optimiser recipes of `jaxunlearn.steps.make_optimizer` at the benchmarks' rates."""
     if name == "adam":
         return torch.optim.Adam(params, lr=1e-3)
     if name == "sgd":

@@ -160,7 +160,7 @@ def init_distributed(args) -> None:
 
 def cmd_run(args) -> int:
     from jaxunlearn import driver
-    from jaxunlearn.report import summary_line
+    from jaxunlearn.results import summary_line
 
     log = (lambda s: None) if args.quiet else functools.partial(print, flush=True)
     if args.resume:
@@ -189,7 +189,7 @@ def cmd_run(args) -> int:
 
 def cmd_forget(args) -> int:
     from jaxunlearn import requests
-    from jaxunlearn.report import summary_line
+    from jaxunlearn.results import summary_line
 
     ids = requests.parse_ids(args.ids, args.ids_file)
     outcome = requests.forget(args.run_dir, ids, log=functools.partial(print, flush=True),
@@ -243,7 +243,8 @@ def cmd_presets(args) -> int:
         print(f"{name:{width}s}  {config_lib.PRESET_HELP[name]}")
         if args.verbose:
             for key, value in cfg.to_dict().items():
-                print(f"{'':{width}s}    {key} = {value}")
+                shown = f"{key} = {value}"
+                print(f"{'':{width}s}    {shown:40s} {config_lib.RULES[key].help}")
     return 0
 
 
@@ -270,11 +271,11 @@ def cmd_data(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from jaxunlearn import table
+    from jaxunlearn import report
 
-    rows = table.table(args.run_dirs)  # every check before anything is written
-    paths = table.write(rows, args.out)
-    print(table.markdown(rows), end="")
+    rows = report.table(args.run_dirs)  # every check before anything is written
+    paths = report.write(rows, args.out)
+    print(report.markdown(rows), end="")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -288,7 +289,7 @@ def main(argv=None) -> int:
     from jaxunlearn.deletion_log import DeletionLogError
     from jaxunlearn.requests import RequestError
     from jaxunlearn.runlock import NoRunFolder, RunLocked
-    from jaxunlearn.table import ReportError
+    from jaxunlearn.report import ReportError
 
     commands = {"run": cmd_run, "forget": cmd_forget, "audit": cmd_audit, "log": cmd_log,
                 "presets": cmd_presets, "data": cmd_data, "report": cmd_report,

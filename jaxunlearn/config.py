@@ -1,23 +1,8 @@
-"""Run configuration: one frozen dataclass, named presets, ``key=value`` overrides.
-
-Presets:
-
-* ``smoke``: tiny nets on 300 examples of the bundled sample, 3 phases, 1 epoch. Seconds; the
-  tests run it end to end.
-* ``demo`` (the default): 5 ``air-s`` nets on SISA shards of the bundled 1,000-image sample
-  against one ``air-s`` on all of it, 5 phases, ten deletions, rewind: about 2 minutes on two
-  CPU cores.
-* ``resnet-demo``: the original protocol's shape (5 phases, 5 ResNet-18s with the ImageNet
-  stem, 20% bootstrap per member per phase, ten deletions, a ResNet-152 baseline) on the first
-  500 training and 300 test images of the bundled sample, 3 epochs per phase, batch 50,
-  evaluation after each phase. About 10 minutes on two CPU cores.
-* ``seed``: the original protocol at full scale on full CIFAR-10 (50 epochs, Adam 1e-3, batch
-  512, deletions of ``int(1e-4 * |working set|)`` ids after phases 1-4, evaluation after every
-  epoch), with the original's defects fixed (cumulative lineage, the baseline's BatchNorm in
-  training mode, true mean cross-entropy). GPU recommended.
-* ``protocol``: the original protocol's structure on full CIFAR-10 with the fast ``air-s``
-  nets (6 epochs per phase, rewind), against one ``air-m`` given the same training compute: the
-  original's experiment at CPU scale.
+"""Run configuration: one frozen dataclass whose every setting is declared once, with its
+default and its `Rule` (allowed values or range, help, whether it may change on resume, before
+the first deletion, or between compared runs); named presets (`PRESETS`, described in
+`PRESET_HELP`); ``key=value`` overrides. The checks that need the data or the package's parts
+are `jaxunlearn.validation`. This module imports nothing of the package.
 """
 
 from __future__ import annotations
@@ -32,83 +17,190 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Rule:
+    """What a setting accepts and how it may change: its one declaration (`setting`).
+
+    ``choices``: the values it takes (empty: any, or a registry's: ``registry`` names it);
+    ``at_least``/``above`` and ``at_most``/``below``: its range (numbers; NaN never passes).
+    ``resume``: may change when a run resumes (with ``--allow-config-change``: how the rest of
+    the run trains, evaluates or is stored, not what its checkpoints mean); ``unlearning``: says
+    only how deletions are unlearned (may change while nothing is deleted, and in a `fork`);
+    ``trains``: changes the trained models (a `fork` may not change it, even when a resume
+    may); ``compare``: may differ between the runs `jaxunlearn report` compares.
+    """
+
+    help: str
+    choices: tuple = ()
+    registry: str = ""
+    at_least: float | None = None
+    above: float | None = None
+    at_most: float | None = None
+    below: float | None = None
+    resume: bool = False
+    unlearning: bool = False
+    trains: bool = False
+    compare: bool = False
+
+    def problem(self, name: str, value) -> str | None:
+        """Why ``value`` is not allowed for setting ``name`` (None when it is)."""
+        if self.choices and value not in self.choices:
+            return f"unknown {name} {value!r}; choose one of {', '.join(map(str, self.choices))}"
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            low = (self.at_least, "[") if self.at_least is not None else (self.above, "(")
+            high = (self.at_most, "]") if self.at_most is not None else (self.below, ")")
+            ok = value == value and all((
+                self.at_least is None or value >= self.at_least,
+                self.above is None or value > self.above,
+                self.at_most is None or value <= self.at_most,
+                self.below is None or value < self.below))
+            if ok:
+                return None
+            if high[0] is None and low[1] == "[":
+                return f"{name} must be at least {low[0]:g}, got {value}"
+            if high[0] is None:
+                return f"{name} must be more than {low[0]:g}, got {value}"
+            if low[0] is None:
+                return f"{name} must be {'at most' if high[1] == ']' else 'less than'} " \
+                       f"{high[0]:g}, got {value}"
+            return f"{name} must be in {low[1]}{low[0]:g}, {high[0]:g}{high[1]}, got {value}"
+        return None
+
+
+def setting(default, help: str, **rule):
+    """A `Config` field with its `Rule`."""
+    return dataclasses.field(default=default, metadata={"rule": Rule(help, **rule)})
+
+
+_SPLITS = "counts from the start of the split; 0: all"
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
-    preset: str = "demo"
-    seed: int = 0
+    """Every setting of a run, each declared once with its default and `Rule` (`RULES`);
+    `jaxunlearn presets -v` prints them with their help."""
+
+    preset: str = setting("demo", "the preset the run started from (a name only)", compare=True)
+    seed: int = setting(0, "the run's random seed: samples, batch orders, keys", at_least=0)
     # Data
-    data: str = "sample"  # "sample", "cifar10" (auto: $JAXUNLEARN_DATA or tfds), "tfds[:DIR]", a path
-    train_limit: int = 0  # use only the first N training examples (0: all)
-    test_limit: int = 0  # use only the first N test examples (0: all)
+    data: str = setting("sample", "sample, cifar10 (auto: $JAXUNLEARN_DATA, the download or "
+                                  "tfds), tfds[:DIR], or a CIFAR-10 folder or archive",
+                        resume=True)
+    train_limit: int = setting(0, f"training examples used, {_SPLITS}", at_least=0)
+    test_limit: int = setting(0, f"test examples used, {_SPLITS}", at_least=0)
     # Ensemble
-    members: int = 5
-    model: str = "resnet18"
-    stem: str = "imagenet"
-    member_parallel: str = "auto"  # auto, vmap, map, unroll, hybrid:K (vmap groups of K, map over groups)
-    substacks: str = "auto"  # how a retraining of some members cuts them: auto, pow2, ones, exact, full
-    precision: str = "fp32"  # fp32, or bf16 compute with fp32 parameters and optimizer state
-    devices: int = 1  # shard the member axis over N devices with shard_map (0: all, 1: none)
-    aggregation: str = "mean_logits"  # mean_logits, mean_probs, vote
-    # A pretrained initialisation: the last N training examples are declared never deletable
-    # and only pretrain one model (pretrain_epochs at pretrain_batch_size and pretrain_lr; 0:
-    # batch_size, learning_rate), which every member starts from and is reset to when
-    # unlearned. The chunks, shards and deletions use the other examples; a request for one of
-    # the N is refused. 0: members start from random weights.
-    pretrain: int = 0
-    pretrain_epochs: int = 5
-    pretrain_batch_size: int = 0
-    pretrain_lr: float = 0.0
+    members: int = setting(5, "ensemble members", at_least=1)
+    model: str = setting("resnet18", "the members' net (jaxunlearn.models.ARCHITECTURES)",
+                         registry="models")
+    stem: str = setting("imagenet", "ResNet stem: imagenet (7x7 stride 2, max-pool) or cifar "
+                                    "(3x3 stride 1)", choices=("imagenet", "cifar"))
+    member_parallel: str = setting("auto", "member layout: auto (the measured fastest), vmap, "
+                                           "map, unroll, hybrid:K", registry="layouts",
+                                   resume=True, compare=True)
+    substacks: str = setting("auto", "how a retraining of some members cuts them into stacks",
+                             choices=("auto", "pow2", "ones", "exact", "full"), resume=True,
+                             compare=True)
+    precision: str = setting("fp32", "fp32, or bf16 compute with fp32 parameters and "
+                                     "optimizer state", choices=("fp32", "bf16"))
+    devices: int = setting(1, "shard the member axis over N devices (0: all, 1: none)",
+                           at_least=0, resume=True, compare=True)
+    aggregation: str = setting("mean_logits", "how members' predictions combine",
+                               choices=("mean_logits", "mean_probs", "vote"))
+    # A pretrained initialisation
+    pretrain: int = setting(0, "the last N training examples, declared never deletable, "
+                               "pretrain one model every member starts from and is reset to "
+                               "(0: random initialisation)", at_least=0)
+    pretrain_epochs: int = setting(5, "epochs of the pretraining", at_least=1)
+    pretrain_batch_size: int = setting(0, "batch size of the pretraining (0: batch_size)",
+                                       at_least=0)
+    pretrain_lr: float = setting(0.0, "learning rate of the pretraining (0: learning_rate)",
+                                 at_least=0)
     # Phases and sampling
-    phases: int = 5
-    plan: str = "bootstrap"  # bootstrap, subset, shards (SISA: disjoint shards; needs fraction=1)
-    fraction: float = 0.2
-    slices: int = 1  # shards plan: rewind points per phase (slices of each new shard)
+    phases: int = setting(5, "chunks the training set arrives in", at_least=1)
+    plan: str = setting("bootstrap", "each member's sample: bootstrap (of the working set), "
+                                     "subset (of the new chunk), shards (SISA: disjoint, "
+                                     "fraction=1)", choices=("bootstrap", "subset", "shards"))
+    fraction: float = setting(0.2, "the share a bootstrap or subset sample draws", above=0,
+                              at_most=1)
+    slices: int = setting(1, "shards plan: rewind points per phase (slices of each new shard)",
+                          at_least=1)
     # Training
-    epochs: int = 50
-    batch_size: int = 512
-    eval_batch_size: int = 1000
-    optimizer: str = "adam"
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd: Nesterov momentum
-    lr_schedule: str = "constant"  # constant, onecycle (warm up, then down to 0, each phase)
-    lr_warmup: float = 0.2  # onecycle: the fraction of a phase spent warming up
-    label_smoothing: float = 0.0
-    tta: bool = False  # evaluation averages each image's logits with its mirror image's
-    reset_optimizer_each_phase: bool = True
-    augment: bool = False
-    eval_every_epoch: bool = True
-    # Checkpoints (orbax, in the run folder): after every phase, and every N steps when N > 0
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2  # the newest K complete checkpoints are kept
+    epochs: int = setting(50, "epochs per phase (per stage with slices)", at_least=1,
+                          resume=True, trains=True)
+    batch_size: int = setting(512, "training batch per member", at_least=1, resume=True,
+                              trains=True)
+    eval_batch_size: int = setting(1000, "scoring batch", at_least=1, resume=True)
+    optimizer: str = setting("adam", "adam, adamw or sgd (Nesterov)",
+                             choices=("adam", "adamw", "sgd"))
+    learning_rate: float = setting(1e-3, "peak learning rate", above=0, resume=True,
+                                   trains=True)
+    weight_decay: float = setting(0.0, "sgd: added to the gradient; adamw: decoupled",
+                                  at_least=0, resume=True, trains=True)
+    momentum: float = setting(0.9, "sgd: Nesterov momentum", at_least=0, below=1, resume=True,
+                              trains=True)
+    lr_schedule: str = setting("constant", "constant, or onecycle (warm up, then down to 0, "
+                                           "each phase)", choices=("constant", "onecycle"),
+                               resume=True, trains=True)
+    lr_warmup: float = setting(0.2, "onecycle: the share of a phase spent warming up",
+                               at_least=0, below=1, resume=True, trains=True)
+    label_smoothing: float = setting(0.0, "label smoothing of the training loss", at_least=0,
+                                     below=1, resume=True, trains=True)
+    tta: bool = setting(False, "scoring averages each image's logits with its mirror image's",
+                        resume=True)
+    reset_optimizer_each_phase: bool = setting(True, "a fresh optimizer state each phase")
+    augment: bool = setting(False, "random crop and flip on the device")
+    eval_every_epoch: bool = setting(True, "score the test set after every epoch", resume=True)
+    # Checkpoints (orbax, in the run folder)
+    checkpoint_every: int = setting(0, "also checkpoint every N steps inside a phase (0: "
+                                       "phase ends only)", at_least=0, resume=True,
+                                    compare=True)
+    keep_checkpoints: int = setting(2, "the newest K complete checkpoints are kept",
+                                    at_least=1, resume=True, compare=True)
     # Deletions and unlearning
-    deletion_rate: float = 1e-4  # random schedule: int(rate * |working set|) ids after phases 1..P-1
-    deletions: str = ""  # path of an explicit JSON schedule (replaces the random one)
-    # exact: replace, rewind (to the last clean state), oracle (from scratch); approximate:
-    # finetune, neggrad, random_labels, salun, scrub (`jaxunlearn.strategies.NAMES`)
-    strategy: str = "replace"
-    oracle_reference: str = "end"  # none, end, deletions: when to train the oracle for comparison
-    # Approximate strategies (finetune, neggrad, random_labels): epochs on each invalid member's
-    # retained sample, at a constant learning rate of unlearn_lr x learning_rate
-    unlearn_epochs: int = 2
-    unlearn_lr: float = 0.1
-    neggrad_beta: float = 0.999  # NegGrad+: beta x retain loss - (1 - beta) x forget loss
-    salun_sparsity: float = 0.5  # SalUn: the quantile of |forget gradient| below which weights stay
+    deletion_rate: float = setting(1e-4, "random schedule: int(rate x arrived examples) ids "
+                                         "after phases 1..P-1", at_least=0, below=1)
+    deletions: str = setting("", "an explicit JSON schedule {phase: [ids]} (replaces the "
+                                 "random one)")
+    strategy: str = setting("replace", "exact: replace, rewind, oracle; approximate: finetune, "
+                                       "neggrad, random_labels, salun, scrub",
+                            registry="strategies", unlearning=True, compare=True)
+    oracle_reference: str = setting("end", "when to train the oracle for comparison",
+                                    choices=("none", "end", "deletions"), resume=True,
+                                    unlearning=True, compare=True)
+    unlearn_epochs: int = setting(2, "approximate strategies: epochs on the retained sample",
+                                  at_least=1, unlearning=True, compare=True)
+    unlearn_lr: float = setting(0.1, "approximate strategies: learning rate, a multiple of "
+                                     "learning_rate", above=0, unlearning=True, compare=True)
+    neggrad_beta: float = setting(0.999, "NegGrad+: beta x retain loss - (1 - beta) x forget "
+                                         "loss", above=0, below=1, unlearning=True,
+                                  compare=True)
+    salun_sparsity: float = setting(0.5, "SalUn: the quantile of |forget gradient| below which "
+                                         "weights stay", at_least=0, below=1, unlearning=True,
+                                    compare=True)
     # Evaluation of unlearning
-    # comma-separated: scores (forget/retain/test), mia, lira, lira_online
-    evaluators: str = "scores,mia"
-    retain_eval: int = 10000  # at most this many retained training examples are scored
-    mia_folds: int = 5  # cross-validation folds of the membership-inference attack
-    # Extra members trained (and unlearned) with the ensemble for the lira evaluator's
-    # reference models only: never part of a prediction
-    shadow_members: int = 0
-    # Baseline: one model trained the same way on its own sample ("none" to skip)
-    baseline: str = "resnet152"
-    baseline_plan: str = "bootstrap"  # bootstrap (the original), subset, full (the working set)
-    baseline_fraction: float = 0.2
-    baseline_epochs: int = 0  # epochs per phase of the baseline (0: as `epochs`)
-    # none (the original: the baseline keeps what it saw), oracle (retrained without the
-    # deleted ids); auto: oracle when the strategy is the oracle itself, else none
-    baseline_unlearning: str = "auto"
+    evaluators: str = setting("scores,mia", "comma-separated: scores (forget/retain/test), mia, "
+                                            "lira, lira_online", registry="evaluators",
+                              resume=True, compare=True)
+    retain_eval: int = setting(10000, "retained training examples scored, at most", at_least=1,
+                               resume=True)
+    mia_folds: int = setting(5, "cross-validation folds of the membership-inference attack",
+                             at_least=2, resume=True, compare=True)
+    shadow_members: int = setting(0, "extra members trained and unlearned as lira's reference "
+                                     "models only, never predicting", at_least=0,
+                                  compare=True)
+    # Baseline: one model trained the same way on its own sample
+    baseline: str = setting("resnet152", "the baseline's net, or none", registry="models")
+    baseline_plan: str = setting("bootstrap", "bootstrap (the original), subset, full (the "
+                                              "working set)",
+                                 choices=("bootstrap", "subset", "full"))
+    baseline_fraction: float = setting(0.2, "the share the baseline's sample draws", above=0,
+                                       at_most=1)
+    baseline_epochs: int = setting(0, "epochs per phase of the baseline (0: epochs)",
+                                   at_least=0)
+    baseline_unlearning: str = setting("auto", "none (it keeps what it saw), oracle (retrained "
+                                               "without the ids); auto: oracle iff "
+                                               "strategy=oracle",
+                                       choices=("auto", "none", "oracle"), unlearning=True,
+                                       compare=True)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -117,8 +209,39 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-# The fast nets' recipe (one air-s: 85.6% on CIFAR-10 in 5 epochs, 7 minutes on 2 CPU cores;
-# docs/configuration.md, Models).
+RULES: dict[str, Rule] = {f.name: f.metadata["rule"] for f in dataclasses.fields(Config)}
+# Derived from the rules: what a resumed run, a run with nothing deleted (and a fork), and the
+# runs `report` compares may change.
+RESUMABLE_CHANGES = frozenset(k for k, r in RULES.items() if r.resume)
+UNLEARNING_CHANGES = frozenset(k for k, r in RULES.items() if r.unlearning)
+FORK_CHANGES = frozenset(k for k, r in RULES.items() if (r.resume or r.unlearning)
+                         and not r.trains)
+COMPARABLE_CHANGES = frozenset(k for k, r in RULES.items() if r.compare)
+
+
+def choices(name: str) -> tuple:
+    """The values setting ``name`` takes, as declared (the modules implementing them use
+    these)."""
+    return RULES[name].choices
+
+
+def problems(cfg: "Config") -> list[str]:
+    """Every setting of the wrong type or outside its declared choices or range."""
+    kinds = typing.get_type_hints(Config)
+    out = []
+    for name, rule in RULES.items():
+        value, kind = getattr(cfg, name), kinds[name]
+        fits = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+                or (kind is float and isinstance(value, int) and not isinstance(value, bool)))
+        problem = (f"{name} takes {kind.__name__}, got {value!r}" if not fits
+                   else rule.problem(name, value))
+        if problem is not None:
+            out.append(problem)
+    return out
+
+
+# The fast nets' recipe (one air-s on full CIFAR-10 in 5 epochs: the `air-s-single` preset;
+# its accuracy and time are in docs/results.md).
 AIR_RECIPE = dict(stem="cifar", optimizer="sgd", learning_rate=0.8, momentum=0.9,
                   weight_decay=5e-4, lr_schedule="onecycle", lr_warmup=0.2, label_smoothing=0.2,
                   augment=True, tta=True)

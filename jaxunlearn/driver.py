@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxunlearn import data as data_lib, deletion_log, durable, faults, metrics, plans, runlock
 from jaxunlearn import run as run_lib, unlearning
-from jaxunlearn.config import Config, ConfigError, apply_overrides
+from jaxunlearn.config import FORK_CHANGES, Config, ConfigError, apply_overrides
 from jaxunlearn.deletion_queue import Queue
 from jaxunlearn.run import Run, open_run, saved_config
 from jaxunlearn.unlearning import apply
@@ -172,12 +172,6 @@ def _step_hook(run: Run, phase: int, source: str, slice_: int, record: dict):
         faults.point("phase.step")
 
     return on_step
-
-
-# What a fork may change: how deletions are unlearned, evaluated and stored, never training.
-FORK_CHANGES = run_lib.UNLEARNING_CHANGES | run_lib.RESUMABLE_CHANGES - {
-    "learning_rate", "weight_decay", "epochs", "batch_size", "momentum", "lr_schedule",
-    "lr_warmup", "label_smoothing"}
 
 
 def fork(src, dst, overrides=(), dataset: data_lib.Dataset | None = None,

@@ -34,8 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxunlearn import train
-from jaxunlearn.train import MemberState, PRNGKey
+from jaxunlearn import steps
+from jaxunlearn.config import choices
+from jaxunlearn.steps import MemberState, PRNGKey
 
 STRATEGIES = ("vmap", "map", "unroll")
 # `auto`, from measurements (benchmarks/README.md, benchmarks/results/layouts_*.json):
@@ -53,7 +54,7 @@ MEASURED_LAYOUTS = {
 }
 # How each layout cuts a partial stack (`substacks`), from benchmarks/retrain_cost.py.
 SUBSTACK_POLICY = {"vmap": "pow2", "map": "pow2", "unroll": "ones"}
-SUBSTACK_POLICIES = ("pow2", "ones", "exact", "full")
+SUBSTACK_POLICIES = tuple(p for p in choices("substacks") if p != "auto")
 
 
 def resolve_strategy(name: str, backend: str | None = None, arch: str = "resnet18",
@@ -77,7 +78,7 @@ def resolve_strategy(name: str, backend: str | None = None, arch: str = "resnet1
         return next(layout for limit, layout in rules if limit is None or members <= limit)
     if name in STRATEGIES or hybrid_group_size(name):
         return name
-    raise ValueError(f"unknown member-parallel strategy {name!r}; choose auto, vmap, map, "
+    raise ValueError(f"unknown member_parallel layout {name!r}; choose auto, vmap, map, "
                      "unroll or hybrid:K (K members per vmapped group)")
 
 
@@ -151,7 +152,7 @@ def over_members(strategy: str, fn: Callable, per_member, *shared):
         grouped = jax.tree.map(lambda x: x.reshape((m // k, k) + x.shape[1:]), per_member)
         out = jax.lax.map(vmapped, grouped)
         return jax.tree.map(lambda x: x.reshape((m,) + x.shape[2:]), out)
-    raise ValueError(f"unknown member-parallel strategy {strategy!r}")
+    raise ValueError(f"unknown member_parallel layout {strategy!r}")
 
 
 def init_ensemble(model: nn.Module, tx: optax.GradientTransformation, key: PRNGKey,
@@ -160,7 +161,7 @@ def init_ensemble(model: nn.Module, tx: optax.GradientTransformation, key: PRNGK
     if members < 1:
         raise ValueError(f"an ensemble needs at least one member, got {members}")
     keys = jax.random.split(key, members)
-    return jax.vmap(functools.partial(train.init_member, model, tx))(keys)
+    return jax.vmap(functools.partial(steps.init_member, model, tx))(keys)
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, strategy: str,
@@ -171,11 +172,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, strategy
     Shapes: ``idx`` int32 ``[m, b]``, ``weight`` float32 ``[m, b]``, ``active`` bool ``[m]``,
     ``lr_scale`` float32 ``[m]`` (each member's learning-rate multiplier) or None;
     ``teacher`` float32 ``[m, n, classes]`` (each member's teacher logits on the resident
-    examples: distillation, `jaxunlearn.train.train_step`) or None;
+    examples: distillation, `jaxunlearn.steps.train_step`) or None;
     ``images``/``labels`` are the resident training set shared by all members; ``loss_sums`` is
     float32 ``[m]``, each member's weighted loss sum on its batch.
     """
-    member_step = functools.partial(train.train_step, model, tx, use_augment,
+    member_step = functools.partial(steps.train_step, model, tx, use_augment,
                                     label_smoothing=label_smoothing)
 
     def step(state, images, labels, idx, weight, active, lr_scale=None, teacher=None):
@@ -192,10 +193,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, strategy
 
 def make_loss_grads(model: nn.Module, strategy: str) -> Callable:
     """Returns ``grads(state, images, labels, idx, weight) -> params-shaped [m, ...]``: each
-    member's gradient of its weighted loss sum on its batch (`jaxunlearn.train.loss_grads`)."""
+    member's gradient of its weighted loss sum on its batch (`jaxunlearn.steps.loss_grads`)."""
 
     def grads(state, images, labels, idx, weight):
-        return over_members(strategy, lambda s, i, w, images, labels: train.loss_grads(
+        return over_members(strategy, lambda s, i, w, images, labels: steps.loss_grads(
             model, s, images, labels, i, w), (state, idx, weight), images, labels)
 
     return grads
@@ -203,10 +204,10 @@ def make_loss_grads(model: nn.Module, strategy: str) -> Callable:
 
 def make_eval_logits(model: nn.Module, strategy: str, flip: bool = False) -> Callable:
     """Returns ``logits(state, images, idx) -> [m, b, classes]``: every member on the same batch
-    (with ``flip``, averaged with the mirror images: `jaxunlearn.train.eval_logits`)."""
+    (with ``flip``, averaged with the mirror images: `jaxunlearn.steps.eval_logits`)."""
 
     def logits(state, images, idx):
-        return over_members(strategy, lambda s, images, idx: train.eval_logits(
+        return over_members(strategy, lambda s, images, idx: steps.eval_logits(
             model, s, images, idx, flip), (state,), images, idx)
 
     return logits

@@ -20,11 +20,11 @@ import numpy as np
 
 from jax.sharding import Mesh, NamedSharding
 
-from jaxunlearn import ensemble, sharding, unlearn, xla_options
+from jaxunlearn import ensemble, reinit, sharding, xla_options
 from jaxunlearn.config import Config
 from jaxunlearn.lineage import Lineage
 from jaxunlearn.models import PRECISIONS, make_model
-from jaxunlearn.train import make_optimizer
+from jaxunlearn.steps import make_optimizer
 
 
 class Compiled(NamedTuple):
@@ -54,11 +54,11 @@ def _scatter(state, sub, sel):
 
 
 def setup_compiler_options() -> dict | None:
-    """XLA options for the one-off ensemble init: on CPU, LLVM's backend optimisations spend
-    ~14 s compiling even the tiny ResNet's vmapped init (thousands of unrolled random-number
-    ops) for a function that runs once; level 0 compiles it in about a second. `unlearn` keeps
-    the full optimisation: it runs at every deletion, and unoptimised it is ~6x slower (3.2 s
-    instead of 0.56 s for 5 ResNet-18s on 2 CPU cores)."""
+    """XLA options for the one-off ensemble init: on CPU, LLVM's backend optimisations take
+    far longer compiling the vmapped init (thousands of unrolled random-number ops) than the
+    function, which runs once, could save; level 0 compiles it quickly. `unlearn` keeps the full
+    optimisation: it runs at every deletion, and unoptimised it is several times slower
+    (benchmarks/README.md, "Why the code is as it is")."""
     return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
 
 
@@ -113,7 +113,7 @@ def _compile_group(arch, stem, precision, optimizer, learning_rate, weight_decay
             init=jax.jit(init, static_argnums=1, compiler_options=setup),
             step=jax.jit(step, donate_argnums=0, compiler_options=fast),
             logits=jax.jit(logits, compiler_options=fast),
-            unlearn=jax.jit(unlearn.make_unlearn(model, tx), donate_argnums=1),
+            unlearn=jax.jit(reinit.make_reinit(model, tx), donate_argnums=1),
             reset_optimizer=jax.jit(reset, donate_argnums=0),
             rebase=jax.jit(rebase, donate_argnums=0),
             gather=jax.jit(_gather), scatter=jax.jit(_scatter, donate_argnums=0), grads=grads)
@@ -125,7 +125,7 @@ def _compile_group(arch, stem, precision, optimizer, learning_rate, weight_decay
         step=jax.jit(_with_lr_scale(sharding.shard(step, mesh, (M, R, R, M, M, M, M), (M, M))),
                      donate_argnums=0, compiler_options=fast),
         logits=jax.jit(sharding.shard(logits, mesh, (M, R, R), M), compiler_options=fast),
-        unlearn=jax.jit(unlearn.make_unlearn(model, tx, mesh), donate_argnums=1),
+        unlearn=jax.jit(reinit.make_reinit(model, tx, mesh), donate_argnums=1),
         reset_optimizer=jax.jit(sharding.shard(reset, mesh, (M, M), M), donate_argnums=0),
         rebase=jax.jit(sharding.shard(rebase, mesh, (M, R, M), M), donate_argnums=0),
         gather=jax.jit(_gather, out_shardings=NamedSharding(mesh, M)),

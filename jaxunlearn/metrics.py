@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-AGGREGATIONS = ("mean_logits", "mean_probs", "vote")
+from jaxunlearn.config import choices
+
+AGGREGATIONS = choices("aggregation")  # as the setting declares them
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -33,9 +33,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxunlearn.config import choices
+
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu") for convolutions.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-STEMS = ("imagenet", "cifar")
+STEMS = choices("stem")  # as the setting declares them
 
 
 class BatchNorm(nn.Module):

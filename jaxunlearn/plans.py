@@ -23,7 +23,9 @@ import math
 
 import numpy as np
 
-PLANS = ("bootstrap", "subset", "shards")
+from jaxunlearn.config import choices
+
+PLANS = choices("plan")  # as the setting declares them
 # Independent host random streams of a run, so that changing one part of it (say, evaluation)
 # never shifts the samples another part draws.
 STREAMS = ("ensemble", "baseline", "deletions", "retrain", "shards", "eval", "random_labels")

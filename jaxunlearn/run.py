@@ -26,32 +26,16 @@ from jaxunlearn import checkpoint, config as config_lib, data as data_lib, delet
 from jaxunlearn import deletions as deletions_lib, durable, evaluators, plans, strategies, timing
 from jaxunlearn import pretraining, recovery, runlock, validation
 from jaxunlearn.snapshots import SnapshotStore
-from jaxunlearn.config import Config, ConfigError
+from jaxunlearn.config import RESUMABLE_CHANGES, UNLEARNING_CHANGES, Config, ConfigError
 from jaxunlearn.group import ModelGroup
 from jaxunlearn.ledger import Ledger
-from jaxunlearn.report import Report
+from jaxunlearn.results import Report
 from jaxunlearn.stages import Stages
 from jaxunlearn.trainer import Trainer
 
 # The members' logits on the examples scored so far, for the next process to reuse: written
 # at each commit, without the deleted ids, and removed when a deletion starts.
 LOGITS = "logits.npz"
-
-# Settings a resumed run may change (with allow_config_change): they change how the rest of
-# the run trains, evaluates or is stored, not the shapes or meaning of what is checkpointed.
-RESUMABLE_CHANGES = frozenset({
-    "data", "eval_batch_size", "eval_every_epoch", "checkpoint_every", "keep_checkpoints",
-    "oracle_reference", "retain_eval", "mia_folds", "member_parallel", "devices",
-    "learning_rate", "weight_decay", "epochs", "batch_size", "evaluators", "substacks",
-    "momentum", "lr_schedule", "lr_warmup", "label_smoothing", "tta"})
-# Settings that say only how deletions are unlearned: a run may change them while it has deleted
-# nothing (no id deleted, no request logged), and its strategies then start from their initial
-# state (`rewind` then rewinds to the initial state: still exact). `fork` uses this to unlearn
-# one trained run several ways.
-UNLEARNING_CHANGES = frozenset({
-    "strategy", "unlearn_epochs", "unlearn_lr", "neggrad_beta", "salun_sparsity",
-    "oracle_reference", "baseline_unlearning"})
-
 
 @dataclasses.dataclass
 class Unit:

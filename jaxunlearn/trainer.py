@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxunlearn import metrics, plans, sharding, timing, train
+from jaxunlearn import metrics, plans, sharding, timing, steps
 from jaxunlearn.config import Config, epochs_of
 from jaxunlearn.group import ModelGroup
 from jaxunlearn.stages import SOURCES, Stage
@@ -73,7 +73,7 @@ class Recipe(NamedTuple):
     ``labels`` (int, one per ``forget`` id) is given, that label instead of its own. A
     ``param_scale`` (a stacked params-like pytree ``[m, ...]`` of 0/1) lets only the
     parameters it marks change (SalUn's saliency mask). A ``teacher`` (each member's teacher
-    logits on the training examples) trains by distillation (`jaxunlearn.train.train_step`),
+    logits on the training examples) trains by distillation (`jaxunlearn.steps.train_step`),
     and ``fresh_optimizer=False`` continues the optimiser state of the previous call (SCRUB's
     alternating passes)."""
 
@@ -207,18 +207,18 @@ class Trainer:
         return Cost(int(members.sum()) * epochs, int(sizes.sum()) * epochs,
                     clock.seconds())
 
-    def _lr_scales(self, epoch: int, epochs: int, steps: int,
+    def _lr_scales(self, epoch: int, epochs: int, n_steps: int,
                    sizes: np.ndarray) -> np.ndarray | None:
         """Each member's learning-rate multiplier at each step of ``epoch`` of ``epochs``,
-        ``[steps, m]``, from its own progress through the phase (members with smaller samples
+        ``[n_steps, m]``, from its own progress through the phase (members with smaller samples
         take fewer steps); None for a constant schedule."""
         cfg = self.cfg
         if cfg.lr_schedule == "constant":
             return None
         per_epoch = np.maximum(-(-sizes // cfg.batch_size), 1)  # each member's steps
-        step = np.minimum(np.arange(steps)[:, None], per_epoch[None, :] - 1)
+        step = np.minimum(np.arange(n_steps)[:, None], per_epoch[None, :] - 1)
         progress = (epoch - 1 + step / per_epoch[None, :]) / epochs
-        return train.lr_scale(cfg.lr_schedule, progress, cfg.lr_warmup).astype(np.float32)
+        return steps.lr_scale(cfg.lr_schedule, progress, cfg.lr_warmup).astype(np.float32)
 
     def _epoch_done(self, group, stage, kind, epoch, train_loss, members, clock) -> None:
         line = {"kind": kind, "phase": stage.phase, "model": group.name, "epoch": epoch,

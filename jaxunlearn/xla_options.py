@@ -2,10 +2,10 @@
 
 On XLA:CPU (jaxlib 0.10), convolutions, reductions and element-wise fusions are by default
 handed to the YNNPACK library ("ynn fusions"). For the nets here that is the slow path: a
-2-core profile of one ``air-s`` training step put 196 of its 256 ms in YNNPACK convolutions,
-which run at 50-65 GFLOP/s where XLA's own (Eigen) convolutions reach 80-170 GFLOP/s; with the
-YNNPACK fusions off the same step takes 160-170 ms (benchmarks/README.md, "The CPU training
-step"). So on CPU the steps compile with ``xla_cpu_experimental_ynn_fusion_type`` empty.
+profile of one ``air-s`` training step puts most of its time in YNNPACK convolutions, slower
+than XLA's own (Eigen) ones, and the step runs faster with the YNNPACK fusions off (the figures:
+benchmarks/README.md, "The CPU training step"). So on CPU the steps compile with
+``xla_cpu_experimental_ynn_fusion_type`` empty.
 
 The option is experimental: a jaxlib without it (older or newer) rejects it at compile time,
 so it is probed once with a tiny program and dropped where it is unknown. Set

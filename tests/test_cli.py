@@ -95,3 +95,33 @@ def test_forget_from_an_ids_file_with_a_wait(finished, tmp_path, capsys):
     missing = tmp_path / "none.txt"
     assert cli.main(["forget", str(finished), "--ids-file", str(missing)]) == 2
     assert "cannot read the ids file" in capsys.readouterr().err
+
+
+def test_a_forget_killed_midway_is_finished_by_the_next_open(finished, tmp_path, capsys):
+    # killed after the deletion's checkpoint, before the purge and the log's outcome
+    fault = "checkpoint.before_purge@1"
+    import os
+    import pathlib
+    import shutil
+    import subprocess
+    import sys
+
+    from jaxunlearn import deletion_log, faults
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run, ignore=shutil.ignore_patterns(".lock"))
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), **{faults.ENV_VAR: fault})
+    killed = subprocess.run([sys.executable, "-m", "jaxunlearn.cli", "forget", str(run),
+                             "--ids", "11,12"], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL at the fault
+    assert cli.main(["audit", str(run)]) == 1  # the request is not finished: a violation
+    capsys.readouterr()
+    assert cli.main(["run", "--resume", str(run), "--quiet"]) == 0  # finishes it
+    assert cli.main(["audit", str(run)]) == 0
+    with deletion_log.DeletionLog.open(run, create=False) as log:
+        (mine,) = [r for r in log.records() if r["ids"] == [11, 12]]
+    assert mine["outcome"] == "applied"
+    results = json.loads((run / "results.json").read_text())
+    assert {11, 12} <= set(results["deleted_ids"]) and results["lineage_audit"]["ok"]

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxunlearn import ensemble, train
+from jaxunlearn import ensemble, steps
 from jaxunlearn.group import setup_compiler_options
 from jaxunlearn.models import make_model
-from jaxunlearn.unlearn import make_unlearn
+from jaxunlearn.reinit import make_reinit
 
 M, N, B = 4, 64, 8
 
@@ -24,7 +24,7 @@ def _init(model, tx, key):
 @pytest.fixture(scope="module")
 def setup():
     model = make_model("tiny", "cifar")
-    tx = train.make_optimizer("adam", 1e-2)
+    tx = steps.make_optimizer("adam", 1e-2)
     state = _init(model, tx, jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.integers(0, 256, (N, 32, 32, 3), dtype=np.uint8))
@@ -61,7 +61,7 @@ def test_strategies_and_python_loop_agree(setup):
     # SGD keeps the comparison linear in the gradients; Adam's first step, lr * g / (|g| + eps),
     # turns float reassociation noise in near-zero gradients into visible differences.
     model, _, _, images, labels = setup
-    tx = train.make_optimizer("sgd", 0.1)
+    tx = steps.make_optimizer("sgd", 0.1)
     state = _init(model, tx, jax.random.PRNGKey(0))
     idx, weight = _batch(1, pad=3)
     active = jnp.ones(M, bool)
@@ -69,7 +69,7 @@ def test_strategies_and_python_loop_agree(setup):
     for strategy in ensemble.STRATEGIES + ("hybrid:2",):
         step = jax.jit(ensemble.make_train_step(model, tx, strategy))
         outs[strategy] = step(state, images, labels, idx, weight, active)
-    single = jax.jit(functools.partial(train.train_step, model, tx, False))
+    single = jax.jit(functools.partial(steps.train_step, model, tx, False))
     looped = [single(jax.tree.map(lambda x: x[i], state), images, labels, idx[i], weight[i],
                      active[i]) for i in range(M)]
     loop_state = jax.tree.map(lambda *xs: jnp.stack(xs), *[s for s, _ in looped])
@@ -117,7 +117,7 @@ def test_resolve_strategy():
     assert ensemble.resolve_strategy("auto", "cpu", "air-m", "cifar") == "unroll"  # family
     assert ensemble.resolve_strategy("hybrid:2") == "hybrid:2"
     for bad in ("pmap", "hybrid", "hybrid:0", "hybrid:x"):
-        with pytest.raises(ValueError, match="unknown member-parallel"):
+        with pytest.raises(ValueError, match="unknown member_parallel"):
             ensemble.resolve_strategy(bad)
 
 
@@ -141,7 +141,7 @@ def trained(setup):
 @pytest.fixture(scope="module")
 def unlearn(trained):
     model, tx, _ = trained
-    return jax.jit(make_unlearn(model, tx), compiler_options=setup_compiler_options())
+    return jax.jit(make_reinit(model, tx), compiler_options=setup_compiler_options())
 
 
 def test_all_false_mask_changes_nothing(trained, unlearn):
@@ -157,7 +157,7 @@ def test_unmasked_members_bit_identical_and_masked_fresh(trained, unlearn):
     for i in (0, 2, 3):
         _assert_trees_equal(jax.tree.map(lambda x: x[i], out), jax.tree.map(lambda x: x[i], state))
     # A fresh member from its own key (jit and vmap may round the initialisers differently).
-    fresh = jax.jit(train.init_member, static_argnums=(0, 1),
+    fresh = jax.jit(steps.init_member, static_argnums=(0, 1),
                     compiler_options=setup_compiler_options())(
         model, tx, jax.random.split(jax.random.PRNGKey(7), M)[1])
     chex.assert_trees_all_close(jax.tree.map(lambda x: x[1], out), fresh, rtol=1e-5, atol=1e-6)
@@ -173,7 +173,7 @@ def test_unlearn_twice_equals_once(trained, unlearn):
 
 def test_new_mask_does_not_recompile(trained):
     model, tx, state = trained
-    unlearn = jax.jit(chex.assert_max_traces(make_unlearn(model, tx), n=1),
+    unlearn = jax.jit(chex.assert_max_traces(make_reinit(model, tx), n=1),
                       compiler_options=setup_compiler_options())
     for k, mask in enumerate(([True, False, False, False], [False, True, True, True], [False] * 4)):
         unlearn(jax.random.PRNGKey(k), state, jnp.array(mask))

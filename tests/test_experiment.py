@@ -58,7 +58,7 @@ def test_smoke_results_schema(smoke_run):
 
 
 def test_the_summary_says_what_the_deletions_cost_both_sides(smoke_run):
-    from jaxunlearn.report import summary_line
+    from jaxunlearn.results import summary_line
 
     results = json.loads((smoke_run / "results.json").read_text())
     cost, events = results["cost"], [p["cost"] for p in results["phases"] if "cost" in p]
@@ -146,7 +146,7 @@ def test_deterministic_given_seed(tmp_path, sample):
     ({"fraction": 0.001}, "gives each member no data"),
     ({"model": "resnet19"}, "unknown model"),
     ({"strategy": "forget"}, "unknown unlearning strategy"),
-    ({"member_parallel": "pmap"}, "member-parallel"),
+    ({"member_parallel": "pmap"}, "member_parallel"),
     ({"member_parallel": "hybrid:2"}, "divisible by 2"),  # 3 members
     ({"devices": jax.device_count() + 1}, f"only {jax.device_count()} device"),
     ({"precision": "fp8"}, "unknown precision"),

@@ -85,9 +85,9 @@ def test_bf16_compute_keeps_float32_parameters_and_logits():
 
 
 def test_flip_evaluation_averages_an_image_and_its_mirror():
-    from jaxunlearn import ensemble, train
+    from jaxunlearn import ensemble, steps
 
-    model, tx = make_model("air-s"), train.make_optimizer("sgd", 0.1)
+    model, tx = make_model("air-s"), steps.make_optimizer("sgd", 0.1)
     state = jax.jit(ensemble.init_ensemble, static_argnums=(0, 1, 3))(
         model, tx, jax.random.PRNGKey(0), 1)
     state = jax.tree.map(lambda x: x[0], state)
@@ -95,28 +95,28 @@ def test_flip_evaluation_averages_an_image_and_its_mirror():
     images = jnp.asarray(rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
     mirrored = images[:, :, ::-1, :]
     idx = jnp.arange(4)
-    plain = train.eval_logits(model, state, images, idx)
-    flipped = train.eval_logits(model, state, images, idx, flip=True)
-    np.testing.assert_allclose(flipped, 0.5 * (plain + train.eval_logits(model, state, mirrored,
+    plain = steps.eval_logits(model, state, images, idx)
+    flipped = steps.eval_logits(model, state, images, idx, flip=True)
+    np.testing.assert_allclose(flipped, 0.5 * (plain + steps.eval_logits(model, state, mirrored,
                                                                           idx)), rtol=1e-5)
-    np.testing.assert_allclose(flipped, train.eval_logits(model, state, mirrored, idx, flip=True),
+    np.testing.assert_allclose(flipped, steps.eval_logits(model, state, mirrored, idx, flip=True),
                                rtol=1e-5, atol=1e-6)  # invariant to mirroring
     assert not np.allclose(plain, flipped)
 
 
 def test_learning_rate_schedules_and_label_smoothing():
-    from jaxunlearn import train
+    from jaxunlearn import steps
 
     p = np.linspace(0, 1, 11)
-    np.testing.assert_allclose(train.lr_scale("constant", p), 1.0)
-    s = train.lr_scale("onecycle", p, warmup=0.2)
+    np.testing.assert_allclose(steps.lr_scale("constant", p), 1.0)
+    s = steps.lr_scale("onecycle", p, warmup=0.2)
     np.testing.assert_allclose(s[[0, 1, 2, 6, 10]], [0.1, 0.55, 1.0, 0.5, 0.0], atol=1e-12)
     logits = jnp.array([[2.0, 0.0, -1.0]])
-    smoothed = train.cross_entropy(logits, jnp.array([0]), 0.3)
+    smoothed = steps.cross_entropy(logits, jnp.array([0]), 0.3)
     log_p = jax.nn.log_softmax(logits)[0]
     want = -(0.8 * log_p[0] + 0.1 * log_p[1] + 0.1 * log_p[2])  # 1 - 0.3 + 0.3/3 on the label
     np.testing.assert_allclose(smoothed, [want], rtol=1e-6)
-    np.testing.assert_allclose(train.cross_entropy(logits, jnp.array([0])), [-log_p[0]],
+    np.testing.assert_allclose(steps.cross_entropy(logits, jnp.array([0])), [-log_p[0]],
                                rtol=1e-6)
 
 

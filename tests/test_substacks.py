@@ -95,17 +95,17 @@ def test_a_sub_stack_trains_members_as_the_whole_stack_does(layout, exact, sampl
 
 
 def test_unroll_agrees_with_vmap_map_and_a_python_loop_on_logits(sample):
-    from jaxunlearn import train
+    from jaxunlearn import steps
     from jaxunlearn.models import make_model
 
-    model, tx = make_model("tiny", "cifar"), train.make_optimizer("sgd", 0.1)
+    model, tx = make_model("tiny", "cifar"), steps.make_optimizer("sgd", 0.1)
     state = jax.jit(ensemble.init_ensemble, static_argnums=(0, 1, 3))(
         model, tx, jax.random.PRNGKey(0), M)
     images = jax.numpy.asarray(sample.train_images[:32])
     idx = jax.numpy.arange(16, dtype=jax.numpy.int32)
     out = {s: jax.jit(ensemble.make_eval_logits(model, s))(state, images, idx)
            for s in ensemble.STRATEGIES}
-    loop = np.stack([jax.jit(train.eval_logits, static_argnums=0)(
+    loop = np.stack([jax.jit(steps.eval_logits, static_argnums=0)(
         model, jax.tree.map(lambda x: x[i], state), images, idx) for i in range(M)])
     np.testing.assert_array_equal(out["unroll"], loop)  # each member computed alone
     for s in ("vmap", "map"):

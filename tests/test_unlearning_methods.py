@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from conftest import checkpoint_tree, group_state, results_of, rows
-from jaxunlearn import audit, cli, driver, table, train
+from jaxunlearn import audit, cli, driver, report, steps
 from jaxunlearn.config import ConfigError, apply_overrides, get_preset
 from jaxunlearn.validation import check
 from jaxunlearn.models import make_model
@@ -87,9 +87,9 @@ def test_an_approximate_run_reports_itself_approximate_and_purges(tmp_path, samp
     from jaxunlearn import checkpoint
     ckpts = checkpoint.Checkpoints(run, read_only=True)
     try:
-        steps = ckpts.steps()
+        kept = ckpts.steps()
         deleted = np.asarray(results["deleted_ids"])
-        for step in steps[:-1]:
+        for step in kept[:-1]:
             lineages, meta = ckpts.load_lineages(step)
             for entry in meta["lineages"]:
                 assert not np.asarray(lineages[entry["where"]])[:, deleted].any()
@@ -100,19 +100,19 @@ def test_an_approximate_run_reports_itself_approximate_and_purges(tmp_path, samp
 def test_negative_weight_ascends_the_loss():
     model = make_model("tiny", "imagenet")
     tx = optax.sgd(0.1)
-    state = train.init_member(model, tx, jax.random.PRNGKey(0))
+    state = steps.init_member(model, tx, jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
     labels = jnp.asarray(rng.integers(0, 10, 8))
     idx = jnp.arange(8, dtype=jnp.int32)
 
     def loss(s):
-        logits = train.eval_logits(model, s, images, idx)
+        logits = steps.eval_logits(model, s, images, idx)
         return float(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels)))
 
-    up, _ = train.train_step(model, tx, False, state, images, labels, idx,
+    up, _ = steps.train_step(model, tx, False, state, images, labels, idx,
                              -jnp.ones(8), jnp.asarray(True))
-    down, _ = train.train_step(model, tx, False, state, images, labels, idx,
+    down, _ = steps.train_step(model, tx, False, state, images, labels, idx,
                                jnp.ones(8), jnp.asarray(True))
     assert loss(up) > loss(state) > loss(down)
 
@@ -177,31 +177,31 @@ def test_a_fork_unlearns_one_trained_run_another_way(tmp_path, sample):
 def test_distillation_pulls_a_student_to_its_teacher_or_pushes_it_away():
     model = make_model("tiny", "imagenet")
     tx = optax.sgd(0.5)
-    student = train.init_member(model, tx, jax.random.PRNGKey(0))
-    teacher_state = train.init_member(model, tx, jax.random.PRNGKey(1))
+    student = steps.init_member(model, tx, jax.random.PRNGKey(0))
+    teacher_state = steps.init_member(model, tx, jax.random.PRNGKey(1))
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8))
     labels = jnp.asarray(rng.integers(0, 10, 16))
     idx = jnp.arange(16, dtype=jnp.int32)
-    teacher = train.eval_logits(model, teacher_state, images, idx)
+    teacher = steps.eval_logits(model, teacher_state, images, idx)
 
     def kl(s):
-        logits = train.eval_logits(model, s, images, idx)
-        return float(jnp.mean(train.distill_kl(logits, teacher, train.SCRUB_T)))
+        logits = steps.eval_logits(model, s, images, idx)
+        return float(jnp.mean(steps.distill_kl(logits, teacher, steps.SCRUB_T)))
 
     # distill_kl is KL(teacher || student) at temperature T, times T^2
-    t, z = teacher / train.SCRUB_T, train.eval_logits(model, student, images, idx) / train.SCRUB_T
+    t, z = teacher / steps.SCRUB_T, steps.eval_logits(model, student, images, idx) / steps.SCRUB_T
     p, q = jax.nn.softmax(t), jax.nn.softmax(z)
-    manual = jnp.sum(p * (jnp.log(p) - jnp.log(q)), axis=-1) * train.SCRUB_T ** 2
-    np.testing.assert_allclose(train.distill_kl(z * train.SCRUB_T, teacher, train.SCRUB_T),
+    manual = jnp.sum(p * (jnp.log(p) - jnp.log(q)), axis=-1) * steps.SCRUB_T ** 2
+    np.testing.assert_allclose(steps.distill_kl(z * steps.SCRUB_T, teacher, steps.SCRUB_T),
                                manual, rtol=1e-4, atol=1e-6)
     # A max pass (negative weights: the KL alone, ascended) moves away from the teacher; with
     # the cross-entropy's weight at 0.99 and the KL's at 0.001 a min pass is mostly learning
     # the labels, so the pull is checked with the KL term alone.
-    away, _ = train.train_step(model, tx, False, student, images, labels, idx, -jnp.ones(16),
+    away, _ = steps.train_step(model, tx, False, student, images, labels, idx, -jnp.ones(16),
                                jnp.asarray(True), teacher=teacher)
     assert kl(away) > kl(student)
-    assert train.SCRUB_GAMMA == 0.99 and train.SCRUB_ALPHA == 0.001 and train.SCRUB_T == 4.0
+    assert steps.SCRUB_GAMMA == 0.99 and steps.SCRUB_ALPHA == 0.001 and steps.SCRUB_T == 4.0
 
 
 @pytest.mark.parametrize("change, words", [
@@ -250,7 +250,7 @@ def compared(tmp_path_factory, sample):
 
 
 def test_the_table_gives_rewind_no_gap_and_writes_its_files(tmp_path, compared, capsys):
-    rows_ = table.table([compared[s] for s in ("rewind", "finetune", "replace")])
+    rows_ = report.table([compared[s] for s in ("rewind", "finetune", "replace")])
     assert [r["method"] for r in rows_] == ["oracle", "rewind", "finetune", "replace"]
     by = {r["method"]: r for r in rows_}
     assert by["rewind"]["avg_gap"] == 0.0 and by["oracle"]["avg_gap"] == 0.0
@@ -277,14 +277,14 @@ def test_report_refuses_runs_it_cannot_compare(tmp_path, compared, capsys):
     assert "epochs=7" in capsys.readouterr().err and not out.exists()
     results["config"].update(epochs=1, preset="demo")
     (other / "results.json").write_text(json.dumps(results))
-    with pytest.raises(table.ReportError, match="one preset"):
-        table.table([compared["rewind"], other])
+    with pytest.raises(report.ReportError, match="one preset"):
+        report.table([compared["rewind"], other])
     results["config"]["preset"] = "smoke"
     results["data_fingerprint"] = "0" * 16
     (other / "results.json").write_text(json.dumps(results))
-    with pytest.raises(table.ReportError, match="one dataset"):
-        table.table([compared["rewind"], other])
-    with pytest.raises(table.ReportError, match="no run has an oracle"):
-        table.table([compared["finetune"]])
-    with pytest.raises(table.ReportError, match="no results.json"):
-        table.table([tmp_path])
+    with pytest.raises(report.ReportError, match="one dataset"):
+        report.table([compared["rewind"], other])
+    with pytest.raises(report.ReportError, match="no run has an oracle"):
+        report.table([compared["finetune"]])
+    with pytest.raises(report.ReportError, match="no results.json"):
+        report.table([tmp_path])

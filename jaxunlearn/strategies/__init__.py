@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from jaxunlearn.config import Config
+from jaxunlearn.config import Config, choices
 from jaxunlearn.strategies.base import REGISTRY, Context, Outcome, Strategy, replay
 
 for _module in pkgutil.iter_modules(__path__):
@@ -28,7 +28,7 @@ from jaxunlearn.strategies.oracle import Oracle, Reference  # noqa: E402
 from jaxunlearn.strategies.untouched import Untouched  # noqa: E402
 
 NAMES = tuple(sorted(REGISTRY, key=lambda name: (REGISTRY[name].order, name)))
-BASELINE_UNLEARNING = ("auto", "none", "oracle")
+BASELINE_UNLEARNING = choices("baseline_unlearning")
 
 __all__ = ["Context", "NAMES", "Outcome", "Reference", "Strategy", "for_baseline", "for_run",
            "make", "replay"]

@@ -4,7 +4,7 @@ away from it on the forget set and held to it on the retained sample.
 
 Each of ``unlearn_epochs`` epochs is a min pass over the member's retained sample (cross-entropy
 plus the teacher-student KL divergence: SCRUB's ``gamma`` 0.99 and ``alpha`` 0.001, temperature
-4, `jaxunlearn.train.SCRUB_*`); the first half of them (SCRUB's ``msteps``), rounded up, start
+4, `jaxunlearn.steps.SCRUB_*`); the first half of them (SCRUB's ``msteps``), rounded up, start
 with a max pass over the forgotten ids the member held (the KL divergence ascended). One
 optimiser state runs through all passes, at ``unlearn_lr`` times the learning rate. The teacher's
 logits are computed once, on every training example, before the first pass (un-augmented: with

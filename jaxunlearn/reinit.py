@@ -18,11 +18,11 @@ import flax.linen as nn
 import jax
 import optax
 
-from jaxunlearn import sharding, train
+from jaxunlearn import sharding, steps
 from jaxunlearn.ensemble import select_members
-from jaxunlearn.train import MemberState, PRNGKey
+from jaxunlearn.steps import MemberState, PRNGKey
 
-def make_unlearn(model: nn.Module, tx: optax.GradientTransformation, mesh=None) -> Callable:
+def make_reinit(model: nn.Module, tx: optax.GradientTransformation, mesh=None) -> Callable:
     """Returns the pure ``unlearn(key, state, invalid) -> state``.
 
     Args (of the returned function):
@@ -35,7 +35,7 @@ def make_unlearn(model: nn.Module, tx: optax.GradientTransformation, mesh=None) 
     member axis: each device draws the fresh members of its own slice, with the same keys as
     the unsharded function, so both give the same result.
     """
-    init = functools.partial(train.init_member, model, tx)
+    init = functools.partial(steps.init_member, model, tx)
 
     def fresh_select(key, state, invalid, total, start):
         m = state.step.shape[0]

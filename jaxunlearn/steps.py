@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxunlearn.config import choices
 from jaxunlearn.data import CIFAR10_MEAN, CIFAR10_STD
 
 PRNGKey = jax.Array
@@ -108,7 +109,7 @@ def lr_scale(schedule: str, progress, warmup: float = 0.2):
     raise ValueError(f"unknown lr_schedule {schedule!r}; choose constant or onecycle")
 
 
-LR_SCHEDULES = ("constant", "onecycle")
+LR_SCHEDULES = choices("lr_schedule")  # as the setting declares them
 
 
 def train_step(model: nn.Module, tx: optax.GradientTransformation, use_augment: bool,
