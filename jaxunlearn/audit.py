@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxunlearn import checkpoint, deletion_log, durable, runlock, strategies
+from jaxunlearn.folder import LOGITS, RunFolder
 
 
 def audit(run_dir) -> tuple[bool, list[str], str]:
@@ -25,7 +26,7 @@ def audit(run_dir) -> tuple[bool, list[str], str]:
     # The oracle reference is exact by construction (trained without the deleted ids).
     exact = ["oracle"] + [name for name, s in units.items() if s.unlearns and s.exact]
     problems, notes, records = [], [], []
-    if (run_dir / deletion_log.LOG_NAME).exists():
+    if RunFolder(run_dir).deletion_log.exists():
         with deletion_log.DeletionLog.open(run_dir, create=False) as log:
             records = log.records()
     for r in records:
@@ -63,7 +64,7 @@ def audit(run_dir) -> tuple[bool, list[str], str]:
         problems += _unnamed_snapshots(run_dir, units, [meta for _, meta in loaded.values()])
     finally:
         ckpts.close()
-    live = run_dir / "lineage.npz"
+    live = RunFolder(run_dir).lineage
     if live.exists() and deleted.size and "ensemble" in exact:
         saved = np.load(live)
         for member in np.flatnonzero(saved["lineage"][:, deleted].any(axis=1)):
@@ -89,12 +90,10 @@ def _pretraining(cfg, tree: dict, deleted: np.ndarray) -> list[str]:
 
 
 def _saved_logits(run_dir, deleted: np.ndarray) -> list[str]:
-    """The saved logits (`jaxunlearn.run.LOGITS`) must hold no score of a deleted id and must
+    """The saved logits (``logits.npz``) must hold no score of a deleted id and must
     have been written after the last deletion (earlier ones may be invalidated members')."""
     from jaxunlearn.evaluators import read_saved
-    from jaxunlearn.run import LOGITS
-
-    path = run_dir / LOGITS
+    path = RunFolder(run_dir).logits
     if not path.exists():
         return []
     try:

@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 
 from jaxunlearn import faults
+from jaxunlearn.folder import RunFolder
 
 ITEMS = ("arrays", "meta")
 FORMAT = 2
@@ -119,7 +120,7 @@ class Checkpoints:
     def __init__(self, run_dir, read_only: bool = False):
         import orbax.checkpoint as ocp
 
-        self.root = pathlib.Path(run_dir).resolve() / "checkpoints"  # orbax wants it absolute
+        self.root = RunFolder(run_dir).checkpoints
         self.manifests = self.root / "manifests"
         if not read_only:
             self.manifests.mkdir(parents=True, exist_ok=True)

@@ -42,9 +42,10 @@ import pathlib
 import sqlite3
 import urllib.parse
 
+from jaxunlearn.folder import DELETION_LOG
 from jaxunlearn.runlock import check_run_dir
 
-LOG_NAME = "deletions.sqlite"
+LOG_NAME = DELETION_LOG  # (jaxunlearn.folder)
 SCHEMA_VERSION = 1
 OUTCOMES = ("applied", "rejected", "failed")
 PENDING = "pending"

@@ -1,10 +1,8 @@
 """The protocol: train every group phase by phase, score, delete and unlearn, make it durable.
 
 `train_and_evaluate(cfg, workdir)` is the whole experiment, for a new run folder or one to
-continue (`resume` reopens one with its saved configuration). A run folder holds
-``config.json``, ``metrics.jsonl`` (one line per epoch and per phase), ``results.json``
-(rewritten atomically after every phase, ``"complete": true`` at the end), ``lineage.npz``,
-``plots/accuracy_loss.png``, ``checkpoints/`` and the deletion log ``deletions.sqlite``.
+continue (`resume` reopens one with its saved configuration); the folder's layout is
+`jaxunlearn.folder`. `fork` copies a trained run to unlearn it another way.
 """
 
 from __future__ import annotations

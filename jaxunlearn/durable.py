@@ -146,7 +146,7 @@ def _commit(run) -> None:
     faults.point("checkpoint.before_purge")
     purged = purge(run)
     if run.primary:  # the live lineage, for `audit`
-        run.ensemble.lineage.save(run.out / "lineage.npz", run.deletions.ids)
+        run.ensemble.lineage.save(run.folder.lineage, run.deletions.ids)
     run.report.save()
     run.save_logits()
     complete_requests(run, purged)

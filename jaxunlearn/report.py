@@ -24,6 +24,7 @@ import math
 import pathlib
 
 from jaxunlearn.config import COMPARABLE_CHANGES, Config
+from jaxunlearn.folder import RunFolder
 
 COLUMNS = ("method", "exact", "forget_acc", "retain_acc", "test_acc", "mia_auc", "lira_auc",
            "lira_tpr_1pct", "online_auc", "online_tpr_1pct", "online_tpr_01pct", "seconds",
@@ -42,7 +43,7 @@ class ReportError(ValueError):
 
 
 def load(run_dir) -> dict:
-    path = pathlib.Path(run_dir) / "results.json"
+    path = RunFolder(run_dir).results
     if not path.is_file():
         raise ReportError(f"{run_dir}: no results.json; pass finished run folders "
                           f"(`jaxunlearn run` writes one per run)")

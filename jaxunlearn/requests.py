@@ -22,6 +22,7 @@ from typing import Callable
 
 from jaxunlearn import checkpoint, deletion_log, driver, runlock, timing
 from jaxunlearn.deletion_queue import Forget
+from jaxunlearn.folder import RunFolder
 from jaxunlearn.run import open_run, saved_config
 
 
@@ -93,7 +94,7 @@ def validate(run_dir, ids: list[int]) -> dict:
             f"pretrain={cfg.pretrain}): every member starts from a model trained on them, so "
             f"forgetting them means a new run (with pretrain=0, or without these ids)")
     gone = set(tree["deletions"]["ids"])
-    if (run_dir / deletion_log.LOG_NAME).exists():
+    if RunFolder(run_dir).deletion_log.exists():
         with deletion_log.DeletionLog.open(run_dir, create=False) as log:
             gone |= set(log.deleted_ids())
             for pending in log.pending():
@@ -181,7 +182,7 @@ def _timing(run, t0: float, opened: float, c0: float, record: dict | None) -> di
 def log_text(run_dir) -> str:
     """The deletion log as a table."""
     run_dir = runlock.check_run_dir(run_dir)
-    if not (run_dir / deletion_log.LOG_NAME).exists():
+    if not RunFolder(run_dir).deletion_log.exists():
         return "no deletion requests recorded"
     with deletion_log.DeletionLog.open(run_dir, create=False) as log:
         return deletion_log.format_records(log.records())

@@ -12,6 +12,7 @@ import pathlib
 from typing import Callable
 
 from jaxunlearn.config import Config
+from jaxunlearn.folder import RunFolder
 
 
 class Report:
@@ -28,7 +29,7 @@ class Report:
         self.results = {"complete": False, "config": cfg.to_dict(), **header, "phases": []}
         self.bar = tqdm(total=planned_epochs, disable=not progress, unit="epoch", leave=False,
                         dynamic_ncols=True)
-        self._metrics_path = out / "metrics.jsonl"
+        self._metrics_path = RunFolder(out).metrics
         self._plotted = -1  # phases in the plot drawn last
         self.metrics = open(self._metrics_path if primary else os.devnull, "a", buffering=1)
 
@@ -59,14 +60,14 @@ class Report:
         if self.primary:
             tmp = self.out / "results.json.tmp"
             tmp.write_text(json.dumps(self.results, indent=2))
-            os.replace(tmp, self.out / "results.json")
+            os.replace(tmp, RunFolder(self.out).results)
 
     def plot(self) -> None:
         """Draws ``plots/accuracy_loss.png`` (per phase: it is drawn again only when the phases
         changed since)."""
         from jaxunlearn import plots
 
-        path = self.out / "plots" / "accuracy_loss.png"
+        path = RunFolder(self.out).plots / "accuracy_loss.png"
         if self.primary and (self._plotted != len(self.results["phases"]) or not path.exists()):
             plots.plot_phases(self.results, path)
             self._plotted = len(self.results["phases"])

@@ -32,10 +32,8 @@ from jaxunlearn.ledger import Ledger
 from jaxunlearn.results import Report
 from jaxunlearn.stages import Stages
 from jaxunlearn.trainer import Trainer
+from jaxunlearn.folder import RunFolder
 
-# The members' logits on the examples scored so far, for the next process to reuse: written
-# at each commit, without the deleted ids, and removed when a deletion starts.
-LOGITS = "logits.npz"
 
 @dataclasses.dataclass
 class Unit:
@@ -75,6 +73,7 @@ class Run:
         """``initialise``: draw the initial state (a new run), else only its shape (a run about
         to be restored)."""
         self.cfg, self.out, self.lock, self.say = cfg, out, lock, log
+        self.folder = RunFolder(out)  # the paths of its files
         # With several processes (hosts), every process computes everything; the first writes
         # the run folder and keeps the deletion log.
         self.primary = jax.process_index() == 0
@@ -167,9 +166,9 @@ class Run:
 
     def save_logits(self) -> None:
         """Keeps the current members' cached logits on disk for the next process (the
-        ``LOGITS`` file), the deleted ids' left out."""
+        ``logits.npz``), the deleted ids' left out."""
         if self.primary and jax.process_count() == 1:
-            self.logits.save(self.out / LOGITS, [u.group for u in self.units.values()],
+            self.logits.save(self.folder.logits, [u.group for u in self.units.values()],
                              self.deletions.mask, {"checkpoint": self.progress.checkpoint,
                                                    "deleted": len(self.deletions.ids)})
 
@@ -178,13 +177,13 @@ class Run:
         fingerprints); returns how many members matched."""
         if jax.process_count() > 1:  # every process must compute alike (collectives)
             return 0
-        return self.logits.load(self.out / LOGITS, [u.group for u in self.units.values()])
+        return self.logits.load(self.folder.logits, [u.group for u in self.units.values()])
 
     def drop_saved_logits(self) -> None:
-        """Removes the ``LOGITS`` file: a deletion is about to invalidate members whose scores
+        """Removes ``logits.npz``: a deletion is about to invalidate members whose scores
         it may hold (the next commit writes the survivors' again)."""
         if self.primary:
-            (self.out / LOGITS).unlink(missing_ok=True)
+            self.folder.logits.unlink(missing_ok=True)
 
     def retain_ids(self, phase: int) -> np.ndarray:
         return evaluators.retain_ids(self.cfg, self.chunks, phase, self.deletions.mask)
@@ -214,7 +213,7 @@ def data_fingerprint(ds: data_lib.Dataset) -> str:
 
 def saved_config(run_dir) -> Config:
     """The configuration a run folder was made with."""
-    path = pathlib.Path(run_dir) / "config.json"
+    path = RunFolder(run_dir).config
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no config.json); pass the folder "
                           f"that `jaxunlearn run` printed")
@@ -242,14 +241,20 @@ def open_run(cfg: Config, workdir, dataset: data_lib.Dataset | None = None,
     run's), ScheduleError, `RunLocked` (another process has the run), or CheckpointError (no
     usable checkpoint)."""
     out = pathlib.Path(workdir)
-    existing = (out / "config.json").is_file()
+    folder = RunFolder(out)
+    existing = folder.config.is_file()
     changes = (_check_changes(out, saved_config(out), cfg, allow_config_change) if existing
                else {})
+    # A run stopped before its first checkpoint was complete (during its pretraining, say)
+    # has nothing to restore and nothing deleted: it starts again in its own folder.
+    unborn = existing and not checkpoint.Checkpoints(out, read_only=True).steps()
+    if unborn:
+        log(f"{out} stopped before its first checkpoint: starting it again")
+        existing = False
     ds = dataset if dataset is not None else data_lib.load_dataset(cfg.data)
     ds = ds.limit(cfg.train_limit or None, cfg.test_limit or None)
-    results = out / "results.json"
-    if existing and results.is_file():
-        expected = json.loads(results.read_text()).get("data_fingerprint")
+    if existing and folder.results.is_file():
+        expected = json.loads(folder.results.read_text()).get("data_fingerprint")
         if expected and expected != data_fingerprint(ds):
             raise data_lib.DataError(
                 f"the data found ({ds.source}) is not the data {out} was trained on; pass "
@@ -260,14 +265,16 @@ def open_run(cfg: Config, workdir, dataset: data_lib.Dataset | None = None,
         deletions_lib.validate_schedule(
             schedule, plans.make_chunks(ds.n_train - cfg.pretrain, cfg.phases))
     if not existing and jax.process_index() == 0:
-        out.mkdir(parents=True, exist_ok=out.is_dir() and not any(out.iterdir()))
-        (out / "plots").mkdir()
-        (out / "config.json").write_text(cfg.to_json())
+        out.mkdir(parents=True, exist_ok=unborn or (out.is_dir() and not any(out.iterdir())))
+        folder.plots.mkdir(exist_ok=unborn)
+        folder.config.write_text(cfg.to_json())
     run = _locked(cfg, ds, out, schedule, log, progress, purpose, wait, not existing)
     try:
         if existing:
             _restore(run, changes, log)
         else:
+            if unborn and run.primary:
+                run.ckpts.discard_incomplete()
             if cfg.pretrain:
                 pretraining.pretrain(run)
             durable.write_checkpoint(run)  # step 0: the initial state
@@ -333,7 +340,7 @@ def _restore(run: Run, changes: dict, log: Callable[[str], None]) -> None:
         if changes:  # the accepted configuration is the run's from now on
             tmp = run.out / "config.json.tmp"
             tmp.write_text(run.cfg.to_json())
-            os.replace(tmp, run.out / "config.json")
+            os.replace(tmp, run.folder.config)
     durable.load_state_tree(run, tree)
     run.load_logits()
     if unlearning:  # nothing deleted yet: the strategies start afresh

@@ -38,7 +38,9 @@ import socket
 import sys
 import time
 
-LOCK_NAME = ".lock"
+from jaxunlearn.folder import LOCK
+
+LOCK_NAME = LOCK  # (jaxunlearn.folder)
 _POLL_S = 0.05
 
 

@@ -17,6 +17,7 @@ import shutil
 import numpy as np
 
 from jaxunlearn import checkpoint, faults
+from jaxunlearn.folder import RunFolder
 
 
 class SnapshotError(RuntimeError):
@@ -38,7 +39,7 @@ class SnapshotStore:
     def __init__(self, run_dir, read_only: bool = False):
         import orbax.checkpoint as ocp
 
-        self.root = pathlib.Path(run_dir).resolve() / "snapshots"  # orbax wants it absolute
+        self.root = RunFolder(run_dir).snapshots
         self.read_only = read_only
         self._ocp = ocp
         self._writer = None

@@ -195,7 +195,7 @@ def finish(run) -> dict:
         "wall_seconds": run.elapsed(),
     })
     if run.primary:
-        ens.lineage.save(run.out / "lineage.npz", run.deletions.ids)
+        ens.lineage.save(run.folder.lineage, run.deletions.ids)
         run.report.save()
         run.report.plot()
     return results

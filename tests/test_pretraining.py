@@ -147,3 +147,25 @@ def test_the_audit_flags_a_deleted_pretraining_id():
     assert _pretraining(cfg, tree, np.array([3, 7])) == []
     problems = _pretraining(cfg, tree, np.array([3, 250]))
     assert len(problems) == 1 and "[250]" in problems[0]
+
+
+def test_a_run_killed_during_its_pretraining_starts_again_when_resumed(tmp_path, sample,
+                                                                      monkeypatch, runs):
+    from jaxunlearn import pretraining
+
+    out = tmp_path / "killed"
+    real = pretraining.pretrain
+
+    def killed(run):
+        raise KeyboardInterrupt  # stopped before checkpoint 0 was written
+
+    monkeypatch.setattr(pretraining, "pretrain", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _run(_cfg(tmp_path, SCHEDULE), out, sample)
+    assert (out / "config.json").exists() and not (out / "results.json").exists()
+    monkeypatch.setattr(pretraining, "pretrain", real)
+    messages = []
+    driver.resume(out, dataset=sample, log=messages.append, progress=False)
+    assert any("starting it again" in m for m in messages)
+    assert_same_models(group_state(out), group_state(runs["rewind"]))
+    assert audit.audit(out)[0]

@@ -12,7 +12,7 @@ import pytest
 
 from jaxunlearn import audit, deletion_log, driver, requests
 from jaxunlearn.config import apply_overrides, get_preset
-from jaxunlearn.run import LOGITS
+from jaxunlearn.folder import LOGITS
 
 
 def _strip(obj):
