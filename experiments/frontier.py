@@ -44,12 +44,18 @@ CONFIGS = {
     "sisa-5x4": ({"members": 5, "plan": "shards", "slices": 4, "epochs": 3, "batch_size": 128,
                   "learning_rate": 0.4},
                  "5 air-s on shards of 10,000 in 4 slices, 3 epochs per stage (7.5 passes)"),
+    "sisa-10": ({"members": 10, "plan": "shards", "slices": 1, "epochs": 10, "batch_size": 64,
+                 "learning_rate": 0.2},
+                "10 air-s on shards of 5,000, 10 epochs at batch 64 (no slices)"),
     "sisa-10x4": ({"members": 10, "plan": "shards", "slices": 4, "epochs": 4, "batch_size": 64,
                    "learning_rate": 0.2},
                   "10 air-s on shards of 5,000 in 4 slices, 4 epochs per stage (10 passes) at "
                   "batch 64"),
     "single": ({}, "one air-s on all 50,000 images, 5 epochs at batch 256 (a request retrains "
                    "it)"),
+    "sisa-20": ({"members": 20, "plan": "shards", "slices": 1, "epochs": 12, "batch_size": 32,
+                 "learning_rate": 0.1},
+                "20 air-s on shards of 2,500, 12 epochs at batch 32 (no slices)"),
     "sisa-20x4": ({"members": 20, "plan": "shards", "slices": 4, "epochs": 5, "batch_size": 32,
                    "learning_rate": 0.1},
                   "20 air-s on shards of 2,500 in 4 slices, 5 epochs per stage (12.5 passes) "
