@@ -226,11 +226,8 @@ class ModelGroup:
     def initial_state(self):
         """The members as initialised from the group key, or from the pretrained ``base``
         (bit-identical on every call)."""
-        state = self._fns.init(self._host(self.key), self.members)
-        if self.base is None:
-            return state
-        return self._fns.rebase(state, self._placed_base(),
-                                self.place_members(np.ones(self.members, bool)))
+        return self._from_base(self._fns.init(self._host(self.key), self.members),
+                               np.ones(self.members, bool))
 
     def set_base(self, base: dict) -> None:
         """Makes ``base`` (``{"params", "batch_stats"}`` of one member, host arrays: a model
@@ -239,8 +236,13 @@ class ModelGroup:
         self.base = jax.tree.map(np.asarray, base)
         self.reinitialise()
 
-    def _placed_base(self):
-        return jax.tree.map(lambda x: self.place(x, sharding.REPLICATED), self.base)
+    def _from_base(self, state, mask: np.ndarray):
+        """``state`` with the members in ``mask`` (bool ``[m]``) started from the pretrained
+        ``base``; unchanged when the group has none."""
+        if self.base is None:
+            return state
+        base = jax.tree.map(lambda x: self.place(x, sharding.REPLICATED), self.base)
+        return self._fns.rebase(state, base, self.place_members(mask))
 
     def reinitialise(self, initialise: bool = True) -> None:
         """Every member back to its initial state (its shape only, without ``initialise``),
@@ -337,10 +339,8 @@ class ModelGroup:
         """Reinitialises the ``invalid`` members (bool ``[m]``) from ``key`` (from the
         pretrained ``base`` when the group has one, with a member key drawn from ``key``)."""
         invalid = np.asarray(invalid, bool)
-        placed = self.place_members(invalid)
-        self.state = self._fns.unlearn(self._host(key), self.state, placed)
-        if self.base is not None:
-            self.state = self._fns.rebase(self.state, self._placed_base(), placed)
+        self.state = self._from_base(self._fns.unlearn(self._host(key), self.state,
+                                                       self.place_members(invalid)), invalid)
         self._changed(invalid)
 
     def host_state(self):
