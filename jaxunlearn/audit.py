@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxunlearn import checkpoint, deletion_log, durable, runlock, strategies
+from jaxunlearn import checkpoint, deletion_log, durable, plans, runlock, strategies
 from jaxunlearn.folder import LOGITS, RunFolder
 
 
@@ -82,10 +82,10 @@ def _pretraining(cfg, tree: dict, deleted: np.ndarray) -> list[str]:
     examples the config declares never deletable)."""
     if not cfg.pretrain:
         return []
-    n_train = tree["report"]["results"]["n_train"]
-    held = deleted[deleted >= n_train - cfg.pretrain]
+    pretraining = plans.pretraining_ids(tree["report"]["results"]["n_train"], cfg.pretrain)
+    held = np.intersect1d(deleted, pretraining)
     return [f"deleted id(s) {held[:10].tolist()} are in the pretraining set (ids "
-            f"{n_train - cfg.pretrain}..{n_train - 1}): every member started from a model "
+            f"{pretraining[0]}..{pretraining[-1]}): every member started from a model "
             f"trained on them"] if held.size else []
 
 

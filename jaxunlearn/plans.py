@@ -37,13 +37,15 @@ def stream(seed: int, name: str, *more: int) -> np.random.Generator:
     return np.random.default_rng([seed, STREAMS.index(name), *more])
 
 
-def make_chunks(n_train: int, phases: int) -> list[np.ndarray]:
-    """Example ids ``0..n_train-1`` split in order into ``phases`` nearly equal chunks."""
+def make_chunks(n_train: int, phases: int, pretrain: int = 0) -> list[np.ndarray]:
+    """Example ids ``0..n_train-1`` split in order into ``phases`` nearly equal chunks, but for
+    the last ``pretrain`` (`pretraining_ids`: never deletable, in no chunk)."""
     if phases < 1:
         raise ValueError(f"phases must be at least 1, got {phases}")
-    if n_train < phases:
-        raise ValueError(f"{n_train} training examples cannot fill {phases} phases")
-    return np.array_split(np.arange(n_train, dtype=np.int64), phases)
+    deletable = n_train - pretrain
+    if deletable < phases:
+        raise ValueError(f"{deletable} training examples cannot fill {phases} phases")
+    return np.array_split(np.arange(deletable, dtype=np.int64), phases)
 
 
 def pretraining_ids(n_train: int, pretrain: int) -> np.ndarray:

@@ -20,7 +20,7 @@ import pathlib
 import time
 from typing import Callable
 
-from jaxunlearn import checkpoint, deletion_log, driver, runlock, timing
+from jaxunlearn import checkpoint, deletion_log, driver, plans, runlock, timing
 from jaxunlearn.deletion_queue import Forget
 from jaxunlearn.folder import RunFolder
 from jaxunlearn.run import open_run, saved_config
@@ -86,11 +86,12 @@ def validate(run_dir, ids: list[int]) -> dict:
     if out_of_range:
         raise RequestError(f"example id(s) {out_of_range[:10]} do not exist: this run's "
                            f"training ids are 0..{n_train - 1}")
-    held = [i for i in ids if i >= n_train - cfg.pretrain]
+    pretraining = plans.pretraining_ids(n_train, cfg.pretrain)
+    held = [i for i in ids if i in set(pretraining.tolist())]
     if held:
         raise RequestError(
             f"example id(s) {held[:10]} are in this run's pretraining set (ids "
-            f"{n_train - cfg.pretrain}..{n_train - 1}, declared never deletable with "
+            f"{pretraining[0]}..{pretraining[-1]}, declared never deletable with "
             f"pretrain={cfg.pretrain}): every member starts from a model trained on them, so "
             f"forgetting them means a new run (with pretrain=0, or without these ids)")
     gone = set(tree["deletions"]["ids"])

@@ -78,7 +78,7 @@ class Run:
         # the run folder and keeps the deletion log.
         self.primary = jax.process_index() == 0
         self.t0 = time.perf_counter()
-        self.chunks = plans.make_chunks(ds.n_train - cfg.pretrain, cfg.phases)
+        self.chunks = plans.make_chunks(ds.n_train, cfg.phases, cfg.pretrain)
         self.train_labels, self.test_labels = ds.train_labels, ds.test_labels
         k_ens, k_base, self.k_unlearn = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
         arrays = (ds.train_images, ds.train_labels, ds.test_images, ds.test_labels)
@@ -263,7 +263,7 @@ def open_run(cfg: Config, workdir, dataset: data_lib.Dataset | None = None,
     schedule = deletions_lib.load_schedule(cfg.deletions) if cfg.deletions else None
     if schedule is not None and not existing:
         deletions_lib.validate_schedule(
-            schedule, plans.make_chunks(ds.n_train - cfg.pretrain, cfg.phases))
+            schedule, plans.make_chunks(ds.n_train, cfg.phases, cfg.pretrain))
     if not existing and jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=unborn or (out.is_dir() and not any(out.iterdir())))
         folder.plots.mkdir(exist_ok=unborn)

@@ -48,9 +48,9 @@ def check(cfg: Config, n_train: int) -> None:
     need(cfg.pretrain < n_train,
          f"pretrain (the examples declared never deletable) must be less than the {n_train} "
          f"training examples, got {cfg.pretrain}")
-    n_train -= cfg.pretrain  # the deletable examples: all the phases see
-    need(n_train >= cfg.phases, f"{n_train} deletable training examples cannot fill "
-                                f"{cfg.phases} phases")
+    deletable = n_train - cfg.pretrain  # the examples the phases see
+    need(deletable >= cfg.phases, f"{deletable} deletable training examples cannot fill "
+                                  f"{cfg.phases} phases")
     try:
         strategies.for_run(cfg)
         evaluators.names(cfg)
@@ -70,7 +70,7 @@ def check(cfg: Config, n_train: int) -> None:
         need(per_device % k == 0, f"member_parallel={member_parallel} needs the members of each "
                                   f"device ({per_device}) divisible by {k}; choose K dividing "
                                   f"{per_device}")
-    chunks = plans.make_chunks(n_train, cfg.phases)
+    chunks = plans.make_chunks(n_train, cfg.phases, cfg.pretrain)
     nothing_deleted = np.zeros(n_train, bool)
     for plan, fraction, who in ((cfg.plan, cfg.fraction, "each member"),
                                 (cfg.baseline_plan, cfg.baseline_fraction, "the baseline")):
@@ -85,4 +85,5 @@ def check(cfg: Config, n_train: int) -> None:
                                 f"({len(chunks[phase - 1])} examples in its chunk); use fewer "
                                 f"members or slices, or more data")
             need(size >= 1, f"plan {plan!r} with fraction {fraction} gives {who} no data in phase "
-                            f"{phase} ({n_train} examples in {cfg.phases} phases); raise the fraction")
+                            f"{phase} ({deletable} examples in {cfg.phases} phases); raise the "
+                            f"fraction")
