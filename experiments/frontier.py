@@ -33,6 +33,16 @@ ROOT = HERE.parent
 BASE = {"data": "cifar10", "phases": 1, "deletion_rate": 0.0, "strategy": "rewind",
         "oracle_reference": "none", "baseline": "none", "eval_every_epoch": False,
         "keep_checkpoints": 1, "evaluators": "scores"}
+def _pretrained(never_deletable: int, pretrain_epochs: int, epochs: int = 3,
+                learning_rate: float = 0.1) -> dict:
+    """10 air-s on shards in 4 slices at batch 64, fine-tuned (``epochs`` per stage at
+    ``learning_rate``) from one air-s pretrained at the single model's recipe (batch 256,
+    learning rate 0.8) on the last ``never_deletable`` images."""
+    return {"pretrain": never_deletable, "pretrain_epochs": pretrain_epochs,
+            "pretrain_batch_size": 256, "pretrain_lr": 0.8, "members": 10, "plan": "shards",
+            "slices": 4, "epochs": epochs, "batch_size": 64, "learning_rate": learning_rate}
+
+
 # name -> (overrides of the air-s-single preset, what it is). Members on smaller shards take
 # smaller batches (learning rate scaled with the batch) so each still takes hundreds of steps;
 # with slices S a stage trains on slices 1..s, so a member passes over its shard
@@ -64,23 +74,17 @@ CONFIGS = {
     # air-s at the single model's recipe once; each member then fine-tunes from it on its
     # shard of the other images, at half the learning rate per image of a member from scratch.
     # A request retrains one member from that start; never the pretraining.
-    "pre10k-sisa10x4": ({"pretrain": 10000, "pretrain_epochs": 15, "pretrain_batch_size": 256,
-                         "pretrain_lr": 0.8, "members": 10, "plan": "shards", "slices": 4,
-                         "epochs": 3, "batch_size": 64, "learning_rate": 0.1},
+    "pre10k-sisa10x4": (_pretrained(10000, pretrain_epochs=15),
                         "10,000 images never deletable pretrain one air-s (15 epochs); 10 "
                         "members fine-tune from it on shards of 4,000 in 4 slices, 3 epochs "
                         "per stage"),
-    "pre25k-sisa10x4": ({"pretrain": 25000, "pretrain_epochs": 8, "pretrain_batch_size": 256,
-                         "pretrain_lr": 0.8, "members": 10, "plan": "shards", "slices": 4,
-                         "epochs": 3, "batch_size": 64, "learning_rate": 0.1},
+    "pre25k-sisa10x4": (_pretrained(25000, pretrain_epochs=8),
                         "25,000 images never deletable pretrain one air-s (8 epochs); 10 "
                         "members fine-tune from it on shards of 2,500 in 4 slices, 3 epochs "
                         "per stage"),
     # The same pretraining, members fine-tuned gently: a fifth of the learning rate, 2 epochs
     # per stage (5 passes over the shard).
-    "pre25k-sisa10x4-ft": ({"pretrain": 25000, "pretrain_epochs": 8, "pretrain_batch_size": 256,
-                            "pretrain_lr": 0.8, "members": 10, "plan": "shards", "slices": 4,
-                            "epochs": 2, "batch_size": 64, "learning_rate": 0.02},
+    "pre25k-sisa10x4-ft": (_pretrained(25000, pretrain_epochs=8, epochs=2, learning_rate=0.02),
                            "as pre25k-sisa10x4, members fine-tuned at learning rate 0.02 "
                            "(a tenth of a member's from scratch), 2 epochs per stage"),
 }
