@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     parser.add_argument("--members", type=int, nargs="+", default=[5])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--strategies", nargs="+", default=list(ensemble.STRATEGIES))
+    parser.add_argument("--strategies", nargs="+", default=list(ensemble.LAYOUTS))
     parser.add_argument("--out", help="JSON file to write")
     args = parser.parse_args(argv)
 

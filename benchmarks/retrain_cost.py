@@ -87,7 +87,7 @@ def measure(model: str, stem: str, layout: str, policies, members: int, batch: i
     for policy in policies:
         group, trainer, stage = setup(model, stem, layout, policy, members, batch, samples,
                                       precision=precision)
-        layouts[policy] = group.strategy
+        layouts[policy] = group.layout
         out[policy], compile_s[policy] = {}, {}
         for k in range(1, members + 1):
             chosen = np.zeros(members, bool)

@@ -198,7 +198,7 @@ def measure_jax(cell: Cell) -> dict:
     t0 = time.perf_counter()
     state = jax.block_until_ready(fns.init(jax.random.PRNGKey(0), cell.members))
     init_s = time.perf_counter() - t0
-    return {"init_s": init_s, "layout": fns.strategy,
+    return {"init_s": init_s, "layout": fns.layout,
             **_time_step(fns.step, state, (images, labels, idx, weight, active), cell.steps,
                          cell.members * cell.batch)}
 
@@ -212,7 +212,7 @@ def measure_pipeline(cell: Cell) -> dict:
     x = jnp.asarray(rng.standard_normal(shape + (32, 32, 3), dtype=np.float32))
     y = jnp.asarray(rng.integers(0, 10, shape), jnp.int32)
     weight, active = jnp.ones(shape, jnp.float32), jnp.ones(cell.members, bool)
-    step = jax.jit(make_synthetic_step(fns.model, fns.tx, fns.strategy), donate_argnums=0,
+    step = jax.jit(make_synthetic_step(fns.model, fns.tx, fns.layout), donate_argnums=0,
                    compiler_options=xla_options.step_compiler_options())
     state = fns.init(jax.random.PRNGKey(0), cell.members)
     synthetic = _time_step(step, state, (x, y, weight, active), cell.steps,
@@ -387,7 +387,7 @@ def main(argv=None) -> int:
 
 def run_grid(args, argv) -> int:
     for s in args.strategies:
-        ensemble.resolve_strategy(s)  # fail fast on a misspelt strategy
+        ensemble.resolve_layout(s)  # fail fast on a misspelt strategy
     cells = grid(args.models, args.single_models, args.members, args.single_members,
                  args.strategies, args.precisions, args.batch, args.steps, args.augment,
                  args.n_data, pipeline=args.pipeline, torch=args.torch,

@@ -305,10 +305,10 @@ PRESET_HELP = {
 }
 
 
-def epochs_of(cfg: Config, source: str) -> int:
+def epochs_of(cfg: Config, track: str) -> int:
     """Epochs per phase of a model group: ``baseline_epochs`` for the baseline when set (to
     match its training compute to the ensemble's), else ``epochs``."""
-    return cfg.baseline_epochs if source == "baseline" and cfg.baseline_epochs else cfg.epochs
+    return cfg.baseline_epochs if track == "baseline" and cfg.baseline_epochs else cfg.epochs
 
 
 def _coerce(field: dataclasses.Field, text: str):

@@ -88,21 +88,21 @@ def run_phase(run: Run, phase: int) -> dict:
     seconds = record.setdefault("seconds_by_model", {})
     order = list(run.units)
     for name, unit in run.units.items():
-        source, slices = unit.group.source, run.stages.slices(unit.group.source)
+        track, slices = unit.group.track, run.stages.slices(unit.group.track)
         for slice_ in range(1, slices + 1):
             start = None
             if resume is not None:  # skip the stages the checkpoint had finished
                 if (order.index(name), slice_) < (order.index(resume["source"]), resume["slice"]):
                     continue
-                stage = run.stages.get(source, (phase - 1) * slices + slice_)
+                stage = run.stages.get(track, (phase - 1) * slices + slice_)
                 start, resume = Start(resume["epoch"], resume["step"], resume["loss"]), None
             else:
-                stage = run.stages.draw(source, phase, slice_, run.deletions.mask)
+                stage = run.stages.draw(track, phase, slice_, run.deletions.mask)
             everyone = np.ones(unit.group.members, bool)
             cost = run.trainer.train(unit.group, stage, everyone, start=start,
                                      on_step=_step_hook(run, phase, name, slice_, record))
-            seconds[source] = seconds.get(source, 0.0) + cost.seconds
-            run.stages.seconds[source][stage.t] = cost.seconds
+            seconds[track] = seconds.get(track, 0.0) + cost.seconds
+            run.stages.seconds[track][stage.t] = cost.seconds
             run.ledger.training += cost
             unit.state = unit.strategy.after_stage(unit.state, run.context(unit), stage, everyone)
             if name == "ensemble":
@@ -152,7 +152,7 @@ def complete(run: Run) -> dict:
         durable.commit(run)
 
 
-def _step_hook(run: Run, phase: int, source: str, slice_: int, record: dict):
+def _step_hook(run: Run, phase: int, unit: str, slice_: int, record: dict):
     """The per-step callback of phase training: a mid-phase checkpoint every
     ``checkpoint_every`` optimiser steps."""
     every = run.cfg.checkpoint_every
@@ -161,7 +161,8 @@ def _step_hook(run: Run, phase: int, source: str, slice_: int, record: dict):
         run.progress.steps_done += 1
         if every and run.progress.steps_done % every == 0:
             loss = partial_loss()  # raises TrainingDiverged: never checkpoint a NaN state
-            run.progress.position = {"phase": phase, "source": source, "slice": slice_,
+            # ("source": the unit training, under the key checkpoints have always used)
+            run.progress.position = {"phase": phase, "source": unit, "slice": slice_,
                                      "epoch": epoch, "step": step, "loss": loss.tolist(),
                                      "record": record}
             durable.write_checkpoint(run)

@@ -1,6 +1,7 @@
 """The stacked ensemble: one `MemberState` pytree with the member axis first on every leaf.
 
-Member-parallel execution (the *layout*) is a strategy, not a hard-coded `vmap`:
+Member-parallel execution (the *layout*: the ``member_parallel`` setting, not to be confused
+with the unlearning strategy) is chosen, not a hard-coded `vmap`:
 
 * ``vmap``: `jax.vmap` over members. Every convolution becomes one grouped convolution.
 * ``map``: `jax.lax.map` (a scan) over members inside the same jit: M dense convolutions one
@@ -38,7 +39,7 @@ from jaxunlearn import steps
 from jaxunlearn.config import choices
 from jaxunlearn.steps import MemberState, PRNGKey
 
-STRATEGIES = ("vmap", "map", "unroll")
+LAYOUTS = ("vmap", "map", "unroll")
 # `auto`, from measurements (benchmarks/README.md, benchmarks/results/layouts_*.json):
 # (backend, architecture, stem) -> [(up to this many members or None, layout), ...]. A pair
 # without an entry takes its architecture's first entry on the backend, then its family's
@@ -57,7 +58,7 @@ SUBSTACK_POLICY = {"vmap": "pow2", "map": "pow2", "unroll": "ones"}
 SUBSTACK_POLICIES = tuple(p for p in choices("substacks") if p != "auto")
 
 
-def resolve_strategy(name: str, backend: str | None = None, arch: str = "resnet18",
+def resolve_layout(name: str, backend: str | None = None, arch: str = "resnet18",
                      stem: str = "imagenet", members: int = 5) -> str:
     """``auto`` -> the measured layout for ``backend`` (default: JAX's), ``arch``, ``stem`` and
     ``members``; other names are checked and returned.
@@ -76,7 +77,7 @@ def resolve_strategy(name: str, backend: str | None = None, arch: str = "resnet1
                           if (b, a) == (backend, family)), None)
                  or [(None, "vmap")])
         return next(layout for limit, layout in rules if limit is None or members <= limit)
-    if name in STRATEGIES or hybrid_group_size(name):
+    if name in LAYOUTS or hybrid_group_size(name):
         return name
     raise ValueError(f"unknown member_parallel layout {name!r}; choose auto, vmap, map, "
                      "unroll or hybrid:K (K members per vmapped group)")
@@ -121,13 +122,13 @@ def substacks(members: np.ndarray, multiple: int = 1, policy: str = "pow2") -> l
     return out
 
 
-def hybrid_group_size(strategy: str) -> int | None:
+def hybrid_group_size(layout: str) -> int | None:
     """K for a well-formed ``hybrid:K`` (K >= 1), else None."""
-    kind, _, k = strategy.partition(":")
+    kind, _, k = layout.partition(":")
     return int(k) if kind == "hybrid" and k.isdigit() and int(k) >= 1 else None
 
 
-def over_members(strategy: str, fn: Callable, per_member, *shared):
+def over_members(layout: str, fn: Callable, per_member, *shared):
     """Applies ``fn(member_args..., *shared)`` to every member.
 
     ``per_member`` is a tuple of pytrees whose leaves have the member axis first; ``shared``
@@ -137,22 +138,22 @@ def over_members(strategy: str, fn: Callable, per_member, *shared):
         return jax.vmap(lambda *a: fn(*a, *shared))(*args)
 
     m = jax.tree.leaves(per_member)[0].shape[0]
-    if strategy == "vmap":
+    if layout == "vmap":
         return vmapped(per_member)
-    if strategy == "map":
+    if layout == "map":
         return jax.lax.map(lambda a: fn(*a, *shared), per_member)
-    if strategy == "unroll":  # M dense programs in one jit
+    if layout == "unroll":  # M dense programs in one jit
         outs = [fn(*jax.tree.map(lambda x, i=i: x[i], per_member), *shared) for i in range(m)]
         return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-    k = hybrid_group_size(strategy)
+    k = hybrid_group_size(layout)
     if k:
         if m % k:
-            raise ValueError(f"member_parallel={strategy} needs a member count divisible by {k}, "
+            raise ValueError(f"member_parallel={layout} needs a member count divisible by {k}, "
                              f"got {m}; choose K dividing {m}")
         grouped = jax.tree.map(lambda x: x.reshape((m // k, k) + x.shape[1:]), per_member)
         out = jax.lax.map(vmapped, grouped)
         return jax.tree.map(lambda x: x.reshape((m,) + x.shape[2:]), out)
-    raise ValueError(f"unknown member_parallel layout {strategy!r}")
+    raise ValueError(f"unknown member_parallel layout {layout!r}")
 
 
 def init_ensemble(model: nn.Module, tx: optax.GradientTransformation, key: PRNGKey,
@@ -164,7 +165,7 @@ def init_ensemble(model: nn.Module, tx: optax.GradientTransformation, key: PRNGK
     return jax.vmap(functools.partial(steps.init_member, model, tx))(keys)
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, strategy: str,
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, layout: str,
                     use_augment: bool = False, label_smoothing: float = 0.0) -> Callable:
     """Returns ``step(state, images, labels, idx, weight, active, lr_scale=None) -> (state,
     loss_sums)``.
@@ -185,29 +186,29 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, strategy
 
         def one(s, i, w, a, r, t, images, labels):
             return member_step(s, images, labels, i, w, a, r, teacher=t)
-        return over_members(strategy, one, (state, idx, weight, active, lr_scale, teacher),
+        return over_members(layout, one, (state, idx, weight, active, lr_scale, teacher),
                             images, labels)
 
     return step
 
 
-def make_loss_grads(model: nn.Module, strategy: str) -> Callable:
+def make_loss_grads(model: nn.Module, layout: str) -> Callable:
     """Returns ``grads(state, images, labels, idx, weight) -> params-shaped [m, ...]``: each
     member's gradient of its weighted loss sum on its batch (`jaxunlearn.steps.loss_grads`)."""
 
     def grads(state, images, labels, idx, weight):
-        return over_members(strategy, lambda s, i, w, images, labels: steps.loss_grads(
+        return over_members(layout, lambda s, i, w, images, labels: steps.loss_grads(
             model, s, images, labels, i, w), (state, idx, weight), images, labels)
 
     return grads
 
 
-def make_eval_logits(model: nn.Module, strategy: str, flip: bool = False) -> Callable:
+def make_eval_logits(model: nn.Module, layout: str, flip: bool = False) -> Callable:
     """Returns ``logits(state, images, idx) -> [m, b, classes]``: every member on the same batch
     (with ``flip``, averaged with the mirror images: `jaxunlearn.steps.eval_logits`)."""
 
     def logits(state, images, idx):
-        return over_members(strategy, lambda s, images, idx: steps.eval_logits(
+        return over_members(layout, lambda s, images, idx: steps.eval_logits(
             model, s, images, idx, flip), (state,), images, idx)
 
     return logits

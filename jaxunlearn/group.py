@@ -32,7 +32,7 @@ class Compiled(NamedTuple):
 
     model: Any
     tx: Any
-    strategy: str
+    layout: str  # the member-parallel layout (`jaxunlearn.ensemble.resolve_layout`)
     mesh: Mesh | None
     init: Callable
     step: Callable
@@ -97,19 +97,19 @@ def _compile_group(arch, stem, precision, optimizer, learning_rate, weight_decay
                    tta) -> Compiled:
     model = make_model(arch, stem, dtype=PRECISIONS[precision])
     tx = make_optimizer(optimizer, learning_rate, weight_decay, momentum)
-    strategy = ensemble.resolve_strategy(member_parallel, arch=arch, stem=stem, members=members)
-    step = ensemble.make_train_step(model, tx, strategy, augment, label_smoothing)
-    logits = ensemble.make_eval_logits(model, strategy, tta)
+    layout = ensemble.resolve_layout(member_parallel, arch=arch, stem=stem, members=members)
+    step = ensemble.make_train_step(model, tx, layout, augment, label_smoothing)
+    logits = ensemble.make_eval_logits(model, layout, tta)
     reset = functools.partial(ensemble.reset_optimizer, tx)
     rebase = functools.partial(ensemble.rebase, tx)
     init = functools.partial(ensemble.init_ensemble, model, tx)
     mesh = sharding.member_mesh(devices) if devices != 1 else None
     setup = setup_compiler_options()
     fast = xla_options.step_compiler_options()  # the convolution steps (training, scoring)
-    grads = jax.jit(ensemble.make_loss_grads(model, strategy), compiler_options=fast)
+    grads = jax.jit(ensemble.make_loss_grads(model, layout), compiler_options=fast)
     if mesh is None or mesh.size == 1:
         return Compiled(
-            model=model, tx=tx, strategy=strategy, mesh=None,
+            model=model, tx=tx, layout=layout, mesh=None,
             init=jax.jit(init, static_argnums=1, compiler_options=setup),
             step=jax.jit(step, donate_argnums=0, compiler_options=fast),
             logits=jax.jit(logits, compiler_options=fast),
@@ -119,7 +119,7 @@ def _compile_group(arch, stem, precision, optimizer, learning_rate, weight_decay
             gather=jax.jit(_gather), scatter=jax.jit(_scatter, donate_argnums=0), grads=grads)
     M, R = sharding.MEMBERS, sharding.REPLICATED
     return Compiled(
-        model=model, tx=tx, strategy=strategy, mesh=mesh,
+        model=model, tx=tx, layout=layout, mesh=mesh,
         init=jax.jit(init, static_argnums=1, out_shardings=NamedSharding(mesh, M),
                      compiler_options=setup),
         step=jax.jit(_with_lr_scale(sharding.shard(step, mesh, (M, R, R, M, M, M, M), (M, M))),
@@ -142,6 +142,46 @@ def _with_lr_scale(step: Callable) -> Callable:
         return step(state, images, labels, idx, weight, active, lr_scale)
 
     return call
+
+
+class Resident(NamedTuple):
+    """A dataset on the devices: the training then the test images in one array (test ids
+    follow the training ids, so one compiled logits function scores both) and their labels,
+    also kept on the host. Groups on the same devices share one."""
+
+    n_train: int
+    n_test: int
+    images: Any  # device [n_train + n_test, ...], replicated
+    labels: Any  # device int [n_train + n_test], replicated
+    host_labels: np.ndarray
+
+    @classmethod
+    def put(cls, arrays: tuple, place: Callable) -> "Resident":
+        """From host ``arrays`` (train images, train labels, test images, test labels), put on
+        the devices by ``place(x, spec)``."""
+        train_images, train_labels, test_images, test_labels = arrays
+        labels = np.concatenate([train_labels, test_labels])
+        return cls(len(train_images), len(test_images),
+                   place(np.concatenate([train_images, test_images]), sharding.REPLICATED),
+                   place(labels, sharding.REPLICATED), labels)
+
+    @property
+    def test_ids(self) -> np.ndarray:
+        """The test images' ids in the resident array (after the training images)."""
+        return self.n_train + np.arange(self.n_test)
+
+    def relabelled(self, ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Host labels like ``host_labels`` but for training examples ``ids``, which have
+        ``labels`` instead of their own."""
+        out = self.host_labels.copy()
+        out[np.asarray(ids, np.int64)] = labels
+        return out
+
+    def host_arrays(self) -> tuple:
+        """The host arrays it was put from (for a copy on other devices)."""
+        images = sharding.to_host(self.images)
+        n = self.n_train
+        return images[:n], self.host_labels[:n], images[n:], self.host_labels[n:]
 
 
 _VERSIONS = itertools.count()
@@ -168,17 +208,17 @@ class ModelGroup:
     its parameters or batch statistics change, so scores computed from it stay valid until then.
     """
 
-    def __init__(self, name: str, source: str, arch: str, members: int, cfg: Config, key,
+    def __init__(self, name: str, track: str, arch: str, members: int, cfg: Config, key,
                  data: tuple, devices: int = 1, initialise: bool = True):
-        """``source``: whose stages it trains on (`jaxunlearn.stages.SOURCES`); ``data``: host
-        arrays (train images, train labels, test images, test labels), or a group on the same
-        devices whose resident copy this group shares. Without
+        """``track``: whose stages it trains on (`jaxunlearn.stages.TRACKS`); ``data``: host
+        arrays (train images, train labels, test images, test labels), or the `Resident` data of
+        a group on the same devices, shared. Without
         ``initialise`` the state is only its shape until `load_state_dict` or `set_state`
         (a run restored from a checkpoint initialises nothing)."""
-        self.name, self.source = name, source
+        self.name, self.track = name, track
         self._fns = fns = group_functions(cfg, arch, members, devices)
-        self.strategy, self.mesh = fns.strategy, fns.mesh
-        self.substack_policy = (ensemble.SUBSTACK_POLICY.get(fns.strategy, "pow2")
+        self.layout, self.mesh = fns.layout, fns.mesh
+        self.substack_policy = (ensemble.SUBSTACK_POLICY.get(fns.layout, "pow2")
                                 if cfg.substacks == "auto" else cfg.substacks)
         if self.mesh is not None:
             sharding.check_divisible(members, self.mesh)
@@ -192,20 +232,9 @@ class ModelGroup:
         self._fingerprints = None  # (versions, fingerprints) of the last `fingerprints`
         # The members whose predictions count (the rest are shadow members, for evaluation).
         self.predicting = np.ones(members, bool)
-        # Training and test images live in one resident array (test ids follow the training
-        # ids), so one compiled logits function scores both.
-        if isinstance(data, ModelGroup):  # the same data, already on the same device
-            self.n_train, self.n_test = data.n_train, data.n_test
-            self.host_labels, self.train_arrays = data.host_labels, data.train_arrays
-        else:
-            train_images, train_labels, test_images, test_labels = data
-            self.n_train, self.n_test = len(train_images), len(test_images)
-            self.host_labels = np.concatenate([train_labels, test_labels])
-            self.train_arrays = (self.place(np.concatenate([train_images, test_images]),
-                                            sharding.REPLICATED),
-                                 self.place(self.host_labels, sharding.REPLICATED))
-        self.lineage = Lineage.empty(members, self.n_train)
-        self.classes = int(jax.eval_shape(fns.logits, self.state, self.train_arrays[0],
+        self.data = data if isinstance(data, Resident) else Resident.put(data, self.place)
+        self.lineage = Lineage.empty(members, self.data.n_train)
+        self.classes = int(jax.eval_shape(fns.logits, self.state, self.data.images,
                                           jnp.zeros(1, jnp.int32)).shape[-1])
 
     def voters(self, live: np.ndarray | None = None) -> np.ndarray:
@@ -249,7 +278,7 @@ class ModelGroup:
         with an empty lineage."""
         self.state = (self.initial_state() if initialise else
                       jax.eval_shape(self._fns.init, self._host(self.key), self.members))
-        self.lineage = Lineage.empty(self.members, self.n_train)
+        self.lineage = Lineage.empty(self.members, self.data.n_train)
         self.versions = np.full(self.members, next(_VERSIONS), np.int64)
 
     def place(self, x, spec):
@@ -269,7 +298,7 @@ class ModelGroup:
         """The stacks of member indices that training ``members`` (bool ``[m]``) runs
         (`jaxunlearn.ensemble.substacks`, in multiples of the device count)."""
         multiple = ((self.mesh.size if self.mesh is not None else 1)
-                    * (ensemble.hybrid_group_size(self.strategy) or 1))
+                    * (ensemble.hybrid_group_size(self.layout) or 1))
         return ensemble.substacks(members, multiple, self.substack_policy)
 
     def gather(self, sel: np.ndarray):
@@ -288,11 +317,11 @@ class ModelGroup:
         """One optimiser step of the ``active`` members (device mask ``[k]``) of the stack
         ``state`` on their batches ``idx``/``weight`` ``[k, b]``, their updates scaled by
         ``lr_scale`` ``[k]`` (None: 1); returns the new stack and the loss sums ``[k]``. The
-        group's own state is the stack of all its members. ``labels``: a resident label array
-        from `relabelled` in place of the true labels; ``teacher``: each member's teacher
+        group's own state is the stack of all its members. ``labels``: resident labels (from
+        `Resident.relabelled`) in place of the true ones; ``teacher``: each member's teacher
         logits on the resident examples ``[k, n, classes]``, for distillation (one device)."""
-        images, true = self.train_arrays
-        labels = true if labels is None else labels
+        images = self.data.images
+        labels = self.data.labels if labels is None else labels
         if teacher is None:
             return self._fns.step(state, images, labels, idx, weight, active, lr_scale)
         if self.mesh is not None:
@@ -303,7 +332,7 @@ class ModelGroup:
         """Each member's gradient of its cross-entropy summed over its own examples ``ids[i]``
         (int arrays, one per member; empty: a zero gradient), in batches of ``batch_size``:
         a params-shaped stack ``[m, ...]`` on the device (SalUn's saliency)."""
-        images, labels = self.train_arrays
+        images, labels = self.data.images, self.data.labels
         total = None
         steps = max(1, max(-(-len(x) // batch_size) for x in ids))
         for s in range(steps):
@@ -317,13 +346,6 @@ class ModelGroup:
                                 self.place(weight, sharding.MEMBERS))
             total = g if total is None else jax.tree.map(jnp.add, total, g)
         return total
-
-    def relabelled(self, ids: np.ndarray, labels: np.ndarray):
-        """A resident label array like `train_arrays`' in which training examples ``ids`` have
-        ``labels`` instead of their own."""
-        out = self.host_labels.copy()
-        out[np.asarray(ids, np.int64)] = labels
-        return self.place(out, sharding.REPLICATED)
 
     def set_trained(self, state, members: np.ndarray) -> None:
         """Takes ``state``, the whole stack, after training ``members`` (bool ``[m]``)."""
@@ -373,17 +395,12 @@ class ModelGroup:
         `host_state`), checked against this group's structure."""
         return flax.serialization.from_state_dict(self.state, state)
 
-    @property
-    def test_ids(self) -> np.ndarray:
-        """The test images' ids in the resident array (after the training images)."""
-        return self.n_train + np.arange(self.n_test)
-
     def member_logits(self, batch_size: int, ids: np.ndarray | None = None,
                       members: np.ndarray | None = None) -> np.ndarray:
-        """Logits ``[m, n, classes]`` on resident images ``ids`` (training ids, or `test_ids`;
+        """Logits ``[m, n, classes]`` on resident images ``ids`` (training ids, or ``data.test_ids``;
         default: the test set) of ``members`` (bool ``[m]``; default all), computed as
         sub-stacks of those members only; the other members' rows are NaN."""
-        ids = self.test_ids if ids is None else np.asarray(ids)
+        ids = self.data.test_ids if ids is None else np.asarray(ids)
         members = (np.ones(self.members, bool) if members is None
                    else np.asarray(members, bool))
         n = len(ids)
@@ -398,7 +415,7 @@ class ModelGroup:
         return out
 
     def _stack_logits(self, state, ids: np.ndarray, batch_size: int) -> np.ndarray:
-        images, n, out = self.train_arrays[0], len(ids), []
+        images, n, out = self.data.images, len(ids), []
         if 0 < n < batch_size:  # a few ids (a request's): a batch of the next power of two,
             batch_size = min(batch_size, max(8, 1 << (n - 1).bit_length()))  # not a full one
         for start in range(0, n, batch_size):

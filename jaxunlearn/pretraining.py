@@ -16,7 +16,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from jaxunlearn import metrics, plans, sharding
+from jaxunlearn import metrics, plans
 from jaxunlearn.group import ModelGroup, member_fingerprints
 from jaxunlearn.stages import Stage
 from jaxunlearn.trainer import Trainer
@@ -40,27 +40,24 @@ def pretrain(run) -> dict:
     initialisation of every member of the ensemble (shadow members and the oracle reference
     included), and records it in ``results["pretrain"]`` (returned)."""
     cfg, ens = run.cfg, run.ensemble
-    ids = plans.pretraining_ids(ens.n_train, cfg.pretrain)
+    ids = plans.pretraining_ids(ens.data.n_train, cfg.pretrain)
     pre = recipe(cfg)
-    if ens.mesh is None:  # share the ensemble's resident data
-        data = ens
-    else:  # a group of one runs on one device: its own copy
-        images, labels = (sharding.to_host(x) for x in ens.train_arrays)
-        data = (images[:ens.n_train], labels[:ens.n_train], images[ens.n_train:],
-                labels[ens.n_train:])
+    # A group of one runs on one device: it shares the ensemble's resident data when that is
+    # on one device too, else has its own copy.
+    data = ens.data if ens.mesh is None else ens.data.host_arrays()
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), KEY_SALT)
     group = ModelGroup("pretrain", "ensemble", cfg.model, 1, pre, key, data)
     trainer = Trainer(pre, run.report, run.deletions.mask, run.test_labels)
-    # Stage 0 of the ensemble's source: its batch orders are seeded apart from every phase's.
+    # Stage 0 of the ensemble's track: its batch orders are seeded apart from every phase's.
     stage = Stage("ensemble", 0, 0, 1, 1, [ids], None)
     cost = trainer.train(group, stage, np.ones(1, bool), kind="pretrain")
-    if group.lineage.seen[:, np.setdiff1d(np.arange(ens.n_train), ids)].any():
+    if group.lineage.seen[:, np.setdiff1d(np.arange(ens.data.n_train), ids)].any():
         raise AssertionError("the pretraining saw a deletable example")
     host = group.host_state()
     base = {"params": jax.tree.map(lambda x: x[0], host.params),
             "batch_stats": jax.tree.map(lambda x: x[0], host.batch_stats)}
     for unit in run.units.values():
-        if unit.group.source == "ensemble":
+        if unit.group.track == "ensemble":
             unit.group.set_base(base)
     test = group.member_logits(cfg.eval_batch_size)[0]
     record = {"ids": [int(ids[0]), int(ids[-1])], "examples": int(len(ids)),

@@ -114,7 +114,7 @@ class Run:
 
     def _header(self, ds, ensemble: ModelGroup) -> dict:
         return {"data_source": ds.source, "n_train": ds.n_train, "n_test": ds.n_test,
-                "member_parallel": ensemble.strategy,
+                "member_parallel": ensemble.layout,
                 "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
                 "devices": ensemble.mesh.size if ensemble.mesh is not None else 1,
                 "processes": jax.process_count(),
@@ -154,7 +154,7 @@ class Run:
     def test_logits(self, group: ModelGroup, live=None) -> np.ndarray:
         """``group``'s member logits on the test set (cached until a member changes)."""
         with self.spans("scoring"):
-            return self.logits.get(group, [group.test_ids], live)[0]
+            return self.logits.get(group, [group.data.test_ids], live)[0]
 
     def evaluate(self, models: list[evaluators.Model], forget: np.ndarray,
                  retain: np.ndarray) -> dict:

@@ -3,7 +3,7 @@
 Every kind of training goes through `Trainer.train`: a phase's stages, `replace`'s retraining
 after the last phase, `rewind`'s and the oracle's replays. A stage's samples lose the ids
 deleted since it was drawn; member ``i``'s batch order in epoch ``e`` comes from a generator
-seeded with ``(seed, source, t, round, e, i)`` (`jaxunlearn.plans.member_rngs`), so a member
+seeded with ``(seed, track, t, round, e, i)`` (`jaxunlearn.plans.member_rngs`), so a member
 retrained on a stage sees exactly the batches it saw the first time, minus deleted ids.
 """
 
@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 from jaxunlearn import metrics, plans, sharding, timing, steps
 from jaxunlearn.config import Config, epochs_of
 from jaxunlearn.group import ModelGroup
-from jaxunlearn.stages import SOURCES, Stage
+from jaxunlearn.stages import TRACKS, Stage
 
 
 class Cost(NamedTuple):
@@ -123,7 +123,7 @@ class Trainer:
         Returns the cost, its seconds without compilation, callbacks and evaluation.
         """
         cfg, clock = self.cfg, timing.Clock()
-        epochs = recipe.epochs if recipe else epochs_of(cfg, stage.source)
+        epochs = recipe.epochs if recipe else epochs_of(cfg, stage.track)
         members = np.asarray(members, bool)
         if (recipe and recipe.fresh_optimizer) or (
                 recipe is None and start is None and cfg.reset_optimizer_each_phase
@@ -148,11 +148,12 @@ class Trainer:
             raise ValueError("per-step callbacks need the whole group training")
         stacks = [group.state] if whole else [group.gather(sel) for sel in parts]
         actives = [group.place_members(members[sel]) for sel in parts]
-        seed_key = (cfg.seed, SOURCES[stage.source], stage.t, round_)
+        seed_key = (cfg.seed, TRACKS[stage.track], stage.t, round_)
         per_step = P(None, sharding.MEMBER_AXIS)
         labels = None
         if recipe is not None and recipe.labels is not None:
-            labels = group.relabelled(recipe.forget, recipe.labels)
+            labels = group.place(group.data.relabelled(recipe.forget, recipe.labels),
+                                 sharding.REPLICATED)
         for epoch in range(start.epoch, epochs + 1):
             rngs = plans.member_rngs(seed_key, epoch, group.members)
             idx, weight = plans.epoch_batches(rngs, samples, cfg.batch_size)

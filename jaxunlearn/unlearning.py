@@ -56,8 +56,8 @@ def delete(run, phase: int, ids: np.ndarray, invalid: np.ndarray, scheduled: boo
     record = {} if record is None else record
     cfg, unit, labels = run.cfg, run.units["ensemble"], run.test_labels
     ens = unit.group
-    upto = run.stages.last(ens.source, phase)
-    expected = run.stages.expected_invalidated(ens.source, ids, ens.lineage.born, upto)
+    upto = run.stages.last(ens.track, phase)
+    expected = run.stages.expected_invalidated(ens.track, ids, ens.lineage.born, upto)
     run.deletions.mark(ids)
     run.drop_saved_logits()
     run.report.results["complete"] = False  # the end state no longer describes the run
@@ -75,8 +75,8 @@ def delete(run, phase: int, ids: np.ndarray, invalid: np.ndarray, scheduled: boo
             **outcome.cost.as_dict(), **outcome.details}
     cost["seconds"] = clock.seconds()
     cost["compile_seconds"] = time.perf_counter() - t0 - cost["seconds"]
-    cost["oracle"] = {**run.stages.retrain_cost(ens.source, upto, run.deletions.mask, cfg.epochs),
-                      "seconds": run.stages.retrain_seconds(ens.source, upto)}
+    cost["oracle"] = {**run.stages.retrain_cost(ens.track, upto, run.deletions.mask, cfg.epochs),
+                      "seconds": run.stages.retrain_seconds(ens.track, upto)}
     if run.baseline is not None:
         cost["baseline"] = _unlearn_baseline(run, phase, ids)
 
@@ -120,12 +120,12 @@ def _unlearn_baseline(run, phase: int, ids: np.ndarray) -> dict:
     original study) and its cost."""
     unit = run.units["baseline"]
     invalid = unit.group.lineage.invalid(ids)
-    upto = run.stages.last(unit.group.source, phase)
+    upto = run.stages.last(unit.group.track, phase)
     cost = {"unlearning": unit.strategy.name, "invalidated": bool(invalid[0]),
             "member_epochs": 0, "member_examples": 0, "seconds": 0.0,
-            "oracle": {**run.stages.retrain_cost(unit.group.source, upto, run.deletions.mask,
+            "oracle": {**run.stages.retrain_cost(unit.group.track, upto, run.deletions.mask,
                                                  epochs_of(run.cfg, "baseline")),
-                       "seconds": run.stages.retrain_seconds(unit.group.source, upto)}}
+                       "seconds": run.stages.retrain_seconds(unit.group.track, upto)}}
     unit.state, outcome = unit.strategy.unlearn(unit.state, run.context(unit), phase, ids,
                                                 invalid)
     cost.update(outcome.cost.as_dict())
@@ -144,7 +144,7 @@ def finish(run) -> dict:
     final["members"] = member_records(test, labels, np.ones(ens.members, bool), ens)
     final["baseline"] = (metrics.score(run.test_logits(run.baseline)[0], labels)
                          if run.baseline else None)
-    upto = run.stages.last(ens.source, cfg.phases)
+    upto = run.stages.last(ens.track, cfg.phases)
     forget = run.deletions.sorted_ids()
     models = [run.model("ensemble", ens)]
     oracle_seconds = None

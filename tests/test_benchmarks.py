@@ -184,7 +184,7 @@ def test_retrain_cost(tmp_path, capsys):
         assert all(s > 0 for s in record["seconds"][policy].values())
     from jaxunlearn import ensemble
 
-    assert record["layout"]["ones"] == ensemble.resolve_strategy("auto", arch="tiny",
+    assert record["layout"]["ones"] == ensemble.resolve_layout("auto", arch="tiny",
                                                                  stem="cifar", members=3)
     assert "k=3 s (/ all 3)" in capsys.readouterr().out
 
@@ -203,7 +203,7 @@ def test_auto_layouts_are_the_fastest_measured():
     assert len(measured) >= 5
     for (model, stem, members), rates in measured.items():
         fastest = max(rates, key=rates.get)
-        assert ensemble.resolve_strategy("auto", "cpu", model, stem, members) == fastest, (
+        assert ensemble.resolve_layout("auto", "cpu", model, stem, members) == fastest, (
             model, stem, members, rates)
 
 

@@ -57,7 +57,7 @@ def test_members_are_initialised_differently(setup):
     assert not np.allclose(kernel[0], kernel[1])
 
 
-def test_strategies_and_python_loop_agree(setup):
+def test_layouts_and_python_loop_agree(setup):
     # SGD keeps the comparison linear in the gradients; Adam's first step, lr * g / (|g| + eps),
     # turns float reassociation noise in near-zero gradients into visible differences.
     model, _, _, images, labels = setup
@@ -66,15 +66,15 @@ def test_strategies_and_python_loop_agree(setup):
     idx, weight = _batch(1, pad=3)
     active = jnp.ones(M, bool)
     outs = {}
-    for strategy in ensemble.STRATEGIES + ("hybrid:2",):
-        step = jax.jit(ensemble.make_train_step(model, tx, strategy))
-        outs[strategy] = step(state, images, labels, idx, weight, active)
+    for layout in ensemble.LAYOUTS + ("hybrid:2",):
+        step = jax.jit(ensemble.make_train_step(model, tx, layout))
+        outs[layout] = step(state, images, labels, idx, weight, active)
     single = jax.jit(functools.partial(steps.train_step, model, tx, False))
     looped = [single(jax.tree.map(lambda x: x[i], state), images, labels, idx[i], weight[i],
                      active[i]) for i in range(M)]
     loop_state = jax.tree.map(lambda *xs: jnp.stack(xs), *[s for s, _ in looped])
     loop_loss = jnp.stack([loss for _, loss in looped])
-    for strategy, (new_state, loss) in outs.items():
+    for layout, (new_state, loss) in outs.items():
         chex.assert_trees_all_close(new_state, loop_state, rtol=2e-4, atol=2e-5)
         np.testing.assert_allclose(loss, loop_loss, rtol=1e-5)
     # The update really moved the parameters.
@@ -103,22 +103,22 @@ def test_eval_logits_shape_and_strategies_agree(setup):
     model, _, state, images, _ = setup
     idx = jnp.arange(10, dtype=jnp.int32)
     out = {s: jax.jit(ensemble.make_eval_logits(model, s))(state, images, idx)
-           for s in ensemble.STRATEGIES}
+           for s in ensemble.LAYOUTS}
     assert out["map"].shape == (M, 10, 10)
     np.testing.assert_allclose(out["map"], out["vmap"], rtol=1e-4, atol=1e-5)
 
 
-def test_resolve_strategy():
-    assert ensemble.resolve_strategy("auto", "cpu") == "vmap"  # ResNet-18, ImageNet stem
-    assert ensemble.resolve_strategy("auto", "cpu", "resnet18", "cifar") == "unroll"
-    assert ensemble.resolve_strategy("auto", "cpu", "tiny", "imagenet") == "unroll"
-    assert ensemble.resolve_strategy("auto", "gpu") == "map"
-    assert ensemble.resolve_strategy("auto", "cpu", "resnet50", "cifar") == "unroll"  # stem's
-    assert ensemble.resolve_strategy("auto", "cpu", "air-m", "cifar") == "unroll"  # family
-    assert ensemble.resolve_strategy("hybrid:2") == "hybrid:2"
+def test_resolve_layout():
+    assert ensemble.resolve_layout("auto", "cpu") == "vmap"  # ResNet-18, ImageNet stem
+    assert ensemble.resolve_layout("auto", "cpu", "resnet18", "cifar") == "unroll"
+    assert ensemble.resolve_layout("auto", "cpu", "tiny", "imagenet") == "unroll"
+    assert ensemble.resolve_layout("auto", "gpu") == "map"
+    assert ensemble.resolve_layout("auto", "cpu", "resnet50", "cifar") == "unroll"  # stem's
+    assert ensemble.resolve_layout("auto", "cpu", "air-m", "cifar") == "unroll"  # family
+    assert ensemble.resolve_layout("hybrid:2") == "hybrid:2"
     for bad in ("pmap", "hybrid", "hybrid:0", "hybrid:x"):
         with pytest.raises(ValueError, match="unknown member_parallel"):
-            ensemble.resolve_strategy(bad)
+            ensemble.resolve_layout(bad)
 
 
 def test_hybrid_needs_a_divisible_member_count(setup):

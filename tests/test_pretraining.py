@@ -93,7 +93,7 @@ def test_unlearned_members_go_back_to_the_pretrained_model(sample):
     ds = sample.limit(300, 100)
     arrays = (ds.train_images, ds.train_labels, ds.test_images, ds.test_labels)
     group = ModelGroup("g", "ensemble", cfg.model, 3, cfg, jax.random.PRNGKey(1), arrays)
-    donor = ModelGroup("d", "ensemble", cfg.model, 1, cfg, jax.random.PRNGKey(2), group)
+    donor = ModelGroup("d", "ensemble", cfg.model, 1, cfg, jax.random.PRNGKey(2), group.data)
     host = donor.host_state()
     base = {"params": jax.tree.map(lambda x: x[0], host.params),
             "batch_stats": jax.tree.map(lambda x: x[0], host.batch_stats)}

@@ -104,7 +104,7 @@ def test_unroll_agrees_with_vmap_map_and_a_python_loop_on_logits(sample):
     images = jax.numpy.asarray(sample.train_images[:32])
     idx = jax.numpy.arange(16, dtype=jax.numpy.int32)
     out = {s: jax.jit(ensemble.make_eval_logits(model, s))(state, images, idx)
-           for s in ensemble.STRATEGIES}
+           for s in ensemble.LAYOUTS}
     loop = np.stack([jax.jit(steps.eval_logits, static_argnums=0)(
         model, jax.tree.map(lambda x: x[i], state), images, idx) for i in range(M)])
     np.testing.assert_array_equal(out["unroll"], loop)  # each member computed alone

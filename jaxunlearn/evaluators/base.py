@@ -56,7 +56,7 @@ class LogitCache:
 
     def _entry(self, group: ModelGroup) -> list:
         entry = self._groups.get(group.name)
-        n = group.n_train + group.n_test
+        n = group.data.n_train + group.data.n_test
         if entry is None or entry[2].shape != (group.members, n, group.classes):
             entry = self._groups[group.name] = [
                 np.full(group.members, -1, np.int64), np.zeros((group.members, n), bool),
@@ -102,7 +102,7 @@ class LogitCache:
                 continue
             versions, have, logits = self._groups[group.name]
             keep = have.copy()
-            keep[:, :group.n_train] &= ~np.asarray(exclude, bool)
+            keep[:, :group.data.n_train] &= ~np.asarray(exclude, bool)
             fingerprints[group.name] = group.fingerprints()
             for i in np.flatnonzero((versions == group.versions) & keep.any(axis=1)):
                 ids = np.flatnonzero(keep[i])
@@ -162,7 +162,7 @@ class Evaluation:
         self._scores: dict[tuple[str, str], tuple] = {}
 
     def _ids(self, model: Model, which: str) -> np.ndarray:
-        return model.group.test_ids if which == "test" else self.sets[which][0]
+        return model.group.data.test_ids if which == "test" else self.sets[which][0]
 
     def labels(self, which: str) -> np.ndarray:
         return self.test_labels if which == "test" else self.sets[which][1]

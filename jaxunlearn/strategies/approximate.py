@@ -47,7 +47,7 @@ class Approximate(Strategy):
         forget = np.unique(np.concatenate(held)) if self.uses_forget else np.zeros(0, np.int64)
         samples = [np.concatenate([r, f]) if self.uses_forget else r
                    for r, f in zip(retain, held)]
-        stage = Stage(group.source, last.t, phase, 1, 1, samples, None)
+        stage = Stage(group.track, last.t, phase, 1, 1, samples, None)
         recipe = self.recipe(ctx, rounds, retain, held, forget)
         cost = ctx.trainer.train(group, stage, invalid, kind=self.name, round_=rounds,
                                  recipe=recipe)
@@ -58,7 +58,7 @@ class Approximate(Strategy):
         """The last stage before ``phase``'s end, each member's retained sample (that stage's
         minus the deleted ids) and the ids of this request it held (empty unless invalid)."""
         group = ctx.group
-        last = ctx.stages.get(group.source, ctx.stages.last(group.source, phase))
+        last = ctx.stages.get(group.track, ctx.stages.last(group.track, phase))
         held = [ids[group.lineage.seen[i, ids]] if invalid[i] else ids[:0]
                 for i in range(group.members)]
         return last, plans.without(last.samples, ctx.deleted), held
@@ -90,7 +90,7 @@ class RandomLabels(Approximate):
 
     def recipe(self, ctx, rounds, retain, held, forget):
         rng = plans.stream(ctx.cfg.seed, "random_labels", rounds)
-        classes, true = ctx.group.classes, ctx.group.host_labels[forget]
+        classes, true = ctx.group.classes, ctx.group.data.host_labels[forget]
         # A uniformly drawn wrong label: the true one plus 1..classes-1, modulo classes.
         labels = (true + rng.integers(1, classes, forget.size)) % classes
         return Recipe(ctx.cfg.unlearn_epochs, ctx.cfg.unlearn_lr, forget, 1.0, labels)

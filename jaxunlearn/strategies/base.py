@@ -113,7 +113,7 @@ def replay(ctx: Context, members: np.ndarray, points: np.ndarray, upto: int, kin
         return cost
     for t in range(int(points[members].min()) + 1, upto + 1):
         active = members & (points < t)
-        stage = ctx.stages.get(ctx.group.source, t)
+        stage = ctx.stages.get(ctx.group.track, t)
         cost += ctx.trainer.train(ctx.group, stage, active, kind=kind)
         if on_stage is not None:
             on_stage(stage, active)

@@ -24,7 +24,7 @@ class Oracle(Strategy):
             return state, Outcome(Cost(), everyone, False, 0)
         group.reinitialise()
         cost = replay(ctx, everyone, np.zeros(group.members, np.int64),
-                      ctx.stages.last(group.source, phase), "oracle")
+                      ctx.stages.last(group.track, phase), "oracle")
         return state, Outcome(cost, everyone, True, group.members)
 
 
@@ -61,13 +61,13 @@ class Reference:
         stale = seen[:, ctx.deleted].any(axis=1)
         if stale.any():
             ids = np.flatnonzero(ctx.deleted & seen[stale].any(axis=0))
-            slices = ctx.stages.slices(self.group.source)
+            slices = ctx.stages.slices(self.group.track)
             self.state, outcome = self.rewind.unlearn(self.state, octx, self.upto // slices,
                                                       ids, stale)
             cost += outcome.cost
         everyone = np.ones(self.group.members, bool)
         for t in range(self.upto + 1, upto + 1):
-            stage = ctx.stages.get(self.group.source, t)
+            stage = ctx.stages.get(self.group.track, t)
             cost += ctx.trainer.train(self.group, stage, everyone, kind="oracle")
             self.state = self.rewind.after_stage(self.state, octx, stage, everyone)
         self.upto = max(self.upto, upto)

@@ -32,7 +32,7 @@ class Replace(Strategy):
         rng = np.random.default_rng()
         rng.bit_generator.state = state["rng"]
         rounds = state["rounds"] + 1
-        stage = ctx.stages.redraw(group.source, phase, ctx.deleted, rng)
+        stage = ctx.stages.redraw(group.track, phase, ctx.deleted, rng)
         cost = ctx.trainer.train(group, stage, invalid, kind="retrain", round_=rounds)
         return ({"rounds": rounds, "rng": rng.bit_generator.state},
                 Outcome(cost, everyone, True, replaced))

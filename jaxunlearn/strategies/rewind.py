@@ -46,7 +46,7 @@ class Rewind(Strategy):
         def record(stage, active):
             kept[0] = self._record(kept[0], ctx, stage.t, active)
 
-        cost = replay(ctx, invalid, points, ctx.stages.last(group.source, phase), "rewind", record)
+        cost = replay(ctx, invalid, points, ctx.stages.last(group.track, phase), "rewind", record)
         rewound = {int(i): int(points[i]) for i in np.flatnonzero(invalid)}
         return kept[0], Outcome(cost, np.ones(group.members, bool), bool(invalid.any()),
                                 int(invalid.sum()), {"rewound_to": rewound})
@@ -63,7 +63,7 @@ class Rewind(Strategy):
         # A snapshot needs the optimiser state only when a replay can start mid-phase or keeps
         # it across phases; otherwise the replay resets it first (a third of Adam's memory).
         return not (ctx.cfg.reset_optimizer_each_phase
-                    and ctx.stages.slices(ctx.group.source) == 1)
+                    and ctx.stages.slices(ctx.group.track) == 1)
 
     def _record(self, state: dict, ctx: Context, t: int, members: np.ndarray) -> dict:
         """``state`` with ``members``' current states written as their snapshots of stage

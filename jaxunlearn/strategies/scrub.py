@@ -32,7 +32,7 @@ class Scrub(Approximate):
         if not invalid.any():
             return state, Outcome(Cost(), everyone, False, 0)
         rounds = state["rounds"] + 1
-        teacher = group.member_logits(cfg.eval_batch_size, np.arange(group.n_train), invalid)
+        teacher = group.member_logits(cfg.eval_batch_size, np.arange(group.data.n_train), invalid)
         teacher = group.place(np.nan_to_num(teacher), sharding.MEMBERS)
         last, retain, held = self.samples(ctx, phase, ids, invalid)
         forget = np.unique(np.concatenate(held))
@@ -43,7 +43,7 @@ class Scrub(Approximate):
             passes = ([(held, forget, -1.0)] if epoch <= max_epochs else []) + [
                 (retain, np.zeros(0, np.int64), 1.0)]
             for n, (samples, fed, weight) in enumerate(passes):
-                stage = Stage(group.source, last.t, phase, 1, 1, samples, None)
+                stage = Stage(group.track, last.t, phase, 1, 1, samples, None)
                 recipe = Recipe(1, cfg.unlearn_lr, fed, weight, teacher=teacher,
                                 fresh_optimizer=first)
                 # Each pass its own batch order (the round seeds it).
