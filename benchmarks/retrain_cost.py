@@ -26,16 +26,6 @@ import numpy as np
 import benchlib
 
 
-class _Quiet:
-    """A report that records nothing (the trainer's epoch lines and progress bar)."""
-
-    def epoch(self, line, description):
-        pass
-
-    def extend_progress(self, epochs):
-        pass
-
-
 def setup(model: str, stem: str, layout: str, policy: str, members: int, batch: int,
           samples: int, epochs: int = 1, precision: str = "fp32", augment: bool = False):
     """A stacked group on synthetic resident data (``samples`` examples per member), the
@@ -60,7 +50,7 @@ def setup(model: str, stem: str, layout: str, policy: str, members: int, batch: 
         "substacks": policy, "batch_size": batch, "epochs": epochs, "eval_every_epoch": False,
         "precision": precision, "augment": augment})
     group = ModelGroup("ensemble", "ensemble", model, members, cfg, jax.random.PRNGKey(0), data)
-    return group, Trainer(cfg, _Quiet(), np.zeros(n, bool), data[3]), stage
+    return group, Trainer(cfg, np.zeros(n, bool)), stage
 
 
 def time_training(group, trainer, stage, chosen: np.ndarray, repeats: int):

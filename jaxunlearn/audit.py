@@ -13,6 +13,7 @@ import numpy as np
 
 from jaxunlearn import checkpoint, deletion_log, durable, plans, runlock, strategies
 from jaxunlearn.folder import LOGITS, RunFolder
+from jaxunlearn.results import Report
 
 
 def audit(run_dir) -> tuple[bool, list[str], str]:
@@ -82,7 +83,7 @@ def _pretraining(cfg, tree: dict, deleted: np.ndarray) -> list[str]:
     examples the config declares never deletable)."""
     if not cfg.pretrain:
         return []
-    pretraining = plans.pretraining_ids(tree["report"]["results"]["n_train"], cfg.pretrain)
+    pretraining = plans.pretraining_ids(Report.results_in(tree)["n_train"], cfg.pretrain)
     held = np.intersect1d(deleted, pretraining)
     return [f"deleted id(s) {held[:10].tolist()} are in the pretraining set (ids "
             f"{pretraining[0]}..{pretraining[-1]}): every member started from a model "

@@ -15,7 +15,8 @@ from typing import Callable
 import numpy as np
 
 
-from jaxunlearn import data as data_lib, deletion_log, durable, faults, metrics, plans, runlock
+from jaxunlearn import data as data_lib, deletion_log, durable, faults, metrics, plans, records
+from jaxunlearn import runlock
 from jaxunlearn import run as run_lib, unlearning
 from jaxunlearn.config import FORK_CHANGES, Config, ConfigError, apply_overrides
 from jaxunlearn.deletion_queue import Queue
@@ -69,9 +70,10 @@ def run_protocol(run: Run, stop_after_phase: int | None = None) -> dict:
                    f"good checkpoint is {steps[-1] if steps else 'none'}; resume from it with "
                    f"a lower learning rate: jaxunlearn run --resume {run.out} "
                    f"learning_rate={cfg.learning_rate / 10:g} --allow-config-change")
-        run.report.results["error"] = {"kind": "diverged", "group": e.group,
-                                       "members": e.members, "phase": run.progress.phase_done + 1,
-                                       "epoch": e.epoch, "step": e.step, "message": message}
+        error: records.Error = {"kind": "diverged", "group": e.group, "members": e.members,
+                                "phase": run.progress.phase_done + 1, "epoch": e.epoch,
+                                "step": e.step, "message": message}
+        run.report.results["error"] = error
         run.report.save()
         raise TrainingDiverged(e.group, e.members, e.epoch, e.step, message) from None
     return run.report.results
@@ -83,8 +85,9 @@ def run_phase(run: Run, phase: int) -> dict:
     cfg, queue = run.cfg, Queue(run.log, run.deletions)
     resume, run.progress.position = run.progress.position, None
     t0, scored = time.perf_counter(), run.eval_seconds()
-    record = resume["record"] if resume else {"phase": phase, "working_set": int(
-        len(plans.working_set(run.chunks, phase, run.deletions.mask)))}
+    record: records.PhaseRecord = resume["record"] if resume else {
+        "phase": phase,
+        "working_set": int(len(plans.working_set(run.chunks, phase, run.deletions.mask)))}
     seconds = record.setdefault("seconds_by_model", {})
     order = list(run.units)
     for name, unit in run.units.items():

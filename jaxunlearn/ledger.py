@@ -3,6 +3,7 @@ against the oracle's."""
 
 from __future__ import annotations
 
+from jaxunlearn import records
 from jaxunlearn.trainer import Cost
 
 
@@ -13,7 +14,7 @@ class Ledger:
         self.replacements = 0  # members reinitialised or rewound
 
     def totals(self, strategy: str, oracle_seconds: float | None,
-               baseline_unlearning: str | None) -> dict:
+               baseline_unlearning: str | None) -> records.RunCost:
         """The run's unlearning cost against the oracle's, summed over deletion events;
         ``baseline_unlearning`` names the baseline's unlearning (None: no baseline)."""
         def total(key, events=self.events):

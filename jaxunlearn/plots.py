@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pathlib
 
+from jaxunlearn import records
 
-def plot_phases(results: dict, path) -> pathlib.Path:
+
+def plot_phases(results: records.Results, path) -> pathlib.Path:
     """Test accuracy and mean cross-entropy per phase: ensemble, its members, and the baseline.
 
     Phases followed by deletions are marked with the number of members they invalidated and,

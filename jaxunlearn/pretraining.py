@@ -16,8 +16,9 @@ import dataclasses
 import jax
 import numpy as np
 
-from jaxunlearn import metrics, plans
+from jaxunlearn import metrics, plans, records
 from jaxunlearn.group import ModelGroup, member_fingerprints
+from jaxunlearn.results import EpochLog
 from jaxunlearn.stages import Stage
 from jaxunlearn.trainer import Trainer
 
@@ -35,7 +36,7 @@ def recipe(cfg):
                                eval_every_epoch=False)
 
 
-def pretrain(run) -> dict:
+def pretrain(run) -> records.Pretrain:
     """Trains one ``cfg.model`` on the run's never-deletable examples, makes it the
     initialisation of every member of the ensemble (shadow members and the oracle reference
     included), and records it in ``results["pretrain"]`` (returned)."""
@@ -47,7 +48,8 @@ def pretrain(run) -> dict:
     data = ens.data if ens.mesh is None else ens.data.host_arrays()
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), KEY_SALT)
     group = ModelGroup("pretrain", "ensemble", cfg.model, 1, pre, key, data)
-    trainer = Trainer(pre, run.report, run.deletions.mask, run.test_labels)
+    trainer = Trainer(pre, run.deletions.mask,
+                      EpochLog(run.report, pre, run.test_labels, run.test_logits))
     # Stage 0 of the ensemble's track: its batch orders are seeded apart from every phase's.
     stage = Stage("ensemble", 0, 0, 1, 1, [ids], None)
     cost = trainer.train(group, stage, np.ones(1, bool), kind="pretrain")
@@ -60,7 +62,7 @@ def pretrain(run) -> dict:
         if unit.group.track == "ensemble":
             unit.group.set_base(base)
     test = group.member_logits(cfg.eval_batch_size)[0]
-    record = {"ids": [int(ids[0]), int(ids[-1])], "examples": int(len(ids)),
+    record: records.Pretrain = {"ids": [int(ids[0]), int(ids[-1])], "examples": int(len(ids)),
               "epochs": pre.epochs, "batch_size": pre.batch_size,
               "learning_rate": pre.learning_rate, "seconds": cost.seconds,
               "member_examples": cost.member_examples,

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 import pathlib
 
+from jaxunlearn import records
 from jaxunlearn.config import COMPARABLE_CHANGES, Config
 from jaxunlearn.folder import RunFolder
 
@@ -42,12 +42,15 @@ class ReportError(ValueError):
     """Run folders that cannot be compared; the message says why and what to do."""
 
 
-def load(run_dir) -> dict:
+def load(run_dir) -> records.Results:
     path = RunFolder(run_dir).results
     if not path.is_file():
         raise ReportError(f"{run_dir}: no results.json; pass finished run folders "
                           f"(`jaxunlearn run` writes one per run)")
-    results = json.loads(path.read_text())
+    try:
+        results = records.load(path)
+    except records.RecordError as e:
+        raise ReportError(f"{run_dir}: {e}") from None
     if not results.get("complete"):
         raise ReportError(f"{run_dir}: the run has not finished (results.json is not "
                           f"complete); resume it with `jaxunlearn run --resume {run_dir}`")
@@ -57,7 +60,7 @@ def load(run_dir) -> dict:
     return results
 
 
-def check(runs: dict[str, dict]) -> None:
+def check(runs: dict[str, records.Results]) -> None:
     """Raises ReportError unless every run shares the data and the training and deletion
     settings of the first."""
     names = list(runs)
@@ -92,7 +95,7 @@ def _get(block: dict | None, model: str, *path):
     return value
 
 
-def _attack(results: dict, block: str, model: str, *path):
+def _attack(results: records.Results, block: str, model: str, *path):
     """An attack's figure at ``path`` and its entry's ``n``: `TOO_FEW` under `MIN_EXAMPLES`
     forgotten examples (or when the evaluator skipped it), None when not evaluated."""
     entry = _get(results.get(block), model)
@@ -104,7 +107,7 @@ def _attack(results: dict, block: str, model: str, *path):
     return _get({"x": entry}, "x", *path), n
 
 
-def _row(method: str, exact, results: dict, model: str, seconds) -> dict:
+def _row(method: str, exact, results: records.Results, model: str, seconds) -> dict:
     row = {"method": method, "exact": exact,
            "forget_acc": _get(results.get("forget"), model, "accuracy"),
            "retain_acc": _get(results.get("retain"), model, "accuracy"),

@@ -23,6 +23,7 @@ from typing import Callable
 from jaxunlearn import checkpoint, deletion_log, driver, plans, runlock, timing
 from jaxunlearn.deletion_queue import Forget
 from jaxunlearn.folder import RunFolder
+from jaxunlearn.results import Report
 from jaxunlearn.run import open_run, saved_config
 
 
@@ -81,7 +82,7 @@ def validate(run_dir, ids: list[int]) -> dict:
         tree = latest_meta(run_dir)["tree"]
     except checkpoint.CheckpointError as e:
         raise RequestError(f"{run_dir} has no usable checkpoint to apply a request to: {e}")
-    n_train = tree["report"]["results"]["n_train"]
+    n_train = Report.results_in(tree)["n_train"]
     out_of_range = [i for i in ids if not 0 <= i < n_train]
     if out_of_range:
         raise RequestError(f"example id(s) {out_of_range[:10]} do not exist: this run's "

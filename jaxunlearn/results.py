@@ -1,5 +1,5 @@
 """What a run tells: ``results.json``, ``metrics.jsonl``, one line per phase and a progress bar,
-all through one writer.
+all through one writer (`Report`), which hears of training through `EpochLog`.
 
 With several processes (hosts) every process computes everything and only the first writes.
 """
@@ -11,22 +11,28 @@ import os
 import pathlib
 from typing import Callable
 
+import numpy as np
+
+from jaxunlearn import metrics, records
 from jaxunlearn.config import Config
 from jaxunlearn.folder import RunFolder
+from jaxunlearn.trainer import EpochEnd
 
 
 class Report:
     """The run's results (a dict rewritten atomically as ``results.json``), its metrics log,
     its printed lines and its progress bar."""
 
-    def __init__(self, cfg: Config, out: pathlib.Path, header: dict, log: Callable[[str], None],
+    def __init__(self, cfg: Config, out: pathlib.Path, header: records.Header,
+                 log: Callable[[str], None],
                  progress: bool, primary: bool, planned_epochs: int):
         """``header``: the results' fixed fields (data, device, versions...); ``planned_epochs``
         sizes the progress bar (retraining extends it)."""
         from tqdm.auto import tqdm
 
         self.cfg, self.out, self.log, self.primary = cfg, out, log, primary
-        self.results = {"complete": False, "config": cfg.to_dict(), **header, "phases": []}
+        self.results: records.Results = {"complete": False, "config": cfg.to_dict(), **header,
+                                          "phases": []}
         self.bar = tqdm(total=planned_epochs, disable=not progress, unit="epoch", leave=False,
                         dynamic_ncols=True)
         self._metrics_path = RunFolder(out).metrics
@@ -50,7 +56,7 @@ class Report:
     def extend_progress(self, epochs: int) -> None:
         self.bar.total += epochs
 
-    def phase(self, record: dict) -> None:
+    def phase(self, record: records.PhaseRecord) -> None:
         """A finished phase: its metrics line and its printed line."""
         self.emit({"kind": "phase", **record})
         self.log(phase_line(record, self.cfg.phases))
@@ -74,6 +80,11 @@ class Report:
 
     # ---- durable state -------------------------------------------------------------------
 
+    @staticmethod
+    def results_in(tree: dict) -> records.Results:
+        """The results a checkpoint's state tree holds (`state_dict` under ``"report"``)."""
+        return tree["report"]["results"]
+
     def state_dict(self) -> dict:
         self.metrics.flush()
         return {"results": self.results, "plotted": self._plotted,
@@ -91,7 +102,38 @@ class Report:
             self.metrics = open(self._metrics_path, "a", buffering=1)
 
 
-def phase_line(r: dict, phases: int) -> str:
+class EpochLog:
+    """A run's `jaxunlearn.trainer.Listener`: each epoch's line in ``metrics.jsonl`` (with the
+    members' and the ensemble's test scores when ``eval_every_epoch``) and a step of the
+    progress bar, which a training beyond the planned phases extends."""
+
+    def __init__(self, report: Report, cfg: Config, test_labels: np.ndarray,
+                 test_logits: Callable):
+        """``test_logits(group)``: the group's member logits on the test set (the run's cache,
+        so that the last epoch's are the phase's own scores)."""
+        self.report, self.cfg, self.test_labels = report, cfg, test_labels
+        self.test_logits = test_logits
+
+    def started(self, kind: str, epochs: int) -> None:
+        if kind != "epoch":  # a phase's own epochs are in the plan already
+            self.report.extend_progress(epochs)
+
+    def epoch_done(self, end: EpochEnd) -> None:
+        cfg, group, stage = self.cfg, end.group, end.stage
+        line = {"kind": end.kind, "phase": stage.phase, "model": group.name, "epoch": end.epoch,
+                "train_loss": end.train_loss, "seconds": end.seconds}
+        if stage.slices > 1:
+            line["slice"] = stage.slice
+        if cfg.eval_every_epoch:
+            logits = self.test_logits(group)
+            line["members"] = [metrics.score(l, self.test_labels) for l in logits]
+            if group.members > 1:
+                line["ensemble"] = metrics.aggregate(logits, self.test_labels, group.voters(),
+                                                     cfg.aggregation)
+        self.report.epoch(line, f"phase {stage.phase}/{cfg.phases} {group.name}")
+
+
+def phase_line(r: records.PhaseRecord, phases: int) -> str:
     e, b = r["ensemble"], r["baseline"]
     text = f"phase {r['phase']}/{phases}: ensemble acc {e['test_accuracy']:.4f}"
     if e["test_loss"] is not None:  # vote has no loss
@@ -108,7 +150,7 @@ def phase_line(r: dict, phases: int) -> str:
     return text + f" | {r['seconds']:.1f}s"
 
 
-def summary_line(results: dict) -> str:
+def summary_line(results: records.Results) -> str:
     f, audit = results["final"], results["lineage_audit"]
     verdict = "ok" if audit["ok"] else "FAILED"
     if audit.get("held_by_design"):
@@ -121,7 +163,7 @@ def summary_line(results: dict) -> str:
               f"{results['wall_seconds']:.1f}s")
 
 
-def _deletion_costs(results: dict) -> str:
+def _deletion_costs(results: records.Results) -> str:
     """What honouring the deletions cost the ensemble, and would have cost retraining it and
     the baseline from scratch at each deletion (their own measured training)."""
     cost = results.get("cost") or {}

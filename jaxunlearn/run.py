@@ -24,12 +24,12 @@ import numpy as np
 
 from jaxunlearn import checkpoint, config as config_lib, data as data_lib, deletion_log
 from jaxunlearn import deletions as deletions_lib, durable, evaluators, plans, strategies, timing
-from jaxunlearn import pretraining, recovery, runlock, validation
+from jaxunlearn import pretraining, records, recovery, runlock, validation
 from jaxunlearn.snapshots import SnapshotStore
 from jaxunlearn.config import RESUMABLE_CHANGES, UNLEARNING_CHANGES, Config, ConfigError
 from jaxunlearn.group import ModelGroup
 from jaxunlearn.ledger import Ledger
-from jaxunlearn.results import Report
+from jaxunlearn.results import EpochLog, Report
 from jaxunlearn.stages import Stages
 from jaxunlearn.trainer import Trainer
 from jaxunlearn.folder import RunFolder
@@ -93,8 +93,8 @@ class Run:
             config_lib.epochs_of(cfg, "baseline") if cfg.baseline != "none" else 0))
         self.report = Report(cfg, out, self._header(ds, ensemble), log, progress,
                              self.primary, epochs)
-        self.trainer = Trainer(cfg, self.report, self.deletions.mask, ds.test_labels,
-                               test_logits=lambda group: self.test_logits(group))
+        self.trainer = Trainer(cfg, self.deletions.mask,
+                               EpochLog(self.report, cfg, ds.test_labels, self.test_logits))
         groups = {"ensemble": ensemble}
         if cfg.baseline != "none":
             groups["baseline"] = ModelGroup("baseline", "baseline", cfg.baseline, 1, cfg, k_base,
@@ -112,7 +112,7 @@ class Run:
         self.ckpts = checkpoint.Checkpoints(out, read_only=not self.primary)
         self.log = deletion_log.DeletionLog.open(out) if self.primary else None
 
-    def _header(self, ds, ensemble: ModelGroup) -> dict:
+    def _header(self, ds, ensemble: ModelGroup) -> records.Header:
         return {"data_source": ds.source, "n_train": ds.n_train, "n_test": ds.n_test,
                 "member_parallel": ensemble.layout,
                 "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
@@ -149,7 +149,7 @@ class Run:
 
     def eval_seconds(self) -> float:
         """Seconds spent scoring so far in this process (compilation left out)."""
-        return self.logits.seconds + self.trainer.eval_seconds
+        return self.logits.seconds
 
     def test_logits(self, group: ModelGroup, live=None) -> np.ndarray:
         """``group``'s member logits on the test set (cached until a member changes)."""
@@ -254,7 +254,7 @@ def open_run(cfg: Config, workdir, dataset: data_lib.Dataset | None = None,
     ds = dataset if dataset is not None else data_lib.load_dataset(cfg.data)
     ds = ds.limit(cfg.train_limit or None, cfg.test_limit or None)
     if existing and folder.results.is_file():
-        expected = json.loads(folder.results.read_text()).get("data_fingerprint")
+        expected = records.load(folder.results).get("data_fingerprint")
         if expected and expected != data_fingerprint(ds):
             raise data_lib.DataError(
                 f"the data found ({ds.source}) is not the data {out} was trained on; pass "

@@ -9,14 +9,14 @@ retrained on a stage sees exactly the batches it saw the first time, minus delet
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxunlearn import metrics, plans, sharding, timing, steps
+from jaxunlearn import plans, sharding, timing, steps
 from jaxunlearn.config import Config, epochs_of
 from jaxunlearn.group import ModelGroup
 from jaxunlearn.stages import TRACKS, Stage
@@ -65,6 +65,36 @@ def check_finite(step_losses: np.ndarray, name: str, epoch: int, offset: int = 0
                                offset + step + 1)
 
 
+class EpochEnd(NamedTuple):
+    """A finished epoch of training, as the trainer reports it to its `Listener`."""
+
+    kind: str  # as `Trainer.train`'s: "epoch" (a phase's own training), "retrain", ...
+    group: ModelGroup
+    stage: Stage
+    epoch: int
+    train_loss: list  # each member's mean loss over its samples (None: not training)
+    seconds: float  # training seconds of this `Trainer.train` call so far
+
+
+class Listener(Protocol):
+    """What hears of training as it goes (`Trainer`'s ``listener``): a run's metrics log and
+    progress bar (`jaxunlearn.results.EpochLog`). Its time does not count as training time."""
+
+    def started(self, kind: str, epochs: int) -> None:
+        """A `Trainer.train` call of ``epochs`` epochs of ``kind`` begins."""
+
+    def epoch_done(self, end: EpochEnd) -> None:
+        """An epoch ended (every member's step of it done)."""
+
+
+class _Silent:
+    def started(self, kind: str, epochs: int) -> None:
+        pass
+
+    def epoch_done(self, end: EpochEnd) -> None:
+        pass
+
+
 class Recipe(NamedTuple):
     """How an approximate unlearning trains (`Trainer.train`'s ``recipe``), in place of the
     phase's own schedule: ``epochs`` at a constant learning rate ``lr_scale`` times the
@@ -95,17 +125,14 @@ def _masked_scale(mask, scale):
 
 
 class Trainer:
-    """Trains members of model groups on stages; reports each epoch through ``report``."""
+    """Trains members of model groups on stages; tells its ``listener`` as it goes."""
 
-    def __init__(self, cfg: Config, report, deleted: np.ndarray, test_labels: np.ndarray,
-                 test_logits: Callable | None = None):
+    def __init__(self, cfg: Config, deleted: np.ndarray, listener: Listener | None = None):
         """``deleted``: the run's bool ``[n_train]`` deletion mask (read at every call);
-        ``test_logits(group)``: the group's member logits on the test set, from the run's
-        cache (so the last epoch's are the phase's own scores), which times itself; None: the
-        trainer computes them and counts the seconds in ``eval_seconds``."""
-        self.cfg, self.report, self.deleted, self.test_labels = cfg, report, deleted, test_labels
-        self.test_logits = test_logits
-        self.eval_seconds = 0.0  # spent scoring after epochs (eval_every_epoch)
+        ``listener`` (`Listener`): hears of each training call and epoch (None: nothing
+        does)."""
+        self.cfg, self.deleted = cfg, deleted
+        self.listener = listener or _Silent()
 
     def train(self, group: ModelGroup, stage: Stage, members: np.ndarray, *,
               kind: str = "epoch", round_: int = 0, start: Start | None = None,
@@ -130,8 +157,7 @@ class Trainer:
                 and stage.slice == 1):
             group.reset_optimizer(members)
         start = start or Start()
-        if kind != "epoch":
-            self.report.extend_progress(epochs)
+        self.listener.started(kind, epochs)
         deleted, forget = self.deleted, None  # forget: bool [n_train], fed although deleted
         if recipe is not None and recipe.forget.size:
             forget = np.zeros(len(self.deleted), bool)
@@ -204,7 +230,11 @@ class Trainer:
                 for sel, stack in zip(parts, stacks):
                     group.scatter(stack, sel, np.isin(np.arange(group.members), sel) & members)
             train_loss = partial_loss() / np.maximum(sizes, 1)  # waits for the epoch's steps
-            self._epoch_done(group, stage, kind, epoch, train_loss, members, clock)
+            end = EpochEnd(kind, group, stage, epoch,
+                           [float(x) if a else None for x, a in zip(train_loss, members)],
+                           clock.seconds())
+            with clock.paused():  # what the listener does (scoring) is not training time
+                self.listener.epoch_done(end)
         return Cost(int(members.sum()) * epochs, int(sizes.sum()) * epochs,
                     clock.seconds())
 
@@ -220,23 +250,3 @@ class Trainer:
         step = np.minimum(np.arange(n_steps)[:, None], per_epoch[None, :] - 1)
         progress = (epoch - 1 + step / per_epoch[None, :]) / epochs
         return steps.lr_scale(cfg.lr_schedule, progress, cfg.lr_warmup).astype(np.float32)
-
-    def _epoch_done(self, group, stage, kind, epoch, train_loss, members, clock) -> None:
-        line = {"kind": kind, "phase": stage.phase, "model": group.name, "epoch": epoch,
-                "train_loss": [float(x) if a else None for x, a in zip(train_loss, members)],
-                "seconds": clock.seconds()}
-        if stage.slices > 1:
-            line["slice"] = stage.slice
-        if self.cfg.eval_every_epoch:
-            with clock.paused():  # evaluation time is not training time
-                if self.test_logits is not None:
-                    logits = self.test_logits(group)
-                else:
-                    scoring = timing.Clock()
-                    logits = group.member_logits(self.cfg.eval_batch_size)
-                    self.eval_seconds += scoring.seconds()
-            line["members"] = [metrics.score(l, self.test_labels) for l in logits]
-            if group.members > 1:
-                line["ensemble"] = metrics.aggregate(logits, self.test_labels, group.voters(),
-                                                     self.cfg.aggregation)
-        self.report.epoch(line, f"phase {stage.phase}/{self.cfg.phases} {group.name}")

@@ -19,13 +19,13 @@ from typing import Callable
 
 import numpy as np
 
-from jaxunlearn import durable, metrics, timing
+from jaxunlearn import durable, metrics, records, timing
 from jaxunlearn.config import epochs_of
 from jaxunlearn.deletion_queue import Request, Scheduled
 from jaxunlearn.strategies.base import at_path
 
 
-def member_records(logits, labels, valid, group) -> list[dict]:
+def member_records(logits, labels, valid, group) -> list[records.MemberScore]:
     """Each member's test scores, validity and birth phase (shadow members marked)."""
     return [dict(member=i, **metrics.score(logits[i], labels), valid=bool(valid[i]),
                  born=int(group.lineage.born[i]),
@@ -132,13 +132,13 @@ def _unlearn_baseline(run, phase: int, ids: np.ndarray) -> dict:
     return cost
 
 
-def finish(run) -> dict:
+def finish(run) -> records.Results:
     """Writes the end state: ``final``, the evaluators' blocks against the oracle, the cost
     totals, the lineage audit, ``lineage.npz`` and the plot."""
     cfg, labels, results = run.cfg, run.test_labels, run.report.results
     ens, unit = run.ensemble, run.units["ensemble"]
     last = results["phases"][-1]
-    final = {k: last[k] for k in ("phase", "deleted_ids", "invalidated", "seconds")}
+    final: records.Final = {k: last[k] for k in ("phase", "deleted_ids", "invalidated", "seconds")}
     test = run.test_logits(ens)  # the live state, after every deletion and request
     final["ensemble"] = metrics.aggregate(test, labels, ens.voters(), cfg.aggregation)
     final["members"] = member_records(test, labels, np.ones(ens.members, bool), ens)

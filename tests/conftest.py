@@ -9,7 +9,6 @@ one test file per core with pytest-xdist (`addopts` in pyproject.toml); its work
 controller's cache.
 """
 
-import json
 import os
 import pathlib
 import shutil
@@ -20,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxunlearn import checkpoint, data
+from jaxunlearn import checkpoint, data, records
 
 _SHARED = "JAXUNLEARN_TEST_XLA_CACHE"
 _CACHE = {"JAX_COMPILATION_CACHE_DIR": None,
@@ -56,7 +55,10 @@ def sample():
 
 
 def results_of(run_dir) -> dict:
-    return json.loads((pathlib.Path(run_dir) / "results.json").read_text())
+    """A run's ``results.json``, held to its declared records (`jaxunlearn.records`)."""
+    results = records.load(pathlib.Path(run_dir) / "results.json")
+    assert records.problems(results) == [], records.problems(results)
+    return results
 
 
 def checkpoint_tree(run_dir, step: int | None = None) -> dict:

@@ -15,7 +15,7 @@ import chex
 import jax
 import numpy as np
 
-from jaxunlearn import checkpoint, data, driver
+from jaxunlearn import checkpoint, data, driver, records
 from jaxunlearn.config import apply_overrides, get_preset
 
 
@@ -55,7 +55,8 @@ def main(out: pathlib.Path) -> None:
     # bit for bit: so both rewind = oracle and resumed = uninterrupted hold
     chex.assert_trees_all_equal(rewind, final_state(runs["oracle"]))
     # the members no deletion touched are the members of a run that deleted nothing
-    results = json.loads((runs["rewind"] / "results.json").read_text())
+    results = records.load(runs["rewind"] / "results.json")
+    assert records.problems(results) == [], records.problems(results)
     hit = sorted({m for p in results["phases"] for m in p["invalidated"]})
     untouched = [m for m in range(base.members) if m not in hit]
     assert hit and untouched, (hit, untouched)

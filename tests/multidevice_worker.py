@@ -89,13 +89,6 @@ def substack_check() -> None:
     from jaxunlearn.stages import Stage
     from jaxunlearn.trainer import Trainer
 
-    class Quiet:
-        def epoch(self, line, description):
-            pass
-
-        def extend_progress(self, epochs):
-            pass
-
     assert jax.device_count() == 4, jax.devices()
     ds = data.load_sample().limit(128, 8)
     arrays = (ds.train_images, ds.train_labels, ds.test_images, ds.test_labels)
@@ -114,7 +107,7 @@ def substack_check() -> None:
         if devices == 4:
             assert [len(s) for s in group.substacks(chosen)] == [4]
         before = group.host_state()
-        Trainer(cfg, Quiet(), np.zeros(128, bool), ds.test_labels).train(group, stage, chosen)
+        Trainer(cfg, np.zeros(128, bool)).train(group, stage, chosen)
         after = group.host_state()
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(sharding.to_host(a)[~chosen],
                                                                 b[~chosen]), after, before)

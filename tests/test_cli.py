@@ -8,6 +8,8 @@ import pytest
 from jaxunlearn import cli, config, driver
 from jaxunlearn.config import apply_overrides, get_preset
 
+from conftest import results_of
+
 
 def _only_run(parent):
     runs = [p for p in parent.iterdir() if p.is_dir()]
@@ -45,7 +47,7 @@ def test_run_takes_seed_data_and_repeated_set(tmp_path, capsys):
     saved = json.loads((run / "config.json").read_text())
     assert (saved["seed"], saved["data"], saved["members"], saved["phases"],
             saved["baseline"]) == (3, "sample", 2, 2, "none")
-    results = json.loads((run / "results.json").read_text())
+    results = results_of(run)
     assert results["complete"] and len(results["phases"]) == 2
 
 
@@ -54,7 +56,7 @@ def test_resume_through_the_cli_finishes_a_stopped_run(tmp_path, sample, capsys)
     out = tmp_path / "run"
     driver.train_and_evaluate(cfg, out, dataset=sample, log=lambda s: None, progress=False,
                               stop_after_phase=1)
-    assert not json.loads((out / "results.json").read_text())["complete"]
+    assert not results_of(out)["complete"]
     # --seed cannot change on resume: refused, nothing changed
     assert cli.main(["run", "--resume", str(out), "--seed", "4"]) == 2
     assert "cannot change on --resume" in capsys.readouterr().err
@@ -62,7 +64,7 @@ def test_resume_through_the_cli_finishes_a_stopped_run(tmp_path, sample, capsys)
     assert cli.main(["run", "--resume", str(out), "eval_batch_size=50"]) == 2
     assert "--allow-config-change" in capsys.readouterr().err
     assert cli.main(["run", "--resume", str(out), "--quiet"]) == 0
-    results = json.loads((out / "results.json").read_text())
+    results = results_of(out)
     assert results["complete"] and [p["phase"] for p in results["phases"]] == [1, 2, 3]
 
 
@@ -123,5 +125,5 @@ def test_a_forget_killed_midway_is_finished_by_the_next_open(finished, tmp_path,
     with deletion_log.DeletionLog.open(run, create=False) as log:
         (mine,) = [r for r in log.records() if r["ids"] == [11, 12]]
     assert mine["outcome"] == "applied"
-    results = json.loads((run / "results.json").read_text())
+    results = results_of(run)
     assert {11, 12} <= set(results["deleted_ids"]) and results["lineage_audit"]["ok"]

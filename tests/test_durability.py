@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import checkpoint_tree
+from conftest import checkpoint_tree, results_of as _results
 from jaxunlearn import audit, checkpoint, cli, data, deletion_log, driver, faults, requests, runlock
 from jaxunlearn.config import ConfigError, apply_overrides, get_preset
 from jaxunlearn.trainer import TrainingDiverged
@@ -46,10 +46,6 @@ def _assert_same_final_state(a, b):
 
 def _lineage(run_dir, step=None):
     return checkpoint_tree(run_dir, step)["groups"]["ensemble"]["lineage"]["seen"]
-
-
-def _results(run_dir):
-    return json.loads((pathlib.Path(run_dir) / "results.json").read_text())
 
 
 def _tree_digest(folder) -> dict:

@@ -11,6 +11,8 @@ import jax
 from jaxunlearn import checkpoint, cli, config, data, driver, validation
 from jaxunlearn.config import ConfigError, apply_overrides, get_preset
 
+from conftest import results_of
+
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
@@ -29,7 +31,7 @@ def test_smoke_run_writes_the_run_folder(smoke_run):
 
 
 def test_smoke_results_schema(smoke_run):
-    results = json.loads((smoke_run / "results.json").read_text())
+    results = results_of(smoke_run)
     assert results["complete"] is True
     assert len(results["phases"]) == 3
     for p, record in enumerate(results["phases"], start=1):
@@ -60,7 +62,7 @@ def test_smoke_results_schema(smoke_run):
 def test_the_summary_says_what_the_deletions_cost_both_sides(smoke_run):
     from jaxunlearn.results import summary_line
 
-    results = json.loads((smoke_run / "results.json").read_text())
+    results = results_of(smoke_run)
     cost, events = results["cost"], [p["cost"] for p in results["phases"] if "cost" in p]
     assert cost["events"] == len(events) == 2
     # retraining the baseline from scratch at each deletion: its own training of the stages
@@ -189,7 +191,7 @@ def test_smoke_on_real_cifar10_through_the_environment(tmp_path):
     assert cli.main(["run", "--preset", "smoke", "--data", "cifar10", "--out", str(tmp_path),
                      "--quiet", "phases=2"]) == 0
     (run_dir,) = tmp_path.iterdir()
-    results = json.loads((run_dir / "results.json").read_text())
+    results = results_of(run_dir)
     assert "binary folder" in results["data_source"]
     assert results["n_train"] == 300 and results["n_test"] == 100
     assert results["lineage_audit"]["ok"]

@@ -1,7 +1,6 @@
 """The member axis sharded over fake CPU devices and over two processes (subprocesses, since the
 device count is fixed when JAX starts)."""
 
-import json
 import os
 import pathlib
 import socket
@@ -10,6 +9,8 @@ import sys
 
 import numpy as np
 import pytest
+
+from conftest import results_of
 
 WORKER = pathlib.Path(__file__).with_name("multidevice_worker.py")
 
@@ -28,7 +29,7 @@ def _wait(proc, timeout=600):
 
 
 def _load(folder):
-    results = json.loads((folder / "run" / "results.json").read_text())
+    results = results_of(folder / "run")
     params = np.load(folder / "params.npz")
     return results, {k: params[k] for k in params.files}, np.load(folder / "run" / "lineage.npz")
 

@@ -36,14 +36,6 @@ def test_substacks_cover_the_chosen_members_once(policy, multiple):
             assert sum(units) == -(-chosen.sum() // multiple)
 
 
-class _Quiet:
-    def epoch(self, line, description):
-        pass
-
-    def extend_progress(self, epochs):
-        pass
-
-
 def _train(layout, policy, chosen, sample):
     cfg = config.apply_overrides(config.get_preset("smoke"), {
         "members": M, "model": "tiny", "stem": "cifar", "member_parallel": layout,
@@ -55,8 +47,7 @@ def _train(layout, policy, chosen, sample):
     before = jax.tree.map(np.asarray, group.state)
     stage = Stage("ensemble", 1, 1, 1, 1, [np.arange(i * 16, i * 16 + 12) for i in range(M)],
                   None)
-    cost = Trainer(cfg, _Quiet(), np.zeros(64, bool), ds.test_labels).train(group, stage,
-                                                                            chosen)
+    cost = Trainer(cfg, np.zeros(64, bool)).train(group, stage, chosen)
     return group, before, cost
 
 
