@@ -128,11 +128,20 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, sample
     _assert_same_final_state(tmp_path / "run", reference)
 
 
-@pytest.fixture
-def finished(tmp_path, sample):
+@pytest.fixture(scope="module")
+def _trained(tmp_path_factory, sample):
     cfg = _cfg(strategy="rewind", keep_checkpoints=10)
-    out = tmp_path / "run"
+    out = tmp_path_factory.mktemp("trained") / "run"
     driver.train_and_evaluate(cfg, out, dataset=sample, log=lambda s: None, progress=False)
+    return out
+
+
+@pytest.fixture
+def finished(tmp_path, _trained):
+    """A finished smoke run (rewind, ten checkpoints kept) of the test's own: a copy of one
+    trained once per module, as `fork` copies a run (its lock file left out)."""
+    out = tmp_path / "run"
+    shutil.copytree(_trained, out, ignore=shutil.ignore_patterns(".lock"))
     return out
 
 
