@@ -60,53 +60,53 @@ def run_protocol(run: Run, stop_after_phase: int | None = None) -> dict:
     """The remaining phases, then the end state and the requests queued meanwhile."""
     cfg, last = run.cfg, run.cfg.phases if stop_after_phase is None else stop_after_phase
     try:
-        while run.progress.phase_done < min(last, cfg.phases):
-            run_phase(run, run.progress.phase_done + 1)
-        if run.progress.phase_done == cfg.phases:
+        while run.state.progress.phase_done < min(last, cfg.phases):
+            run_phase(run, run.state.progress.phase_done + 1)
+        if run.state.progress.phase_done == cfg.phases:
             complete(run)
     except TrainingDiverged as e:
         steps = run.ckpts.steps()
-        message = (f"{e} in phase {run.progress.phase_done + 1}; the run stopped. The last "
+        message = (f"{e} in phase {run.state.progress.phase_done + 1}; the run stopped. The last "
                    f"good checkpoint is {steps[-1] if steps else 'none'}; resume from it with "
                    f"a lower learning rate: jaxunlearn run --resume {run.out} "
                    f"learning_rate={cfg.learning_rate / 10:g} --allow-config-change")
         error: records.Error = {"kind": "diverged", "group": e.group, "members": e.members,
-                                "phase": run.progress.phase_done + 1, "epoch": e.epoch,
+                                "phase": run.state.progress.phase_done + 1, "epoch": e.epoch,
                                 "step": e.step, "message": message}
-        run.report.results["error"] = error
-        run.report.save()
+        run.state.report.results["error"] = error
+        run.state.report.save()
         raise TrainingDiverged(e.group, e.members, e.epoch, e.step, message) from None
-    return run.report.results
+    return run.state.report.results
 
 
 def run_phase(run: Run, phase: int) -> dict:
     """Trains every group on its stages of ``phase`` (from a mid-phase checkpoint's position
     when resumed), scores, applies the deletions due, and makes it durable."""
-    cfg, queue = run.cfg, Queue(run.log, run.deletions)
-    resume, run.progress.position = run.progress.position, None
+    cfg, queue = run.cfg, Queue(run.log, run.state.deletions)
+    resume, run.state.progress.position = run.state.progress.position, None
     t0, scored = time.perf_counter(), run.eval_seconds()
     record: records.PhaseRecord = resume["record"] if resume else {
         "phase": phase,
-        "working_set": int(len(plans.working_set(run.chunks, phase, run.deletions.mask)))}
+        "working_set": int(len(plans.working_set(run.chunks, phase, run.state.deletions.mask)))}
     seconds = record.setdefault("seconds_by_model", {})
-    order = list(run.units)
-    for name, unit in run.units.items():
-        track, slices = unit.group.track, run.stages.slices(unit.group.track)
+    order = list(run.state.units)
+    for name, unit in run.state.units.items():
+        track, slices = unit.group.track, run.state.stages.slices(unit.group.track)
         for slice_ in range(1, slices + 1):
             start = None
             if resume is not None:  # skip the stages the checkpoint had finished
                 if (order.index(name), slice_) < (order.index(resume["source"]), resume["slice"]):
                     continue
-                stage = run.stages.get(track, (phase - 1) * slices + slice_)
+                stage = run.state.stages.get(track, (phase - 1) * slices + slice_)
                 start, resume = Start(resume["epoch"], resume["step"], resume["loss"]), None
             else:
-                stage = run.stages.draw(track, phase, slice_, run.deletions.mask)
+                stage = run.state.stages.draw(track, phase, slice_, run.state.deletions.mask)
             everyone = np.ones(unit.group.members, bool)
             cost = run.trainer.train(unit.group, stage, everyone, start=start,
                                      on_step=_step_hook(run, phase, name, slice_, record))
             seconds[track] = seconds.get(track, 0.0) + cost.seconds
-            run.stages.seconds[track][stage.t] = cost.seconds
-            run.ledger.training += cost
+            run.state.stages.seconds[track][stage.t] = cost.seconds
+            run.state.ledger.training += cost
             unit.state = unit.strategy.after_stage(unit.state, run.context(unit), stage, everyone)
             if name == "ensemble":
                 record["sample_size"] = int(round(np.mean([len(x) for x in stage.samples])))
@@ -128,13 +128,13 @@ def run_phase(run: Run, phase: int) -> dict:
         if blocks["cost"]["member_epochs"]:
             seconds["unlearning"] = blocks["cost"]["seconds"]
         record.update(blocks)
-    run.progress.phase_done = phase
-    run.report.results["phases"].append(record)
+    run.state.progress.phase_done = phase
+    run.state.report.results["phases"].append(record)
     for request in queue.forgets():
         apply(run, phase, request)
     seconds["evaluation"] = run.eval_seconds() - scored
     record["seconds"] = time.perf_counter() - t0
-    run.report.phase(record)
+    run.state.report.phase(record)
     durable.commit(run)
     return record
 
@@ -144,13 +144,13 @@ def complete(run: Run) -> dict:
     once together (one deletion, one replay) and made durable before they are scored; then the
     end state written and made durable (the oracle reference included); again while requests
     arrived meanwhile."""
-    queue = Queue(run.log, run.deletions)
+    queue = Queue(run.log, run.state.deletions)
     while True:
         pending = list(queue.forgets())
         if pending:
             apply(run, run.cfg.phases, pending, durable_first=True)
-        elif run.report.results["complete"]:
-            return run.report.results
+        elif run.state.report.results["complete"]:
+            return run.state.report.results
         unlearning.finish(run)
         durable.commit(run)
 
@@ -161,16 +161,16 @@ def _step_hook(run: Run, phase: int, unit: str, slice_: int, record: dict):
     every = run.cfg.checkpoint_every
 
     def on_step(epoch: int, step: int, partial_loss) -> None:
-        run.progress.steps_done += 1
-        if every and run.progress.steps_done % every == 0:
+        run.state.progress.steps_done += 1
+        if every and run.state.progress.steps_done % every == 0:
             loss = partial_loss()  # raises TrainingDiverged: never checkpoint a NaN state
             # ("source": the unit training, under the key checkpoints have always used)
-            run.progress.position = {"phase": phase, "source": unit, "slice": slice_,
-                                     "epoch": epoch, "step": step, "loss": loss.tolist(),
-                                     "record": record}
+            run.state.progress.position = {"phase": phase, "source": unit, "slice": slice_,
+                                           "epoch": epoch, "step": step,
+                                           "loss": loss.tolist(), "record": record}
             durable.write_checkpoint(run)
             durable.trim(run)  # no deletion happens inside a phase: nothing else to purge
-            run.progress.position = None
+            run.state.progress.position = None
         faults.point("phase.step")
 
     return on_step
@@ -202,8 +202,8 @@ def fork(src, dst, overrides=(), dataset: data_lib.Dataset | None = None,
     try:
         with open_run(cfg, dst, dataset, log, progress=False, allow_config_change=True,
                       purpose="fork") as run:
-            results = run_protocol(run, run.progress.phase_done)
-            if run.progress.phase_done < cfg.phases:
+            results = run_protocol(run, run.state.progress.phase_done)
+            if run.state.progress.phase_done < cfg.phases:
                 durable.commit(run)
             return results
     except BaseException:

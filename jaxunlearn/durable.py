@@ -1,60 +1,29 @@
-"""A run's durable state: one tree composed of its components' states, written as a checkpoint,
-restored from one, and the commit sequence that makes a phase or a deletion durable.
+"""A run's durable state on disk: the checkpoint of its state tree (`jaxunlearn.run.RunState`),
+the purge of kept checkpoints and snapshots that depend on a deleted id, and the commit
+sequence that makes a phase or a deletion durable.
 
-The tree: ``groups`` (each group's stacked state and lineage), ``strategies`` (each group's
-strategy state), ``reference`` (the oracle reference, when kept), ``stages``, ``deletions``,
-``ledger``, ``report`` and ``progress``. Each component writes and reads its own part
-(`state_dict`/`load_state_dict`), so a checkpoint is never assembled field by field. Snapshots
-that strategies keep on disk (`jaxunlearn.snapshots`) are named in the tree; one that neither
-the live state nor a kept checkpoint names is deleted with the purge.
+Snapshots that strategies keep on disk (`jaxunlearn.snapshots`) are named in the tree; one that
+neither the live state nor a kept checkpoint names is deleted with the purge.
 """
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 
 from jaxunlearn import checkpoint, faults
 
 
-def state_tree(run) -> dict:
-    """The run's whole state, as the checkpoint stores it."""
-    return {"groups": {name: unit.group.state_dict() for name, unit in run.units.items()},
-            "strategies": {name: unit.state for name, unit in run.units.items()},
-            "reference": run.reference.state_dict(),
-            "stages": run.stages.state_dict(),
-            "deletions": run.deletions.state_dict(),
-            "ledger": run.ledger.state_dict(),
-            "report": run.report.state_dict(),
-            "progress": {**run.progress.state_dict(), "elapsed": run.elapsed()}}
-
-
-def load_state_tree(run, tree: dict) -> None:
-    """Puts the run back in the state ``tree`` (from `state_tree`) describes."""
-    for name, unit in run.units.items():
-        unit.group.load_state_dict(tree["groups"][name])
-        unit.state = tree["strategies"][name]
-    run.reference.load_state_dict(tree["reference"], run.context(run.units["ensemble"]))
-    run.stages.load_state_dict(tree["stages"])
-    run.deletions.load_state_dict(tree["deletions"])
-    run.ledger.load_state_dict(tree["ledger"])
-    run.report.load_state_dict(tree["report"])
-    run.progress.load_state_dict(tree["progress"])
-    run.t0 = time.perf_counter()
-
-
 def lineage_index(run) -> list[dict]:
     """Where the state tree holds lineage matrices: the live groups' and those their strategies
     keep (rewind snapshots), each ``{"where", "group", "path"}``."""
     out = []
-    for name, unit in run.units.items():
+    for name, unit in run.state.units.items():
         out.append({"where": "live ensemble" if name == "ensemble" else name, "group": name,
                     "path": ["groups", name, "lineage", "seen"]})
         for where, path in unit.strategy.lineage_paths(unit.state).items():
             out.append({"where": where, "group": name,
                         "path": ["strategies", name, *map(str, path)]})
-    for where, path in run.reference.lineage_paths().items():
+    for where, path in run.state.reference.lineage_paths().items():
         out.append({"where": where, "group": "oracle", "path": ["reference", *map(str, path)]})
     return out
 
@@ -62,13 +31,13 @@ def lineage_index(run) -> list[dict]:
 def snapshot_names(run, tree: dict | None = None) -> set[str]:
     """The snapshots a state tree names (default: the live state's)."""
     if tree is None:  # (the states only: no collective gathering of parameters)
-        states = {name: unit.state for name, unit in run.units.items()}
-        reference = {"strategy": run.reference.state}
+        states = {name: unit.state for name, unit in run.state.units.items()}
+        reference = {"strategy": run.state.reference.state}
     else:
         states, reference = tree["strategies"], tree["reference"]
     names = set().union(*(unit.strategy.snapshot_names(states[name])
-                          for name, unit in run.units.items() if name in states))
-    return names | run.reference.snapshot_names(reference)
+                          for name, unit in run.state.units.items() if name in states))
+    return names | run.state.reference.snapshot_names(reference)
 
 
 def violations(lineages: dict[str, np.ndarray], index: list[dict], deleted: np.ndarray,
@@ -88,12 +57,12 @@ def violations(lineages: dict[str, np.ndarray], index: list[dict], deleted: np.n
 def write_checkpoint(run) -> int:
     """Writes the next checkpoint. Every process gathers the state (a collective); the primary
     one writes it."""
-    run.progress.checkpoint += 1
+    run.state.progress.checkpoint += 1
     run.snapshots.wait()  # every snapshot the checkpoint names is complete first
-    tree = state_tree(run)
+    tree = run.state.state_dict(run.elapsed())
     if run.primary:
-        run.ckpts.save(run.progress.checkpoint, tree, lineage_index(run))
-    return run.progress.checkpoint
+        run.ckpts.save(run.state.progress.checkpoint, tree, lineage_index(run))
+    return run.state.progress.checkpoint
 
 
 def trim(run) -> list[int]:
@@ -113,8 +82,9 @@ def purge(run) -> list[int]:
     if not run.primary:
         return []
     purged = trim(run)  # first: no need to read what goes anyway
-    deleted = run.deletions.sorted_ids()
-    checked = ["oracle"] + [name for name, unit in run.units.items() if unit.strategy.unlearns]
+    deleted = run.state.deletions.sorted_ids()
+    checked = ["oracle"] + [name for name, unit in run.state.units.items()
+                            if unit.strategy.unlearns]
     for step in run.ckpts.steps()[:-1] if deleted.size else []:
         try:
             lineages, meta = run.ckpts.load_lineages(step)
@@ -146,8 +116,8 @@ def _commit(run) -> None:
     faults.point("checkpoint.before_purge")
     purged = purge(run)
     if run.primary:  # the live lineage, for `audit`
-        run.ensemble.lineage.save(run.folder.lineage, run.deletions.ids)
-    run.report.save()
+        run.ensemble.lineage.save(run.folder.lineage, run.state.deletions.ids)
+    run.state.report.save()
     run.save_logits()
     complete_requests(run, purged)
 
@@ -158,7 +128,7 @@ def complete_requests(run, purged: list[int]) -> None:
     if run.log is None:
         return
     for pending in run.log.pending():
-        outcome = run.deletions.applied.get(pending["id"])
+        outcome = run.state.deletions.applied.get(pending["id"])
         if outcome is None:
             continue
         faults.point("forget.before_outcome")

@@ -59,7 +59,7 @@ SUBSTACK_POLICIES = tuple(p for p in choices("substacks") if p != "auto")
 
 
 def resolve_layout(name: str, backend: str | None = None, arch: str = "resnet18",
-                     stem: str = "imagenet", members: int = 5) -> str:
+                   stem: str = "imagenet", members: int = 5) -> str:
     """``auto`` -> the measured layout for ``backend`` (default: JAX's), ``arch``, ``stem`` and
     ``members``; other names are checked and returned.
 

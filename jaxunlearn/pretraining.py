@@ -48,8 +48,8 @@ def pretrain(run) -> records.Pretrain:
     data = ens.data if ens.mesh is None else ens.data.host_arrays()
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), KEY_SALT)
     group = ModelGroup("pretrain", "ensemble", cfg.model, 1, pre, key, data)
-    trainer = Trainer(pre, run.deletions.mask,
-                      EpochLog(run.report, pre, run.test_labels, run.test_logits))
+    trainer = Trainer(pre, run.state.deletions.mask,
+                      EpochLog(run.state.report, pre, run.test_labels, run.test_logits))
     # Stage 0 of the ensemble's track: its batch orders are seeded apart from every phase's.
     stage = Stage("ensemble", 0, 0, 1, 1, [ids], None)
     cost = trainer.train(group, stage, np.ones(1, bool), kind="pretrain")
@@ -58,17 +58,17 @@ def pretrain(run) -> records.Pretrain:
     host = group.host_state()
     base = {"params": jax.tree.map(lambda x: x[0], host.params),
             "batch_stats": jax.tree.map(lambda x: x[0], host.batch_stats)}
-    for unit in run.units.values():
+    for unit in run.state.units.values():
         if unit.group.track == "ensemble":
             unit.group.set_base(base)
     test = group.member_logits(cfg.eval_batch_size)[0]
-    record: records.Pretrain = {"ids": [int(ids[0]), int(ids[-1])], "examples": int(len(ids)),
-              "epochs": pre.epochs, "batch_size": pre.batch_size,
-              "learning_rate": pre.learning_rate, "seconds": cost.seconds,
-              "member_examples": cost.member_examples,
-              "test_accuracy": metrics.score(test, run.test_labels)["test_accuracy"],
-              "fingerprint": member_fingerprints(host)[0]}
-    run.report.results["pretrain"] = record
+    record: records.Pretrain = {
+        "ids": [int(ids[0]), int(ids[-1])], "examples": int(len(ids)), "epochs": pre.epochs,
+        "batch_size": pre.batch_size, "learning_rate": pre.learning_rate,
+        "seconds": cost.seconds, "member_examples": cost.member_examples,
+        "test_accuracy": metrics.score(test, run.test_labels)["test_accuracy"],
+        "fingerprint": member_fingerprints(host)[0]}
+    run.state.report.results["pretrain"] = record
     run.say(f"pretrained the members' initialisation on ids {ids[0]}..{ids[-1]} (never "
             f"deletable): {record['test_accuracy']:.2%} test accuracy in "
             f"{cost.seconds:.0f}s")

@@ -25,20 +25,20 @@ def reapply_logged_deletions(run, step: int, log: Callable[[str], None]) -> None
             continue
         logged |= set(r["ids"])
         source = parse_source(r["source"])
-        if isinstance(source, Scheduled) and source.phase > run.progress.phase_done:
+        if isinstance(source, Scheduled) and source.phase > run.state.progress.phase_done:
             later |= set(r["ids"])  # the replayed phase deletes them again itself
-    missing = np.asarray(sorted(logged - later - set(run.deletions.ids)), np.int64)
+    missing = np.asarray(sorted(logged - later - set(run.state.deletions.ids)), np.int64)
     if not missing.size:
         return
-    if run.progress.position is not None:
+    if run.state.progress.position is not None:
         raise checkpoint.CheckpointError(
-            f"checkpoint {step} is inside phase {run.progress.position['phase']} and predates "
-            f"the logged deletion of ids {missing[:10].tolist()}, whose checkpoints are "
+            f"checkpoint {step} is inside phase {run.state.progress.position['phase']} and "
+            f"predates the logged deletion of ids {missing[:10].tolist()}, whose checkpoints are "
             f"damaged; restore them, or start a new run that deletes these ids")
     log(f"checkpoint {step} predates the logged deletion of {missing.size} id(s): "
         f"deleting them again now")
-    if run.progress.phase_done == 0:  # nothing trained yet: they are simply never drawn
-        run.deletions.mark(missing)
+    if run.state.progress.phase_done == 0:  # nothing trained yet: they are simply never drawn
+        run.state.deletions.mark(missing)
     else:
-        apply(run, run.progress.phase_done, Request(None, missing, Reapplied(step)))
+        apply(run, run.state.progress.phase_done, Request(None, missing, Reapplied(step)))
     durable.commit(run)

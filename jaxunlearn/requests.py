@@ -150,7 +150,7 @@ def forget(run_dir, ids: list[int], log: Callable[[str], None] = print,
             return {"request": request_id, "status": "queued", "message": str(e)}
     opened = time.perf_counter() - t0 - (timing.compile_seconds() - c0)
     with run:
-        if run.progress.phase_done < cfg.phases:  # fell back inside the run: not finished
+        if run.state.progress.phase_done < cfg.phases:  # fell back inside the run: not finished
             return {"request": request_id, "status": "queued",
                     "message": "the run is not finished; it applies the request when resumed"}
         results = driver.complete(run)

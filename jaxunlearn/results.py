@@ -32,7 +32,7 @@ class Report:
 
         self.cfg, self.out, self.log, self.primary = cfg, out, log, primary
         self.results: records.Results = {"complete": False, "config": cfg.to_dict(), **header,
-                                          "phases": []}
+                                         "phases": []}
         self.bar = tqdm(total=planned_epochs, disable=not progress, unit="epoch", leave=False,
                         dynamic_ncols=True)
         self._metrics_path = RunFolder(out).metrics

@@ -63,9 +63,53 @@ class Progress:
             setattr(self, key, value)
 
 
+@dataclasses.dataclass
+class RunState:
+    """What a checkpoint holds: every part of a run that training and unlearning change. Each
+    part writes and reads its own piece of the state tree (``state_dict``/``load_state_dict``),
+    so a checkpoint is never assembled field by field.
+
+    The tree: ``groups`` (each group's stacked state and lineage), ``strategies`` (each group's
+    strategy state), ``reference`` (the oracle reference, when kept), ``stages``,
+    ``deletions``, ``ledger``, ``report`` and ``progress``."""
+
+    units: dict[str, Unit]  # "ensemble" (and "baseline"): a group, its strategy and its state
+    reference: strategies.Reference  # the oracle reference the strategies may keep
+    stages: Stages  # what each group trained on, stage by stage
+    deletions: deletions_lib.Deletions  # the deleted ids, the schedule, the requests applied
+    ledger: Ledger  # training and unlearning costs so far
+    report: Report  # results.json and the metrics log
+    progress: Progress  # where the run stands
+
+    def state_dict(self, elapsed: float) -> dict:
+        """The whole state, as the checkpoint stores it; ``elapsed``: seconds worked so far."""
+        return {"groups": {name: unit.group.state_dict() for name, unit in self.units.items()},
+                "strategies": {name: unit.state for name, unit in self.units.items()},
+                "reference": self.reference.state_dict(),
+                "stages": self.stages.state_dict(),
+                "deletions": self.deletions.state_dict(),
+                "ledger": self.ledger.state_dict(),
+                "report": self.report.state_dict(),
+                "progress": {**self.progress.state_dict(), "elapsed": elapsed}}
+
+    def load_state_dict(self, tree: dict, context: strategies.Context) -> None:
+        """Back to the state ``tree`` (from `state_dict`) describes; ``context``: the
+        ensemble's strategy context (the oracle reference rebuilds its group in it)."""
+        for name, unit in self.units.items():
+            unit.group.load_state_dict(tree["groups"][name])
+            unit.state = tree["strategies"][name]
+        self.reference.load_state_dict(tree["reference"], context)
+        self.stages.load_state_dict(tree["stages"])
+        self.deletions.load_state_dict(tree["deletions"])
+        self.ledger.load_state_dict(tree["ledger"])
+        self.report.load_state_dict(tree["report"])
+        self.progress.load_state_dict(tree["progress"])
+
+
 class Run:
-    """Everything one run holds: the model groups with their strategies, the stages, the
-    deletions, the cost ledger, the report, the checkpoints and the deletion log."""
+    """One open run: its configuration, its `RunState` (what checkpoints hold), what trains
+    and scores it (trainer, evaluators, the logit cache), and its folder on disk (checkpoints,
+    snapshots, the deletion log, the lock)."""
 
     def __init__(self, cfg: Config, ds: data_lib.Dataset, out: pathlib.Path,
                  schedule: dict | None, log: Callable[[str], None], progress: bool,
@@ -85,30 +129,29 @@ class Run:
         ensemble = ModelGroup("ensemble", "ensemble", cfg.model, cfg.members + cfg.shadow_members,
                               cfg, k_ens, arrays, devices=cfg.devices, initialise=initialise)
         ensemble.predicting = np.arange(ensemble.members) < cfg.members
-        self.stages = Stages(cfg, self.chunks)
+        stages = Stages(cfg, self.chunks)
         self.snapshots = SnapshotStore(out, read_only=not self.primary)
-        self.deletions = deletions_lib.Deletions(cfg.seed, cfg.deletion_rate, self.chunks,
-                                                 schedule, ds.n_train)
-        epochs = cfg.phases * (cfg.epochs * self.stages.slices("ensemble") + (
+        deletions = deletions_lib.Deletions(cfg.seed, cfg.deletion_rate, self.chunks, schedule,
+                                            ds.n_train)
+        epochs = cfg.phases * (cfg.epochs * stages.slices("ensemble") + (
             config_lib.epochs_of(cfg, "baseline") if cfg.baseline != "none" else 0))
-        self.report = Report(cfg, out, self._header(ds, ensemble), log, progress,
-                             self.primary, epochs)
-        self.trainer = Trainer(cfg, self.deletions.mask,
-                               EpochLog(self.report, cfg, ds.test_labels, self.test_logits))
+        report = Report(cfg, out, self._header(ds, ensemble), log, progress, self.primary, epochs)
+        self.trainer = Trainer(cfg, deletions.mask,
+                               EpochLog(report, cfg, ds.test_labels, self.test_logits))
         groups = {"ensemble": ensemble}
         if cfg.baseline != "none":
             groups["baseline"] = ModelGroup("baseline", "baseline", cfg.baseline, 1, cfg, k_base,
                                             arrays, initialise=initialise)
-        self.units = {name: Unit(groups[name], strategy, {})
-                      for name, strategy in strategies.for_run(cfg).items()}
-        for unit in self.units.values():
+        units = {name: Unit(groups[name], strategy, {})
+                 for name, strategy in strategies.for_run(cfg).items()}
+        self.state = RunState(units, strategies.Reference(units["ensemble"].strategy), stages,
+                              deletions, Ledger(), report, Progress())
+        for unit in units.values():
             unit.state = unit.strategy.init(self.context(unit))
-        self.reference = strategies.Reference(self.strategy)
         self.evaluators = evaluators.make(cfg)
         self.logits = evaluators.LogitCache(cfg.eval_batch_size)
         # Where this process's time went (scoring, checkpoint, ...), and when things happened.
         self.spans, self.marks = timing.Spans(), {}
-        self.ledger, self.progress = Ledger(), Progress()
         self.ckpts = checkpoint.Checkpoints(out, read_only=not self.primary)
         self.log = deletion_log.DeletionLog.open(out) if self.primary else None
 
@@ -124,24 +167,24 @@ class Run:
 
     @property
     def ensemble(self) -> ModelGroup:
-        return self.units["ensemble"].group
+        return self.state.units["ensemble"].group
 
     @property
     def baseline(self) -> ModelGroup | None:
-        unit = self.units.get("baseline")
+        unit = self.state.units.get("baseline")
         return unit.group if unit else None
 
     @property
     def strategy(self) -> strategies.Strategy:
-        return self.units["ensemble"].strategy
+        return self.state.units["ensemble"].strategy
 
     def context(self, unit: Unit) -> strategies.Context:
-        return strategies.Context(self.cfg, unit.group, self.trainer, self.stages,
-                                  self.deletions.mask, self.k_unlearn, self.snapshots)
+        return strategies.Context(self.cfg, unit.group, self.trainer, self.state.stages,
+                                  self.state.deletions.mask, self.k_unlearn, self.snapshots)
 
     def elapsed(self) -> float:
         """Seconds of work on this run so far, over every process that resumed it."""
-        return self.progress.elapsed + time.perf_counter() - self.t0
+        return self.state.progress.elapsed + time.perf_counter() - self.t0
 
     def model(self, name: str, group: ModelGroup, live=None) -> evaluators.Model:
         method = self.cfg.aggregation if group.members > 1 else "mean_logits"
@@ -168,16 +211,17 @@ class Run:
         """Keeps the current members' cached logits on disk for the next process (the
         ``logits.npz``), the deleted ids' left out."""
         if self.primary and jax.process_count() == 1:
-            self.logits.save(self.folder.logits, [u.group for u in self.units.values()],
-                             self.deletions.mask, {"checkpoint": self.progress.checkpoint,
-                                                   "deleted": len(self.deletions.ids)})
+            self.logits.save(self.folder.logits, [u.group for u in self.state.units.values()],
+                             self.state.deletions.mask,
+                             {"checkpoint": self.state.progress.checkpoint,
+                              "deleted": len(self.state.deletions.ids)})
 
     def load_logits(self) -> int:
         """Takes the cached logits of the members a previous process saved (matched by their
         fingerprints); returns how many members matched."""
         if jax.process_count() > 1:  # every process must compute alike (collectives)
             return 0
-        return self.logits.load(self.folder.logits, [u.group for u in self.units.values()])
+        return self.logits.load(self.folder.logits, [u.group for u in self.state.units.values()])
 
     def drop_saved_logits(self) -> None:
         """Removes ``logits.npz``: a deletion is about to invalidate members whose scores
@@ -186,11 +230,11 @@ class Run:
             self.folder.logits.unlink(missing_ok=True)
 
     def retain_ids(self, phase: int) -> np.ndarray:
-        return evaluators.retain_ids(self.cfg, self.chunks, phase, self.deletions.mask)
+        return evaluators.retain_ids(self.cfg, self.chunks, phase, self.state.deletions.mask)
 
     def close(self) -> None:
         self.snapshots.close()
-        self.report.close()
+        self.state.report.close()
         self.ckpts.close()
         if self.log is not None:
             self.log.close()
@@ -278,7 +322,7 @@ def open_run(cfg: Config, workdir, dataset: data_lib.Dataset | None = None,
             if cfg.pretrain:
                 pretraining.pretrain(run)
             durable.write_checkpoint(run)  # step 0: the initial state
-            run.report.save()
+            run.state.report.save()
     except BaseException:
         run.close()
         raise
@@ -341,20 +385,22 @@ def _restore(run: Run, changes: dict, log: Callable[[str], None]) -> None:
             tmp = run.out / "config.json.tmp"
             tmp.write_text(run.cfg.to_json())
             os.replace(tmp, run.folder.config)
-    durable.load_state_tree(run, tree)
+    run.state.load_state_dict(tree, run.context(run.state.units["ensemble"]))
+    run.t0 = time.perf_counter()
     run.load_logits()
     if unlearning:  # nothing deleted yet: the strategies start afresh
-        for unit in run.units.values():
+        for unit in run.state.units.values():
             unit.state = unit.strategy.init(run.context(unit))
-    run.progress.checkpoint = step
-    run.report.results["config"] = run.cfg.to_dict()
+    run.state.progress.checkpoint = step
+    run.state.report.results["config"] = run.cfg.to_dict()
     if changes:  # a finished run is evaluated again under its new settings
-        run.report.results["complete"] = False
+        run.state.report.results["complete"] = False
     recovery.reapply_logged_deletions(run, step, log)
     # Finish a durable step a crash interrupted: the purge and the log's outcomes.
     durable.complete_requests(run, durable.purge(run))
-    where = (f"inside phase {run.progress.position['phase']}" if run.progress.position else
-             f"after phase {run.progress.phase_done}")
+    position = run.state.progress.position
+    where = (f"inside phase {position['phase']}" if position else
+             f"after phase {run.state.progress.phase_done}")
     log(f"resuming {run.out} from checkpoint {step} ({where})")
 
 

@@ -123,9 +123,9 @@ class Stages:
 
     def state_dict(self) -> dict:
         recorded = {track: {str(t): {"phase": s.phase, "slice": s.slice,
-                                      "samples": pack_ragged(s.samples),
-                                      **({"pool": s.pool} if s.pool is not None else {})}
-                             for t, s in by_t.items()}
+                                     "samples": pack_ragged(s.samples),
+                                     **({"pool": s.pool} if s.pool is not None else {})}
+                            for t, s in by_t.items()}
                     for track, by_t in self.recorded.items()}
         return {"recorded": recorded,
                 "rngs": {track: rng.bit_generator.state for track, rng in self.rngs.items()},

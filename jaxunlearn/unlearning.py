@@ -36,9 +36,9 @@ def member_records(logits, labels, valid, group) -> list[records.MemberScore]:
 def _reference(run, upto: int, train: bool):
     """The oracle reference at stage ``upto`` and what bringing it up to date cost: trained or
     updated when ``train``, else only if it is kept and current (None when there is none)."""
-    ref, unit = run.reference, run.units["ensemble"]
+    ref, unit = run.state.reference, run.state.units["ensemble"]
     if not train:
-        ref.follow(run.deletions.mask)  # drops it if it depends on a deleted id
+        ref.follow(run.state.deletions.mask)  # drops it if it depends on a deleted id
         if ref.group is None or ref.upto != upto:
             return (unit.group, None, False) if run.strategy.reference else (None, None, False)
     return ref.get(run.context(unit), upto)
@@ -54,29 +54,30 @@ def delete(run, phase: int, ids: np.ndarray, invalid: np.ndarray, scheduled: boo
     unlearned, before anything is scored after (``record`` has the "before" blocks and
     ``cost``): a request can be made durable there, its scoring following."""
     record = {} if record is None else record
-    cfg, unit, labels = run.cfg, run.units["ensemble"], run.test_labels
+    cfg, unit, labels = run.cfg, run.state.units["ensemble"], run.test_labels
     ens = unit.group
-    upto = run.stages.last(ens.track, phase)
-    expected = run.stages.expected_invalidated(ens.track, ids, ens.lineage.born, upto)
-    run.deletions.mark(ids)
+    upto = run.state.stages.last(ens.track, phase)
+    expected = run.state.stages.expected_invalidated(ens.track, ids, ens.lineage.born, upto)
+    run.state.deletions.mark(ids)
     run.drop_saved_logits()
-    run.report.results["complete"] = False  # the end state no longer describes the run
+    run.state.report.results["complete"] = False  # the end state no longer describes the run
     # Before and after unlearning, the models are scored on the same sets.
-    forget, retain = run.deletions.sorted_ids(), run.retain_ids(phase)
+    forget, retain = run.state.deletions.sorted_ids(), run.retain_ids(phase)
     before = run.evaluate([run.model("ensemble_before", ens)], forget, retain)
 
     t0, clock = time.perf_counter(), timing.Clock()
     with run.spans("unlearning"):
         unit.state, outcome = unit.strategy.unlearn(unit.state, run.context(unit), phase, ids,
                                                     invalid)
-    run.ledger.replacements += outcome.replaced
+    run.state.ledger.replacements += outcome.replaced
     cost = {"strategy": unit.strategy.name, "ids": int(ids.size),
             "invalidated_observed": int(invalid.sum()), "invalidated_expected": expected,
             **outcome.cost.as_dict(), **outcome.details}
     cost["seconds"] = clock.seconds()
     cost["compile_seconds"] = time.perf_counter() - t0 - cost["seconds"]
-    cost["oracle"] = {**run.stages.retrain_cost(ens.track, upto, run.deletions.mask, cfg.epochs),
-                      "seconds": run.stages.retrain_seconds(ens.track, upto)}
+    cost["oracle"] = {**run.state.stages.retrain_cost(ens.track, upto, run.state.deletions.mask,
+                                                      cfg.epochs),
+                      "seconds": run.state.stages.retrain_seconds(ens.track, upto)}
     if run.baseline is not None:
         cost["baseline"] = _unlearn_baseline(run, phase, ids)
 
@@ -95,7 +96,7 @@ def delete(run, phase: int, ids: np.ndarray, invalid: np.ndarray, scheduled: boo
     cost["speedup_vs_oracle"] = cost["oracle"]["member_examples"] / ran if ran else None
     cost["speedup_vs_oracle_seconds"] = (cost["oracle"]["seconds"] / spent
                                          if ran and spent > 0 else None)
-    run.ledger.events.append(cost)
+    run.state.ledger.events.append(cost)
     record.update({k: dict(v) for k, v in before.items()})
     record["cost"] = cost
     if honoured is not None:
@@ -110,7 +111,8 @@ def delete(run, phase: int, ids: np.ndarray, invalid: np.ndarray, scheduled: boo
     if outcome.retrained:
         record["after_unlearning"]["members"] = member_records(
             test, labels, np.ones(ens.members, bool), ens)
-    if run.baseline is not None and run.units["baseline"].strategy.unlearns and "test" in after:
+    if (run.baseline is not None and run.state.units["baseline"].strategy.unlearns
+            and "test" in after):
         record["after_unlearning"]["baseline"] = after["test"]["baseline"]
     return record
 
@@ -118,14 +120,15 @@ def delete(run, phase: int, ids: np.ndarray, invalid: np.ndarray, scheduled: boo
 def _unlearn_baseline(run, phase: int, ids: np.ndarray) -> dict:
     """The baseline's unlearning (by its strategy: oracle when asked, else none, as in the
     original study) and its cost."""
-    unit = run.units["baseline"]
+    unit = run.state.units["baseline"]
     invalid = unit.group.lineage.invalid(ids)
-    upto = run.stages.last(unit.group.track, phase)
+    upto = run.state.stages.last(unit.group.track, phase)
     cost = {"unlearning": unit.strategy.name, "invalidated": bool(invalid[0]),
             "member_epochs": 0, "member_examples": 0, "seconds": 0.0,
-            "oracle": {**run.stages.retrain_cost(unit.group.track, upto, run.deletions.mask,
-                                                 epochs_of(run.cfg, "baseline")),
-                       "seconds": run.stages.retrain_seconds(unit.group.track, upto)}}
+            "oracle": {**run.state.stages.retrain_cost(unit.group.track, upto,
+                                                       run.state.deletions.mask,
+                                                       epochs_of(run.cfg, "baseline")),
+                       "seconds": run.state.stages.retrain_seconds(unit.group.track, upto)}}
     unit.state, outcome = unit.strategy.unlearn(unit.state, run.context(unit), phase, ids,
                                                 invalid)
     cost.update(outcome.cost.as_dict())
@@ -135,8 +138,8 @@ def _unlearn_baseline(run, phase: int, ids: np.ndarray) -> dict:
 def finish(run) -> records.Results:
     """Writes the end state: ``final``, the evaluators' blocks against the oracle, the cost
     totals, the lineage audit, ``lineage.npz`` and the plot."""
-    cfg, labels, results = run.cfg, run.test_labels, run.report.results
-    ens, unit = run.ensemble, run.units["ensemble"]
+    cfg, labels, results = run.cfg, run.test_labels, run.state.report.results
+    ens, unit = run.ensemble, run.state.units["ensemble"]
     last = results["phases"][-1]
     final: records.Final = {k: last[k] for k in ("phase", "deleted_ids", "invalidated", "seconds")}
     test = run.test_logits(ens)  # the live state, after every deletion and request
@@ -144,13 +147,13 @@ def finish(run) -> records.Results:
     final["members"] = member_records(test, labels, np.ones(ens.members, bool), ens)
     final["baseline"] = (metrics.score(run.test_logits(run.baseline)[0], labels)
                          if run.baseline else None)
-    upto = run.stages.last(ens.track, cfg.phases)
-    forget = run.deletions.sorted_ids()
+    upto = run.state.stages.last(ens.track, cfg.phases)
+    forget = run.state.deletions.sorted_ids()
     models = [run.model("ensemble", ens)]
     oracle_seconds = None
     if forget.size and (cfg.oracle_reference != "none" or run.strategy.reference):
         # Trained at the end of the phases; later (after a `forget`) only kept, if still exact.
-        train = cfg.oracle_reference == "deletions" or not run.reference.trained
+        train = cfg.oracle_reference == "deletions" or not run.state.reference.trained
         oracle, measured, _ = _reference(run, upto, train or run.strategy.reference)
         if oracle is not None:
             models.append(run.model("oracle", oracle))
@@ -164,7 +167,7 @@ def finish(run) -> records.Results:
                    if "ensemble_before" in p.get(evaluator.name, {})]
         if evaluator.carry_before and befores:
             blocks[evaluator.name]["ensemble_before_last_deletion"] = befores[-1]
-    violations = ens.lineage.violations(run.deletions.ids)
+    violations = ens.lineage.violations(run.state.deletions.ids)
     held = unit.strategy.lineage_paths(unit.state)
     held_violations = sum(int(at_path(unit.state, path)[:, forget].sum())
                           for path in held.values())
@@ -172,10 +175,11 @@ def finish(run) -> records.Results:
         "complete": True,
         "final": final,
         **blocks,
-        "cost": run.ledger.totals(unit.strategy.name, oracle_seconds,
-                                  run.units["baseline"].strategy.name if run.baseline else None),
-        "deleted_ids": sorted(run.deletions.ids),
-        "replacements": run.ledger.replacements,
+        "cost": run.state.ledger.totals(unit.strategy.name, oracle_seconds,
+                                        run.state.units["baseline"].strategy.name
+                                        if run.baseline else None),
+        "deleted_ids": sorted(run.state.deletions.ids),
+        "replacements": run.state.ledger.replacements,
         # An approximate strategy keeps deleted ids in live lineage by design: counted, and
         # said, but not a violation (its kept checkpoints are purged all the same).
         "lineage_audit": {"ok": (violations == 0 or not unit.strategy.exact)
@@ -183,21 +187,21 @@ def finish(run) -> records.Results:
                           "violations": violations if unit.strategy.exact else 0,
                           "held_by_design": 0 if unit.strategy.exact else violations,
                           "members": ens.members,
-                          "deleted": len(run.deletions.ids),
+                          "deleted": len(run.state.deletions.ids),
                           **({"snapshots": len(held), "snapshot_violations": held_violations}
                              if held else {})},
         # The baseline is a reference model, as in the original study: it never trains on a
         # deleted id after its deletion but is not unlearned (unless baseline_unlearning is
         # oracle); this counts what it holds.
-        "baseline_deleted_ids_in_lineage": (run.baseline.lineage.violations(run.deletions.ids)
+        "baseline_deleted_ids_in_lineage": (run.baseline.lineage.violations(run.state.deletions.ids)
                                             if run.baseline else None),
         "compile_seconds": timing.compile_seconds(),
         "wall_seconds": run.elapsed(),
     })
     if run.primary:
-        ens.lineage.save(run.folder.lineage, run.deletions.ids)
-        run.report.save()
-        run.report.plot()
+        ens.lineage.save(run.folder.lineage, run.state.deletions.ids)
+        run.state.report.save()
+        run.state.report.plot()
     return results
 
 
@@ -212,7 +216,7 @@ def apply(run, phase: int, request: Request | list[Request],
     together = request if isinstance(request, list) else [request]
     first = together[0]
     ids = np.setdiff1d(np.concatenate([r.ids for r in together]),
-                       run.deletions.ids).astype(np.int64)
+                       run.state.deletions.ids).astype(np.int64)
     invalid = run.ensemble.lineage.invalid(ids)
     scheduled = isinstance(first.source, Scheduled)
     record = {} if scheduled else {
@@ -226,7 +230,7 @@ def apply(run, phase: int, request: Request | list[Request],
             if r.id is None:
                 continue
             others = [o.id for o in together if o is not r]
-            run.deletions.applied[r.id] = {
+            run.state.deletions.applied[r.id] = {
                 "invalidated": np.flatnonzero(invalid).tolist(),
                 "cost": {k: cost.get(k) for k in ("member_epochs", "member_examples", "seconds")},
                 "message": "; ".join(
@@ -234,7 +238,7 @@ def apply(run, phase: int, request: Request | list[Request],
                      ["nothing left to delete: already deleted"])
                     + ([f"applied in one deletion with request(s) {others}"] if others else []))}
         if not scheduled:
-            run.report.results.setdefault("requests", []).append(record)
+            run.state.report.results.setdefault("requests", []).append(record)
         if durable_first:
             durable.commit(run)
             run.marks["honoured"] = time.perf_counter()

@@ -56,7 +56,7 @@ def check(cfg: Config, n_train: int) -> None:
         evaluators.names(cfg)
         stacked = cfg.members + cfg.shadow_members  # the ensemble's stack
         member_parallel = ensemble.resolve_layout(cfg.member_parallel, arch=cfg.model,
-                                                    stem=cfg.stem, members=stacked)
+                                                  stem=cfg.stem, members=stacked)
         per_device = stacked
         if cfg.devices != 1:
             mesh = sharding.member_mesh(cfg.devices)

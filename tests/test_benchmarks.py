@@ -185,7 +185,7 @@ def test_retrain_cost(tmp_path, capsys):
     from jaxunlearn import ensemble
 
     assert record["layout"]["ones"] == ensemble.resolve_layout("auto", arch="tiny",
-                                                                 stem="cifar", members=3)
+                                                               stem="cifar", members=3)
     assert "k=3 s (/ all 3)" in capsys.readouterr().out
 
 
