@@ -65,7 +65,7 @@ def run_protocol(run: Run, stop_after_phase: int | None = None) -> dict:
         if run.state.progress.phase_done == cfg.phases:
             complete(run)
     except TrainingDiverged as e:
-        steps = run.ckpts.steps()
+        steps = run.disk.ckpts.steps()
         message = (f"{e} in phase {run.state.progress.phase_done + 1}; the run stopped. The last "
                    f"good checkpoint is {steps[-1] if steps else 'none'}; resume from it with "
                    f"a lower learning rate: jaxunlearn run --resume {run.out} "
@@ -82,7 +82,7 @@ def run_protocol(run: Run, stop_after_phase: int | None = None) -> dict:
 def run_phase(run: Run, phase: int) -> dict:
     """Trains every group on its stages of ``phase`` (from a mid-phase checkpoint's position
     when resumed), scores, applies the deletions due, and makes it durable."""
-    cfg, queue = run.cfg, Queue(run.log, run.state.deletions)
+    cfg, queue = run.cfg, Queue(run.disk.log, run.state.deletions)
     resume, run.state.progress.position = run.state.progress.position, None
     t0, scored = time.perf_counter(), run.eval_seconds()
     record: records.PhaseRecord = resume["record"] if resume else {
@@ -144,7 +144,7 @@ def complete(run: Run) -> dict:
     once together (one deletion, one replay) and made durable before they are scored; then the
     end state written and made durable (the oracle reference included); again while requests
     arrived meanwhile."""
-    queue = Queue(run.log, run.state.deletions)
+    queue = Queue(run.disk.log, run.state.deletions)
     while True:
         pending = list(queue.forgets())
         if pending:

@@ -58,10 +58,10 @@ def write_checkpoint(run) -> int:
     """Writes the next checkpoint. Every process gathers the state (a collective); the primary
     one writes it."""
     run.state.progress.checkpoint += 1
-    run.snapshots.wait()  # every snapshot the checkpoint names is complete first
+    run.disk.snapshots.wait()  # every snapshot the checkpoint names is complete first
     tree = run.state.state_dict(run.elapsed())
     if run.primary:
-        run.ckpts.save(run.state.progress.checkpoint, tree, lineage_index(run))
+        run.disk.ckpts.save(run.state.progress.checkpoint, tree, lineage_index(run))
     return run.state.progress.checkpoint
 
 
@@ -69,9 +69,9 @@ def trim(run) -> list[int]:
     """Deletes all but the newest ``keep_checkpoints`` complete checkpoints."""
     if not run.primary:
         return []
-    old = run.ckpts.steps()[:-run.cfg.keep_checkpoints]
+    old = run.disk.ckpts.steps()[:-run.cfg.keep_checkpoints]
     for step in old:
-        run.ckpts.delete(step)
+        run.disk.ckpts.delete(step)
     return old
 
 
@@ -85,22 +85,22 @@ def purge(run) -> list[int]:
     deleted = run.state.deletions.sorted_ids()
     checked = ["oracle"] + [name for name, unit in run.state.units.items()
                             if unit.strategy.unlearns]
-    for step in run.ckpts.steps()[:-1] if deleted.size else []:
+    for step in run.disk.ckpts.steps()[:-1] if deleted.size else []:
         try:
-            lineages, meta = run.ckpts.load_lineages(step)
+            lineages, meta = run.disk.ckpts.load_lineages(step)
             dirty = bool(violations(lineages, meta["lineages"], deleted, checked))
         except checkpoint.CheckpointError:
             dirty = True  # unreadable: it cannot be shown clean, so it goes
         if dirty:
-            run.ckpts.delete(step)
+            run.disk.ckpts.delete(step)
             purged.append(step)
     used = snapshot_names(run)
-    for step in run.ckpts.steps():
+    for step in run.disk.ckpts.steps():
         try:
-            used |= snapshot_names(run, run.ckpts.load_meta(step)["tree"])
+            used |= snapshot_names(run, run.disk.ckpts.load_meta(step)["tree"])
         except checkpoint.CheckpointError:
             pass  # a damaged checkpoint is never restored from: its snapshots may go
-    run.snapshots.keep_only(used)
+    run.disk.snapshots.keep_only(used)
     return purged
 
 
@@ -116,7 +116,7 @@ def _commit(run) -> None:
     faults.point("checkpoint.before_purge")
     purged = purge(run)
     if run.primary:  # the live lineage, for `audit`
-        run.ensemble.lineage.save(run.folder.lineage, run.state.deletions.ids)
+        run.ensemble.lineage.save(run.disk.folder.lineage, run.state.deletions.ids)
     run.state.report.save()
     run.save_logits()
     complete_requests(run, purged)
@@ -125,13 +125,15 @@ def _commit(run) -> None:
 def complete_requests(run, purged: list[int]) -> None:
     """Writes the outcome of every logged request the run has applied and the log does not
     know yet."""
-    if run.log is None:
+    if run.disk.log is None:
         return
-    for pending in run.log.pending():
+    for pending in run.disk.log.pending():
         outcome = run.state.deletions.applied.get(pending["id"])
         if outcome is None:
             continue
         faults.point("forget.before_outcome")
-        run.log.outcome(pending["id"], "applied", members_invalidated=outcome["invalidated"],
-                        strategy=run.strategy.name, cost=outcome["cost"],
-                        checkpoints_purged=[str(p) for p in purged], message=outcome["message"])
+        run.disk.log.outcome(pending["id"], "applied",
+                             members_invalidated=outcome["invalidated"],
+                             strategy=run.strategy.name, cost=outcome["cost"],
+                             checkpoints_purged=[str(p) for p in purged],
+                             message=outcome["message"])

@@ -17,10 +17,10 @@ from jaxunlearn.unlearning import apply
 def reapply_logged_deletions(run, step: int, log: Callable[[str], None]) -> None:
     """After falling back to an older checkpoint: deletes again, at once, the ids the log says
     were deleted but checkpoint ``step`` predates (their checkpoints were damaged)."""
-    if run.log is None or jax.process_count() > 1:
+    if run.disk.log is None or jax.process_count() > 1:
         return
     logged, later = set(), set()
-    for r in run.log.records():
+    for r in run.disk.log.records():
         if r["outcome"] != "applied":
             continue
         logged |= set(r["ids"])

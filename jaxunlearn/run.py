@@ -106,18 +106,39 @@ class RunState:
         self.progress.load_state_dict(tree["progress"])
 
 
+class RunDisk:
+    """A run's folder, open: the paths of its files (``folder``), its checkpoints (``ckpts``),
+    the member snapshots its strategies keep (``snapshots``), its deletion log (``log``; the
+    primary process's only, None in the others) and its lock. Only the primary process
+    writes. `close` closes them all, the lock last."""
+
+    def __init__(self, out: pathlib.Path, primary: bool, lock: contextlib.ExitStack):
+        """``lock``: the run's lock, held (or an empty stack in a process that holds none);
+        what opens here closes with it."""
+        self.folder, self._open = RunFolder(out), lock
+        self.ckpts = checkpoint.Checkpoints(out, read_only=not primary)
+        lock.callback(self.ckpts.close)
+        self.snapshots = SnapshotStore(out, read_only=not primary)
+        lock.callback(self.snapshots.close)
+        self.log = deletion_log.DeletionLog.open(out) if primary else None
+        if self.log is not None:
+            lock.callback(self.log.close)
+
+    def close(self) -> None:
+        self._open.close()
+
+
 class Run:
     """One open run: its configuration, its `RunState` (what checkpoints hold), what trains
-    and scores it (trainer, evaluators, the logit cache), and its folder on disk (checkpoints,
-    snapshots, the deletion log, the lock)."""
+    and scores it (trainer, evaluators, the logit cache), and its open folder (`RunDisk`)."""
 
-    def __init__(self, cfg: Config, ds: data_lib.Dataset, out: pathlib.Path,
+    def __init__(self, cfg: Config, ds: data_lib.Dataset, disk: RunDisk,
                  schedule: dict | None, log: Callable[[str], None], progress: bool,
-                 lock: contextlib.ExitStack, initialise: bool = True):
+                 initialise: bool = True):
         """``initialise``: draw the initial state (a new run), else only its shape (a run about
         to be restored)."""
-        self.cfg, self.out, self.lock, self.say = cfg, out, lock, log
-        self.folder = RunFolder(out)  # the paths of its files
+        self.cfg, self.disk, self.say = cfg, disk, log
+        out = self.out = disk.folder.root
         # With several processes (hosts), every process computes everything; the first writes
         # the run folder and keeps the deletion log.
         self.primary = jax.process_index() == 0
@@ -130,7 +151,6 @@ class Run:
                               cfg, k_ens, arrays, devices=cfg.devices, initialise=initialise)
         ensemble.predicting = np.arange(ensemble.members) < cfg.members
         stages = Stages(cfg, self.chunks)
-        self.snapshots = SnapshotStore(out, read_only=not self.primary)
         deletions = deletions_lib.Deletions(cfg.seed, cfg.deletion_rate, self.chunks, schedule,
                                             ds.n_train)
         epochs = cfg.phases * (cfg.epochs * stages.slices("ensemble") + (
@@ -152,8 +172,6 @@ class Run:
         self.logits = evaluators.LogitCache(cfg.eval_batch_size)
         # Where this process's time went (scoring, checkpoint, ...), and when things happened.
         self.spans, self.marks = timing.Spans(), {}
-        self.ckpts = checkpoint.Checkpoints(out, read_only=not self.primary)
-        self.log = deletion_log.DeletionLog.open(out) if self.primary else None
 
     def _header(self, ds, ensemble: ModelGroup) -> records.Header:
         return {"data_source": ds.source, "n_train": ds.n_train, "n_test": ds.n_test,
@@ -180,7 +198,7 @@ class Run:
 
     def context(self, unit: Unit) -> strategies.Context:
         return strategies.Context(self.cfg, unit.group, self.trainer, self.state.stages,
-                                  self.state.deletions.mask, self.k_unlearn, self.snapshots)
+                                  self.state.deletions.mask, self.k_unlearn, self.disk.snapshots)
 
     def elapsed(self) -> float:
         """Seconds of work on this run so far, over every process that resumed it."""
@@ -211,7 +229,7 @@ class Run:
         """Keeps the current members' cached logits on disk for the next process (the
         ``logits.npz``), the deleted ids' left out."""
         if self.primary and jax.process_count() == 1:
-            self.logits.save(self.folder.logits, [u.group for u in self.state.units.values()],
+            self.logits.save(self.disk.folder.logits, [u.group for u in self.state.units.values()],
                              self.state.deletions.mask,
                              {"checkpoint": self.state.progress.checkpoint,
                               "deleted": len(self.state.deletions.ids)})
@@ -221,24 +239,21 @@ class Run:
         fingerprints); returns how many members matched."""
         if jax.process_count() > 1:  # every process must compute alike (collectives)
             return 0
-        return self.logits.load(self.folder.logits, [u.group for u in self.state.units.values()])
+        return self.logits.load(self.disk.folder.logits,
+                                [u.group for u in self.state.units.values()])
 
     def drop_saved_logits(self) -> None:
         """Removes ``logits.npz``: a deletion is about to invalidate members whose scores
         it may hold (the next commit writes the survivors' again)."""
         if self.primary:
-            self.folder.logits.unlink(missing_ok=True)
+            self.disk.folder.logits.unlink(missing_ok=True)
 
     def retain_ids(self, phase: int) -> np.ndarray:
         return evaluators.retain_ids(self.cfg, self.chunks, phase, self.state.deletions.mask)
 
     def close(self) -> None:
-        self.snapshots.close()
         self.state.report.close()
-        self.ckpts.close()
-        if self.log is not None:
-            self.log.close()
-        self.lock.close()
+        self.disk.close()
 
     def __enter__(self) -> "Run":
         return self
@@ -318,7 +333,7 @@ def open_run(cfg: Config, workdir, dataset: data_lib.Dataset | None = None,
             _restore(run, changes, log)
         else:
             if unborn and run.primary:
-                run.ckpts.discard_incomplete()
+                run.disk.ckpts.discard_incomplete()
             if cfg.pretrain:
                 pretraining.pretrain(run)
             durable.write_checkpoint(run)  # step 0: the initial state
@@ -345,15 +360,17 @@ def _check_changes(out: pathlib.Path, old: Config, cfg: Config, allow: bool) -> 
 
 
 def _locked(cfg, ds, out, schedule, log, progress, purpose, wait, initialise) -> Run:
-    """Locks the run folder (the primary process), then builds its `Run`."""
+    """Locks the run folder (the primary process), opens it, then builds its `Run`."""
     lock = contextlib.ExitStack()
     try:
-        if jax.process_index() == 0:
+        primary = jax.process_index() == 0
+        if primary:
             lock.enter_context(runlock.run_lock(out, wait=wait, purpose=purpose))
-        return Run(cfg, ds, out, schedule, log,
-                   sys.stderr.isatty() if progress is None else progress, lock, initialise)
+        disk = RunDisk(out, primary, lock)
+        return Run(cfg, ds, disk, schedule, log,
+                   sys.stderr.isatty() if progress is None else progress, initialise)
     except BaseException:
-        lock.close()
+        lock.close()  # and whatever the disk opened
         raise
 
 
@@ -361,14 +378,14 @@ def _restore(run: Run, changes: dict, log: Callable[[str], None]) -> None:
     """Puts an existing run back in the state of its newest complete checkpoint and finishes
     the durable step a crash interrupted."""
     if run.primary:
-        gone = run.ckpts.discard_incomplete()
+        gone = run.disk.ckpts.discard_incomplete()
         if gone:
             log(f"discarded incomplete checkpoint(s) {gone} (a write that never finished)")
-    step, tree, _ = run.ckpts.load_latest(log)
+    step, tree, _ = run.disk.ckpts.load_latest(log)
     position = tree["progress"]["position"]
     unlearning = sorted(UNLEARNING_CHANGES & set(changes))
-    if unlearning and (tree["deletions"]["ids"] or (run.log is not None
-                                                    and run.log.records())):
+    if unlearning and (tree["deletions"]["ids"] or (run.disk.log is not None
+                                                    and run.disk.log.records())):
         raise ConfigError(f"{run.out} has deleted ids or logged deletion requests, so "
                           f"{', '.join(unlearning)} can no longer change (its state depends on "
                           f"how they were unlearned); start a new run, or fork the run before "
@@ -378,13 +395,13 @@ def _restore(run: Run, changes: dict, log: Callable[[str], None]) -> None:
         raise ConfigError(f"checkpoint {step} is inside phase {position['phase']}: "
                           f"{', '.join(moved)} cannot change until the phase is over")
     if run.primary:
-        for bad in run.ckpts.damaged:  # useless, and perhaps holding deleted ids
-            run.ckpts.delete(bad)
+        for bad in run.disk.ckpts.damaged:  # useless, and perhaps holding deleted ids
+            run.disk.ckpts.delete(bad)
             log(f"removed damaged checkpoint {bad}")
         if changes:  # the accepted configuration is the run's from now on
             tmp = run.out / "config.json.tmp"
             tmp.write_text(run.cfg.to_json())
-            os.replace(tmp, run.folder.config)
+            os.replace(tmp, run.disk.folder.config)
     run.state.load_state_dict(tree, run.context(run.state.units["ensemble"]))
     run.t0 = time.perf_counter()
     run.load_logits()

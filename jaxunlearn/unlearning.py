@@ -199,7 +199,7 @@ def finish(run) -> records.Results:
         "wall_seconds": run.elapsed(),
     })
     if run.primary:
-        ens.lineage.save(run.folder.lineage, run.state.deletions.ids)
+        ens.lineage.save(run.disk.folder.lineage, run.state.deletions.ids)
         run.state.report.save()
         run.state.report.plot()
     return results
