@@ -31,7 +31,6 @@ Prints a table; ``--out`` writes JSON with the command, date, versions and every
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import re
 import shutil
@@ -44,6 +43,8 @@ import time
 import numpy as np
 
 import benchlib
+
+from jaxunlearn import records
 
 PARTS = ("open", "retraining", "compile", "scoring", "checkpoint", "other")
 # honoured: until the request was durable (unlearned, checkpointed, purged, logged), before the
@@ -95,7 +96,7 @@ def serve_cli(run_dir: pathlib.Path, ids: list[int], data: str | None):
         wall = time.perf_counter() - t0
         if done.returncode:
             raise SystemExit(f"forget --ids {i} failed:\n{done.stdout}{done.stderr}")
-        results = json.loads((run_dir / "results.json").read_text())
+        results = records.load(run_dir / "results.json")
         record = results["requests"][-1]
         timing = parse_timing(done.stdout)
         yield [i], {"record": record, "results": results}, {
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="JSON file for the results")
     args = parser.parse_args(argv)
 
-    results = json.loads((args.run_dir / "results.json").read_text())
+    results = records.load(args.run_dir / "results.json")
     if not results.get("complete"):
         parser.error(f"{args.run_dir} is not a finished run (results.json is not complete)")
     scratch = training_seconds(results)

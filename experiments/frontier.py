@@ -27,6 +27,8 @@ import pathlib
 import subprocess
 import sys
 
+from jaxunlearn import records
+
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -101,7 +103,7 @@ def train(name: str, runs: pathlib.Path, data: str | None) -> pathlib.Path:
     cache.use_compilation_cache()
     run = runs / name
     results = run / "results.json"
-    if results.exists() and json.loads(results.read_text()).get("complete"):
+    if results.exists() and records.load(results).get("complete"):
         return run
     overrides = {**BASE, **CONFIGS[name][0], **({"data": data} if data else {})}
     cfg = apply_overrides(get_preset("air-s-single"), overrides)
@@ -124,7 +126,7 @@ def serve(name: str, run: pathlib.Path, out: pathlib.Path, requests: int,
 
 
 def summary(name: str, run: pathlib.Path, serving: dict) -> dict:
-    results = json.loads((run / "results.json").read_text())
+    results = records.load(run / "results.json")
     s = serving["summary"]
     return {"name": name, "what": CONFIGS[name][1], "members": results["config"]["members"],
             "slices": results["config"]["slices"], "epochs": results["config"]["epochs"],

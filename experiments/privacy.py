@@ -32,6 +32,8 @@ import time
 
 import numpy as np
 
+from jaxunlearn import records
+
 HERE = pathlib.Path(__file__).resolve().parent
 FORGET_DIR = HERE / "privacy_forget"
 FORGET_SETS = {"1pct": 0.01, "10pct": 0.10}
@@ -69,7 +71,7 @@ def finished(run_dir: pathlib.Path) -> dict | None:
     path = run_dir / "results.json"
     if not path.is_file():
         return None
-    results = json.loads(path.read_text())
+    results = records.load(path)
     return results if results.get("complete") and results.get("requests") else None
 
 

@@ -33,10 +33,11 @@ import argparse
 import csv
 import dataclasses
 import itertools
-import json
 import pathlib
 import sys
 import time
+
+from jaxunlearn import records
 
 EXACT = ("replace", "rewind", "oracle")
 
@@ -215,7 +216,7 @@ def plot(rows: list[dict], runs: pathlib.Path, out: pathlib.Path) -> None:
             == (first["plan"], first["members"], first["fraction"])]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for r in same:
-        results = json.loads((runs / r["cell"] / "results.json").read_text())
+        results = records.load(runs / r["cell"] / "results.json")
         phases = [p["phase"] for p in results["phases"]]
         for ax, key in zip(axes, ("test_accuracy", "test_loss")):
             after = [p.get("after_unlearning", {}).get("ensemble", p["ensemble"])[key]
@@ -291,7 +292,7 @@ def main(argv=None) -> int:
         name = cell_name(c)
         run_dir = runs / name
         results_path = run_dir / "results.json"
-        done = results_path.exists() and json.loads(results_path.read_text()).get("complete")
+        done = results_path.exists() and records.load(results_path).get("complete")
         if not done:
             if run_dir.exists():  # an unfinished cell from an interrupted sweep: run it again
                 import shutil
@@ -301,7 +302,7 @@ def main(argv=None) -> int:
             driver.train_and_evaluate(cfg, run_dir, dataset=dataset, log=lambda s: None,
                                       progress=False)
             print(f"{name}: {time.perf_counter() - t0:.1f}s", flush=True)
-        rows.append(row(name, c, json.loads(results_path.read_text())))
+        rows.append(row(name, c, records.load(results_path)))
         finished[name] = run_dir
         write_tables(rows, out)
     plot(rows, runs, out)

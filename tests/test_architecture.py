@@ -91,3 +91,11 @@ def test_settings_and_their_parts_are_layered():
     # Recovery and unlearning sit below the run and the driver, never the other way round.
     for low in ("jaxunlearn.recovery", "jaxunlearn.unlearning", "jaxunlearn.deletion_queue"):
         assert not graph[low] & {"jaxunlearn.run", "jaxunlearn.driver", "jaxunlearn.requests"}
+
+
+def test_the_slowest_first_order_names_test_files_that_exist():
+    from conftest import SLOWEST_FIRST
+
+    here = pathlib.Path(__file__).parent
+    assert len(set(SLOWEST_FIRST)) == len(SLOWEST_FIRST)
+    assert [n for n in SLOWEST_FIRST if not (here / n).is_file()] == []
