@@ -24,8 +24,8 @@ class Report:
     its printed lines and its progress bar."""
 
     def __init__(self, cfg: Config, out: pathlib.Path, header: records.Header,
-                 log: Callable[[str], None],
-                 progress: bool, primary: bool, planned_epochs: int):
+                 log: Callable[[str], None], progress: bool, primary: bool,
+                 planned_epochs: int):
         """``header``: the results' fixed fields (data, device, versions...); ``planned_epochs``
         sizes the progress bar (retraining extends it)."""
         from tqdm.auto import tqdm

@@ -39,13 +39,13 @@ def test_the_default_preset_is_the_demo():
 
 def test_run_takes_seed_data_and_repeated_set(tmp_path, capsys):
     assert cli.main(["run", "--preset", "smoke", "--out", str(tmp_path), "--seed", "3",
-                     "--data", "sample", "--set", "members=2", "--set", "phases=2",
+                     "--data", "sample", "--set", "keep_checkpoints=2", "--set", "phases=2",
                      "baseline=none", "--quiet"]) == 0
     run = _only_run(tmp_path)
     assert capsys.readouterr().out.strip() == str(run)  # --quiet: only the folder
     assert run.name.startswith("smoke-") and run.name.endswith("-seed3")
     saved = json.loads((run / "config.json").read_text())
-    assert (saved["seed"], saved["data"], saved["members"], saved["phases"],
+    assert (saved["seed"], saved["data"], saved["keep_checkpoints"], saved["phases"],
             saved["baseline"]) == (3, "sample", 2, 2, "none")
     results = results_of(run)
     assert results["complete"] and len(results["phases"]) == 2

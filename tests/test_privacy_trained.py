@@ -20,7 +20,8 @@ def memorised(tmp_path_factory, sample):
         "model": "tiny", "stem": "imagenet", "optimizer": "adam", "learning_rate": 0.01,
         "lr_schedule": "constant", "label_smoothing": 0.0, "weight_decay": 0.0,
         "epochs": 60, "batch_size": 50, "eval_batch_size": 200, "retain_eval": 200,
-        "strategy": "rewind", "oracle_reference": "none"})
+        "strategy": "rewind", "oracle_reference": "none",
+        "evaluators": "mia,lira_online"})  # the two attacks the tests compare
     out = tmp_path_factory.mktemp("privacy") / "run"
     driver.train_and_evaluate(cfg, out, dataset=sample, log=lambda s: None, progress=False)
     ids = np.random.default_rng(0).choice(200, FORGOTTEN, replace=False).tolist()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_same_models, checkpoint_tree, group_state, results_of, rows
-from jaxunlearn import driver, plans, strategies
+from jaxunlearn import checkpoint, driver, plans, strategies
 from jaxunlearn.config import ConfigError, apply_overrides, get_preset
 from jaxunlearn.group import compile_group
 from jaxunlearn.snapshots import SnapshotStore
@@ -74,8 +74,15 @@ def _hand_trained(cfg, run_dir, sample, deleted) -> dict:
 
 def test_rewind_restores_exactly_the_state_before_the_deleted_id_entered(tmp_path, sample):
     cfg = _cfg(strategy="rewind", deletion_rate=0.0, keep_checkpoints=20)
-    after_1, _ = _run(cfg, tmp_path, sample, "after-phase-1", stop_after_phase=1)
     after_2, _ = _run(cfg, tmp_path, sample, "after-phase-2", stop_after_phase=2)
+    # Its checkpoint at the end of phase 1 (every checkpoint is kept): the state to go back to.
+    ckpts = checkpoint.Checkpoints(after_2, read_only=True)
+    try:
+        progress = {step: ckpts.load_meta(step)["tree"]["progress"] for step in ckpts.steps()}
+        (phase_1,) = [step for step, p in progress.items()
+                      if p["phase_done"] == 1 and p["position"] is None]
+    finally:
+        ckpts.close()
     # An id of chunk 2 (it entered in phase 2) that some member saw.
     chunk2 = plans.make_chunks(cfg.train_limit, cfg.phases)[1]
     seen = checkpoint_tree(after_2)["groups"]["ensemble"]["lineage"]["seen"]
@@ -91,7 +98,7 @@ def test_rewind_restores_exactly_the_state_before_the_deleted_id_entered(tmp_pat
     # What each invalid member was rewound to is its state at the end of phase 1, exactly:
     # the stage-1 snapshot on disk, as the checkpoint after the deletion names it.
     stage1 = checkpoint_tree(run, step=2)["strategies"]["ensemble"]["stages"]["1"]
-    want = group_state(after_1)
+    want = group_state(after_2, step=phase_1)
     store = SnapshotStore(run, read_only=True)
     for i in np.flatnonzero(invalid):
         name, _, row = stage1["files"][i].partition("#")  # one snapshot per stage, a row each
@@ -101,8 +108,8 @@ def test_rewind_restores_exactly_the_state_before_the_deleted_id_entered(tmp_pat
             jax.tree.map(np.testing.assert_array_equal, snapshot[part],
                          rows(want[part], i))
     np.testing.assert_array_equal(stage1["seen"][invalid],
-                                  checkpoint_tree(after_1)["groups"]["ensemble"]["lineage"]
-                                  ["seen"][invalid])
+                                  checkpoint_tree(after_2, phase_1)["groups"]["ensemble"]
+                                  ["lineage"]["seen"][invalid])
     assert not stage1["seen"][:, ids].any()
 
 
