@@ -225,15 +225,23 @@ def choices(name: str) -> tuple:
     return RULES[name].choices
 
 
+def is_a(value, kind: type) -> bool:
+    """Whether ``value`` is of the plain type ``kind`` as settings and JSON records mean it: a
+    bool is no number, and a float may be written as an int."""
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
+
+
 def problems(cfg: "Config") -> list[str]:
     """Every setting of the wrong type or outside its declared choices or range."""
     kinds = typing.get_type_hints(Config)
     out = []
     for name, rule in RULES.items():
         value, kind = getattr(cfg, name), kinds[name]
-        fits = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-                or (kind is float and isinstance(value, int) and not isinstance(value, bool)))
-        problem = (f"{name} takes {kind.__name__}, got {value!r}" if not fits
+        problem = (f"{name} takes {kind.__name__}, got {value!r}" if not is_a(value, kind)
                    else rule.problem(name, value))
         if problem is not None:
             out.append(problem)

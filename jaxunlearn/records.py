@@ -16,6 +16,8 @@ import types
 import typing
 from typing import Any, NotRequired, TypedDict
 
+from jaxunlearn.config import is_a
+
 
 class RecordError(ValueError):
     """A results file that is missing, unreadable, or not a run's results."""
@@ -270,13 +272,7 @@ def problems(value: Any, kind: Any = Results, where: str = "results") -> list[st
         if not isinstance(value, list):
             return [f"{where}: {type(value).__name__}, not a list"]
         return [p for i, v in enumerate(value) for p in problems(v, args[0], f"{where}[{i}]")]
-    if kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, kind)
-    return [] if ok else [f"{where}: {value!r} is not {kind.__name__}"]
+    return [] if is_a(value, kind) else [f"{where}: {value!r} is not {kind.__name__}"]
 
 
 def _record_problems(value: Any, kind: type, where: str) -> list[str]:
