@@ -44,7 +44,8 @@ def make_chunks(n_train: int, phases: int, pretrain: int = 0) -> list[np.ndarray
         raise ValueError(f"phases must be at least 1, got {phases}")
     deletable = n_train - pretrain
     if deletable < phases:
-        raise ValueError(f"{deletable} training examples cannot fill {phases} phases")
+        raise ValueError(f"{deletable} deletable training examples cannot fill {phases} "
+                         f"phases")
     return np.array_split(np.arange(deletable, dtype=np.int64), phases)
 
 

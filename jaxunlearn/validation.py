@@ -48,9 +48,10 @@ def check(cfg: Config, n_train: int) -> None:
     need(cfg.pretrain < n_train,
          f"pretrain (the examples declared never deletable) must be less than the {n_train} "
          f"training examples, got {cfg.pretrain}")
-    deletable = n_train - cfg.pretrain  # the examples the phases see
-    need(deletable >= cfg.phases, f"{deletable} deletable training examples cannot fill "
-                                  f"{cfg.phases} phases")
+    try:  # the deletable examples in chunks, one per phase
+        chunks = plans.make_chunks(n_train, cfg.phases, cfg.pretrain)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     try:
         strategies.for_run(cfg)
         evaluators.names(cfg)
@@ -70,7 +71,6 @@ def check(cfg: Config, n_train: int) -> None:
         need(per_device % k == 0, f"member_parallel={member_parallel} needs the members of each "
                                   f"device ({per_device}) divisible by {k}; choose K dividing "
                                   f"{per_device}")
-    chunks = plans.make_chunks(n_train, cfg.phases, cfg.pretrain)
     nothing_deleted = np.zeros(n_train, bool)
     for plan, fraction, who in ((cfg.plan, cfg.fraction, "each member"),
                                 (cfg.baseline_plan, cfg.baseline_fraction, "the baseline")):
@@ -85,5 +85,5 @@ def check(cfg: Config, n_train: int) -> None:
                                 f"({len(chunks[phase - 1])} examples in its chunk); use fewer "
                                 f"members or slices, or more data")
             need(size >= 1, f"plan {plan!r} with fraction {fraction} gives {who} no data in phase "
-                            f"{phase} ({deletable} examples in {cfg.phases} phases); raise the "
-                            f"fraction")
+                            f"{phase} ({n_train - cfg.pretrain} examples in {cfg.phases} "
+                            f"phases); raise the fraction")
