@@ -16,7 +16,7 @@ import numpy as np
 from jaxunlearn import metrics, records
 from jaxunlearn.config import Config
 from jaxunlearn.folder import RunFolder
-from jaxunlearn.trainer import EpochEnd
+from jaxunlearn.trainer import EpochEnd, Listener
 
 
 class Report:
@@ -102,7 +102,7 @@ class Report:
             self.metrics = open(self._metrics_path, "a", buffering=1)
 
 
-class EpochLog:
+class EpochLog(Listener):
     """A run's `jaxunlearn.trainer.Listener`: each epoch's line in ``metrics.jsonl`` (with the
     members' and the ensemble's test scores when ``eval_every_epoch``) and a step of the
     progress bar, which a training beyond the planned phases extends."""

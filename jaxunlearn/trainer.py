@@ -9,7 +9,7 @@ retrained on a stage sees exactly the batches it saw the first time, minus delet
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Protocol
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,23 +76,16 @@ class EpochEnd(NamedTuple):
     seconds: float  # training seconds of this `Trainer.train` call so far
 
 
-class Listener(Protocol):
+class Listener:
     """What hears of training as it goes (`Trainer`'s ``listener``): a run's metrics log and
-    progress bar (`jaxunlearn.results.EpochLog`). Its time does not count as training time."""
+    progress bar (`jaxunlearn.results.EpochLog`). Its time does not count as training time.
+    This one hears and does nothing."""
 
     def started(self, kind: str, epochs: int) -> None:
         """A `Trainer.train` call of ``epochs`` epochs of ``kind`` begins."""
 
     def epoch_done(self, end: EpochEnd) -> None:
         """An epoch ended (every member's step of it done)."""
-
-
-class _Silent:
-    def started(self, kind: str, epochs: int) -> None:
-        pass
-
-    def epoch_done(self, end: EpochEnd) -> None:
-        pass
 
 
 class Recipe(NamedTuple):
@@ -132,7 +125,7 @@ class Trainer:
         ``listener`` (`Listener`): hears of each training call and epoch (None: nothing
         does)."""
         self.cfg, self.deleted = cfg, deleted
-        self.listener = listener or _Silent()
+        self.listener = listener or Listener()
 
     def train(self, group: ModelGroup, stage: Stage, members: np.ndarray, *,
               kind: str = "epoch", round_: int = 0, start: Start | None = None,
