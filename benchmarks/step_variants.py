@@ -1,9 +1,9 @@
 """A/B of training-step variants in one process, timed round-robin so that the machine's drift
 falls on every variant alike.
 
-A variant is the library's one-member training step (`jaxunlearn.steps.train_step`, air recipe: SGD with
-Nesterov momentum and weight decay, label smoothing 0.2; synthetic resident data) with changes
-joined by ``+``:
+A variant is the library's one-member training step (`jaxunlearn.steps.train_step`, air
+recipe: SGD with Nesterov momentum and weight decay, label smoothing 0.2; synthetic resident
+data) with changes joined by ``+``:
 
 * ``ynn=default``: XLA's default options (YNNPACK fusions on); ``ynn=none``: YNNPACK off (the
   library's choice on CPU); ``ynn=TYPE``: only that YNNPACK fusion type (``reduce``, ``dot``,

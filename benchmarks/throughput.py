@@ -161,8 +161,8 @@ def make_synthetic_step(model, tx, strategy: str):
         grads, (batch_stats, total) = jax.grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new = step_fns.MemberState(params=optax.apply_updates(state.params, updates),
-                                batch_stats=batch_stats, opt_state=opt_state,
-                                step=state.step + 1, key=state.key)
+                                   batch_stats=batch_stats, opt_state=opt_state,
+                                   step=state.step + 1, key=state.key)
         take = jnp.logical_and(active, jnp.sum(weight) > 0)
         new = jax.tree.map(lambda n, o: jnp.where(take, n, o), new, state)
         return new, jnp.where(take, total, 0.0)

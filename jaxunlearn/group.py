@@ -397,9 +397,9 @@ class ModelGroup:
 
     def member_logits(self, batch_size: int, ids: np.ndarray | None = None,
                       members: np.ndarray | None = None) -> np.ndarray:
-        """Logits ``[m, n, classes]`` on resident images ``ids`` (training ids, or ``data.test_ids``;
-        default: the test set) of ``members`` (bool ``[m]``; default all), computed as
-        sub-stacks of those members only; the other members' rows are NaN."""
+        """Logits ``[m, n, classes]`` on resident images ``ids`` (training ids, or
+        ``data.test_ids``; default: the test set) of ``members`` (bool ``[m]``; default all),
+        computed as sub-stacks of those members only; the other members' rows are NaN."""
         ids = self.data.test_ids if ids is None else np.asarray(ids)
         members = (np.ones(self.members, bool) if members is None
                    else np.asarray(members, bool))

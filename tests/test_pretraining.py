@@ -150,7 +150,7 @@ def test_the_audit_flags_a_deleted_pretraining_id():
 
 
 def test_a_run_killed_during_its_pretraining_starts_again_when_resumed(tmp_path, sample,
-                                                                      monkeypatch, runs):
+                                                                       monkeypatch, runs):
     from jaxunlearn import pretraining
 
     out = tmp_path / "killed"
