@@ -54,6 +54,16 @@ def audit(run_dir) -> tuple[bool, list[str], str]:
         if newest is not None and missing:
             problems.append(f"the log says ids {missing[:10]} were deleted, but the newest "
                             f"checkpoint ({newest}) has not deleted them")
+        if newest is not None:
+            lost, unlogged = durable.log_gaps(records, loaded[newest][1]["tree"])
+            if lost or unlogged:
+                problems.append(
+                    f"the deletion log {RunFolder(run_dir).deletion_log} lacks "
+                    f"{len(lost)} request(s) that checkpoint {newest} applied"
+                    + (f" (deleted ids {unlogged[:10]} are in no logged request)"
+                       if unlogged else "")
+                    + ": it was emptied, deleted or replaced by an older copy; put back the "
+                      "run's own log (a backup)")
         for step, (lineages, meta) in loaded.items():
             for where, member, ids in durable.violations(lineages, meta["lineages"], deleted,
                                                          exact):
@@ -67,8 +77,15 @@ def audit(run_dir) -> tuple[bool, list[str], str]:
         ckpts.close()
     live = RunFolder(run_dir).lineage
     if live.exists() and deleted.size and "ensemble" in exact:
-        saved = np.load(live)
-        for member in np.flatnonzero(saved["lineage"][:, deleted].any(axis=1)):
+        try:
+            with np.load(live, allow_pickle=False) as saved:
+                held = np.asarray(saved["lineage"])[:, deleted].any(axis=1)
+        except Exception as e:  # zip, zlib and npy readers raise many kinds on damage
+            problems.append(f"{live.name} (the finished run's live lineage) cannot be read "
+                            f"({type(e).__name__}: {e}); `jaxunlearn run --resume {run_dir}` "
+                            f"writes it again from the newest checkpoint")
+            held = np.zeros(0, bool)
+        for member in np.flatnonzero(held):
             problems.append(f"lineage.npz (the finished run's live state): member {member} "
                             f"still depends on a deleted id")
     problems += _saved_logits(run_dir, deleted)
@@ -102,7 +119,9 @@ def _saved_logits(run_dir, deleted: np.ndarray) -> list[str]:
         held = sorted(set().union(*(ids.tolist() for ids, _ in rows.values()))
                       & set(deleted.tolist()))
     except (OSError, ValueError, KeyError) as e:
-        return [f"{LOGITS} cannot be read ({e}); remove it (it is only a cache)"]
+        return [f"{LOGITS} cannot be read ({e}): it may hold any score; remove it (it is only a "
+                f"cache), or open the run (`jaxunlearn run --resume {run_dir}`), which "
+                f"discards it"]
     out = []
     if held:
         out.append(f"{LOGITS} holds scores of deleted id(s) {held[:10]}")

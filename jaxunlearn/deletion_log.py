@@ -26,8 +26,17 @@ commit is fsynced before it returns and the log is a single self-contained file 
 with the run folder. Each append is one transaction opened with ``BEGIN IMMEDIATE`` (connections
 use ``timeout=30``), so writers from several processes wait for each other instead of failing.
 
-The schema version is stored in ``PRAGMA user_version`` (currently 1); a log written by a newer
-version of jaxunlearn is refused with a clear error rather than misread. A file that is not a
+Every request has an identity that cannot collide (``uid``, a random UUID): the checkpoints
+record the requests they applied by it, so a log that was emptied, deleted or replaced by an
+older copy of itself is told apart from the run's own (its counter restarts; its uids do not
+match). A request written by schema 1 (before uids) is known by its number.
+
+Checking a request and appending it are one transaction (``request(..., check=...)``): two
+processes asking for the same id cannot both pass the check.
+
+The schema version is stored in ``PRAGMA user_version`` (currently 2; a version-1 log gains the
+``uid`` column on its first write); a log written by a newer version of jaxunlearn is refused
+with a clear error rather than misread. A file that is not a
 readable deletion log raises :class:`DeletionLogError`; it is never overwritten or deleted.
 """
 
@@ -41,12 +50,14 @@ import os
 import pathlib
 import sqlite3
 import urllib.parse
+import uuid
+from typing import Callable
 
 from jaxunlearn.folder import DELETION_LOG
 from jaxunlearn.runlock import check_run_dir
 
 LOG_NAME = DELETION_LOG  # (jaxunlearn.folder)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 OUTCOMES = ("applied", "rejected", "failed")
 PENDING = "pending"
 
@@ -58,8 +69,10 @@ CREATE TABLE requests (
     id      INTEGER PRIMARY KEY AUTOINCREMENT,
     time    TEXT NOT NULL,             -- ISO 8601, UTC
     ids     TEXT NOT NULL,             -- JSON list of example ids
-    source  TEXT NOT NULL              -- who/what asked: CLI, schedule file, API caller...
+    source  TEXT NOT NULL,             -- who/what asked: CLI, schedule file, API caller...
+    uid     TEXT                       -- the request's identity (a UUID; NULL in schema 1)
 );
+CREATE UNIQUE INDEX requests_uid ON requests(uid);
 CREATE TABLE outcomes (
     request_id          INTEGER NOT NULL UNIQUE REFERENCES requests(id),
     time                TEXT NOT NULL, -- ISO 8601, UTC
@@ -111,6 +124,12 @@ def _json_default(obj):
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def request_key(request_id: int, uid: str | None) -> str:
+    """A request's identity, as checkpoints record it: its UUID, or for a request written
+    before requests had one (schema 1), its number."""
+    return uid if uid else str(request_id)
 
 
 def _dumps(value, what: str) -> str:
@@ -199,6 +218,13 @@ class DeletionLog:
                         conn.execute("ROLLBACK")
                 raise
 
+    @contextlib.contextmanager
+    def transaction(self):
+        """One write transaction of this log's (other writers wait for it): reads inside it
+        see the log as no other process can change it until the block ends."""
+        with self._write():
+            yield
+
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
             raise DeletionLogError(f"deletion log {self.path} is closed")
@@ -216,7 +242,7 @@ class DeletionLog:
             raise DeletionLogError(
                 f"deletion log {self.path} has schema version {version}, newer than the version "
                 f"{SCHEMA_VERSION} this jaxunlearn understands; upgrade jaxunlearn to read it")
-        if version == SCHEMA_VERSION and not {"requests", "outcomes"} <= self._tables():
+        if version >= 1 and not {"requests", "outcomes"} <= self._tables():
             raise self._not_a_log("its requests/outcomes tables are missing")
 
     def _init_schema(self):
@@ -236,6 +262,17 @@ class DeletionLog:
                     conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
+    def _has_uids(self) -> bool:
+        return self._user_version() >= 2
+
+    def _upgrade(self, conn) -> None:
+        """Inside a write transaction: a schema-1 log gains its ``uid`` column (the rows it
+        holds keep their numbers as identity)."""
+        if self._user_version() == 1:
+            conn.execute("ALTER TABLE requests ADD COLUMN uid TEXT")
+            conn.execute("CREATE UNIQUE INDEX requests_uid ON requests(uid)")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
     def close(self):
         if self._conn is not None:
             self._conn.close()
@@ -249,13 +286,30 @@ class DeletionLog:
 
     # ----------------------------------------------------------------------------- writing
 
-    def request(self, ids, source: str) -> int:
-        """Appends a pending deletion request for example ``ids``; returns its request id."""
+    def request(self, ids, source: str,
+                check: Callable[[set[int]], None] | None = None) -> int:
+        """Appends a pending deletion request for example ``ids``; returns its request id.
+
+        ``check(taken)``, when given, runs inside the same write transaction, with the ids of
+        every request applied or pending (``taken``); an exception it raises leaves the log
+        unchanged. Two processes that check and append the same id are so serialised: the
+        second sees the first's request."""
         ids = _int_list(ids, "deletion request ids")
         if not ids:
             raise ValueError("a deletion request needs at least one example id")
         with self._write() as conn:
+            if check is not None:
+                check(self._taken(conn))
             return self._insert_request(conn, ids, source)
+
+    def _taken(self, conn) -> set[int]:
+        taken: set[int] = set()
+        rows = conn.execute("SELECT r.ids FROM requests r LEFT JOIN outcomes o "
+                            "ON o.request_id = r.id "
+                            "WHERE o.outcome IS NULL OR o.outcome = 'applied'").fetchall()
+        for (ids,) in rows:
+            taken.update(json.loads(ids))
+        return taken
 
     def outcome(self, request_id: int, outcome: str, members_invalidated=(), strategy: str = "",
                 cost: dict | None = None, checkpoints_purged=(), message: str = "") -> None:
@@ -286,10 +340,10 @@ class DeletionLog:
             self._insert_outcome(conn, request_id, row)
             return request_id
 
-    @staticmethod
-    def _insert_request(conn, ids: list[int], source: str) -> int:
-        cur = conn.execute("INSERT INTO requests (time, ids, source) VALUES (?, ?, ?)",
-                           (_now(), json.dumps(ids), str(source)))
+    def _insert_request(self, conn, ids: list[int], source: str) -> int:
+        self._upgrade(conn)
+        cur = conn.execute("INSERT INTO requests (time, ids, source, uid) VALUES (?, ?, ?, ?)",
+                           (_now(), json.dumps(ids), str(source), str(uuid.uuid4())))
         return cur.lastrowid
 
     @staticmethod
@@ -326,16 +380,18 @@ class DeletionLog:
         pending.
         """
         with self._errors():
+            uid = "r.uid" if self._has_uids() else "NULL"
             rows = self._connection().execute(
-                "SELECT r.id, r.time, r.ids, r.source, o.outcome, o.time, o.members_invalidated, "
-                "o.strategy, o.cost, o.checkpoints_purged, o.message "
+                f"SELECT r.id, {uid}, r.time, r.ids, r.source, o.outcome, o.time, "
+                "o.members_invalidated, o.strategy, o.cost, o.checkpoints_purged, o.message "
                 "FROM requests r LEFT JOIN outcomes o ON o.request_id = r.id "
                 "ORDER BY r.id").fetchall()
         out = []
-        for (rid, time, ids, source, outcome, otime, members, strategy, cost, purged,
+        for (rid, uid, time, ids, source, outcome, otime, members, strategy, cost, purged,
              message) in rows:
             out.append({
                 "id": rid,
+                "key": request_key(rid, uid),
                 "time": time,
                 "ids": json.loads(ids),
                 "source": source,

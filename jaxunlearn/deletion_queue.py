@@ -63,11 +63,13 @@ def parse_source(text: str) -> Source | None:
 
 
 class Request(NamedTuple):
-    """A deletion request: its id in the deletion log (None when not logged), ids, source."""
+    """A deletion request: its number in the deletion log (None when not logged), ids,
+    source, and its identity in the log (`deletion_log.request_key`; None when not logged)."""
 
     id: int | None
     ids: np.ndarray
     source: Source
+    key: str | None = None
 
 
 class Queue:
@@ -78,21 +80,35 @@ class Queue:
     def __init__(self, log: deletion_log.DeletionLog | None, deletions):
         self.log, self.deletions = log, deletions
 
-    def record(self, ids: np.ndarray, source: Source) -> int | None:
+    def record(self, ids: np.ndarray, source: Source) -> Request:
         """Logs a request before it is applied; one left pending by a killed process for the
         same ids and source (or applied before a fall-back) is reused."""
         if self.log is None:
-            return None
+            return Request(None, ids, source)
         for known in self.log.records():
             if parse_source(known["source"]) == source and known["ids"] == ids.tolist():
-                return known["id"]
-        return self.log.request(ids.tolist(), str(source))
+                return Request(known["id"], ids, source, known["key"])
+        self.log.request(ids.tolist(), str(source))
+        return self.record(ids, source)
 
     def scheduled(self, phase: int) -> Request:
         """The scheduled deletion after ``phase`` (logged when it deletes something)."""
         ids = self.deletions.scheduled_after(phase)
         source = Scheduled(phase)
-        return Request(self.record(ids, source) if ids.size else None, ids, source)
+        return self.record(ids, source) if ids.size else Request(None, ids, source)
+
+    def close(self, disk) -> list[Request]:
+        """The `forget` requests pending, or, when there are none, the run's word that it
+        takes no more (``disk.take_requests(False)``), in one log transaction: a `forget`
+        that records its request in the log and reads the holder's word in one transaction
+        too is either seen here or knows that it must apply the request itself."""
+        if self.log is None or jax.process_count() > 1:
+            return []
+        with self.log.transaction():
+            pending = list(self.forgets())
+            if not pending and disk.held is not None:
+                disk.held.update(takes_requests=False)
+        return pending
 
     def forgets(self) -> Iterator[Request]:
         """`forget` requests pending in the log that the run has not applied."""
@@ -100,5 +116,6 @@ class Queue:
             return
         for entry in self.log.pending():
             source = parse_source(entry["source"])
-            if isinstance(source, Forget) and entry["id"] not in self.deletions.applied:
-                yield Request(entry["id"], np.asarray(entry["ids"], np.int64), source)
+            if isinstance(source, Forget) and entry["key"] not in self.deletions.applied:
+                yield Request(entry["id"], np.asarray(entry["ids"], np.int64), source,
+                              entry["key"])

@@ -104,7 +104,9 @@ class Deletions:
         self.mask = np.zeros(n_train, bool)  # shared with the trainer: updated in place
         self.ids: list[int] = []
         self.rng = plans.stream(seed, "deletions")
-        self.applied: dict[int, dict] = {}  # logged request id -> its outcome
+        # The identity of each logged request applied (`deletion_log.request_key`) -> its
+        # outcome: the checkpoints hold it, and opening a run checks the log against it.
+        self.applied: dict[str, dict] = {}
 
     def scheduled_after(self, phase: int) -> np.ndarray:
         """The ids to delete after ``phase`` (of ``phases``): from the explicit schedule (minus
@@ -127,11 +129,11 @@ class Deletions:
 
     def state_dict(self) -> dict:
         return {"ids": list(self.ids), "rng": self.rng.bit_generator.state,
-                "applied": {str(k): v for k, v in self.applied.items()}}
+                "applied": dict(self.applied)}
 
     def load_state_dict(self, state: dict) -> None:
         self.ids = []
         self.mask[:] = False
         self.mark(state["ids"])
         self.rng.bit_generator.state = state["rng"]
-        self.applied = {int(k): v for k, v in state["applied"].items()}
+        self.applied = {str(k): v for k, v in state["applied"].items()}

@@ -8,9 +8,46 @@ neither the live state nor a kept checkpoint names is deleted with the purge.
 
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
 
 from jaxunlearn import checkpoint, faults
+from jaxunlearn.deletion_log import DeletionLogError
+
+
+class LogMismatch(DeletionLogError):
+    """The deletion log lacks requests that a checkpoint applied: it was emptied, deleted or
+    replaced by an older copy of itself. Nothing is changed; the message says what to do."""
+
+
+def log_gaps(records: list[dict], tree: dict) -> tuple[list[str], list[int]]:
+    """What a checkpoint's state ``tree`` applied that the deletion log's ``records`` do not
+    hold: the identities of applied requests the log lacks, and deleted ids no logged request
+    names (every deletion a run makes is logged before it is applied)."""
+    keys = {r["key"] for r in records}
+    logged = {i for r in records for i in r["ids"]}
+    lost = [key for key in tree["deletions"]["applied"] if key not in keys]
+    return lost, sorted(set(tree["deletions"]["ids"]) - logged)
+
+
+def check_log(records: list[dict], tree: dict, step: int, path) -> None:
+    """Raises `LogMismatch` when the log ``records`` (at ``path``) lack what checkpoint
+    ``step`` (its state ``tree``) applied."""
+    lost, unlogged = log_gaps(records, tree)
+    if not lost and not unlogged:
+        return
+    what = []
+    if lost:
+        what.append(f"{len(lost)} of the {len(tree['deletions']['applied'])} request(s) it "
+                    f"applied are not in the log")
+    if unlogged:
+        what.append(f"deleted id(s) {unlogged[:10]} are in no logged request")
+    raise LogMismatch(
+        f"the deletion log {path} does not match checkpoint {step} ({'; '.join(what)}): it "
+        f"was emptied, deleted or replaced by an older copy, and the history of what was "
+        f"deleted would be lost. Nothing was changed. Put back the deletion log that goes "
+        f"with this run (a backup of {pathlib.Path(path).name}) and run the command again")
 
 
 def lineage_index(run) -> list[dict]:
@@ -128,7 +165,7 @@ def complete_requests(run, purged: list[int]) -> None:
     if run.disk.log is None:
         return
     for pending in run.disk.log.pending():
-        outcome = run.state.deletions.applied.get(pending["id"])
+        outcome = run.state.deletions.applied.get(pending["key"])
         if outcome is None:
             continue
         faults.point("forget.before_outcome")

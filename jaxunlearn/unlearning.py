@@ -227,10 +227,10 @@ def apply(run, phase: int, request: Request | list[Request],
     def honoured(record: dict) -> None:
         cost = record.get("cost", {})
         for r in together:
-            if r.id is None:
+            if r.key is None:
                 continue
             others = [o.id for o in together if o is not r]
-            run.state.deletions.applied[r.id] = {
+            run.state.deletions.applied[r.key] = {
                 "invalidated": np.flatnonzero(invalid).tolist(),
                 "cost": {k: cost.get(k) for k in ("member_epochs", "member_examples", "seconds")},
                 "message": "; ".join(
