@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 
 from jaxunlearn import faults
+from jaxunlearn.files import atomic_write, fsync_dir
 from jaxunlearn.folder import RunFolder
 
 ITEMS = ("arrays", "meta")
@@ -41,22 +42,7 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint, or one that cannot be written; the message says what to do."""
 
 
-def _fsync_write(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_write, _fsync_dir = atomic_write, fsync_dir
 
 
 def _digest(path: pathlib.Path) -> str:
@@ -170,7 +156,7 @@ class Checkpoints:
             faults.point("checkpoint.before_manifest")
             manifest = {"step": step, "files": _files(step_dir)}
             _fsync_write(self.manifests / f"{step}.json", json.dumps(manifest))
-        except OSError as e:
+        except Exception as e:  # OSError, and orbax/tensorstore's ValueErrors on a full disk
             raise CheckpointError(f"could not write checkpoint {step} in {self.root}: {e}; "
                                   f"the previous checkpoints are intact") from e
         return step_dir

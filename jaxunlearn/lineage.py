@@ -14,6 +14,8 @@ import dataclasses
 
 import numpy as np
 
+from jaxunlearn.files import atomic_write
+
 
 @dataclasses.dataclass
 class Lineage:
@@ -57,5 +59,6 @@ class Lineage:
 
     def save(self, path, deleted_ids) -> None:
         """Writes ``lineage.npz``: ``lineage`` bool ``[m, n]``, ``born`` and ``deleted`` ids."""
-        np.savez_compressed(path, lineage=self.seen, born=self.born,
-                            deleted=np.asarray(sorted(deleted_ids), np.int64))
+        atomic_write(path, lambda f: np.savez_compressed(
+            f, lineage=self.seen, born=self.born,
+            deleted=np.asarray(sorted(deleted_ids), np.int64)))

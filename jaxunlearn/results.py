@@ -15,6 +15,7 @@ import numpy as np
 
 from jaxunlearn import metrics, records
 from jaxunlearn.config import Config
+from jaxunlearn.files import atomic_write
 from jaxunlearn.folder import RunFolder
 from jaxunlearn.trainer import EpochEnd, Listener
 
@@ -64,9 +65,7 @@ class Report:
     def save(self) -> None:
         """Rewrites ``results.json`` atomically (a reader never sees a half-written file)."""
         if self.primary:
-            tmp = self.out / "results.json.tmp"
-            tmp.write_text(json.dumps(self.results, indent=2))
-            os.replace(tmp, RunFolder(self.out).results)
+            atomic_write(RunFolder(self.out).results, json.dumps(self.results, indent=2))
 
     def plot(self) -> None:
         """Draws ``plots/accuracy_loss.png`` (per phase: it is drawn again only when the phases

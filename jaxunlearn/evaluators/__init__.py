@@ -14,14 +14,14 @@ import pkgutil
 
 from jaxunlearn.config import Config
 from jaxunlearn.evaluators.base import (REGISTRY, Evaluation, Evaluator, LogitCache, Model,
-                                        read_saved, retain_ids)
+                                        CacheError, read_saved, retain_ids)
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 NAMES = tuple(REGISTRY)
 
-__all__ = ["Evaluation", "Evaluator", "LogitCache", "Model", "NAMES", "make", "evaluate",
+__all__ = ["CacheError", "Evaluation", "Evaluator", "LogitCache", "Model", "NAMES", "make", "evaluate",
            "read_saved", "retain_ids"]
 
 

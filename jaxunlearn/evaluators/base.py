@@ -24,6 +24,7 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 
 from jaxunlearn import metrics, plans, timing
+from jaxunlearn.files import atomic_write
 from jaxunlearn.config import Config
 from jaxunlearn.group import ModelGroup
 
@@ -110,19 +111,16 @@ class LogitCache:
                 arrays[f"{group.name}/{i}/logits"] = logits[i, ids]
         arrays["meta"] = np.frombuffer(json.dumps(
             {**meta, "fingerprints": fingerprints}).encode(), np.uint8)
-        path = pathlib.Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: np.savez(f, **arrays))
 
     def load(self, path, groups: list[ModelGroup]) -> int:
         """Takes the rows `save` wrote for members whose fingerprints match ``groups``' current
-        members; returns how many members it matched (0 when there is no readable file)."""
+        members; returns how many members it matched (0 when there is no file). Raises
+        `CacheError` when the file cannot be read: a caller discards it."""
         try:
             meta, rows = read_saved(path)
-        except (OSError, ValueError, KeyError):
-            return 0  # no file, or not one this version can read: everything is scored again
+        except FileNotFoundError:
+            return 0
         matched = 0
         for group in groups:
             now = group.fingerprints()
@@ -137,17 +135,28 @@ class LogitCache:
 
 def read_saved(path) -> tuple[dict, dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]]:
     """What `LogitCache.save` wrote: its ``meta`` (with each group's member ``fingerprints``)
-    and ``{(group, member): (resident ids, logits)}``. Raises OSError, ValueError or KeyError
-    for a missing or unreadable file."""
-    with np.load(path) as f:
-        meta = json.loads(bytes(f["meta"]).decode())
-        rows = {}
-        for key in f.files:
-            if key.endswith("/ids"):
-                name, member, _ = key.rsplit("/", 2)
-                rows[(name, int(member))] = (f[key].astype(np.int64),
-                                             f[f"{name}/{member}/logits"])
+    and ``{(group, member): (resident ids, logits)}``. Raises FileNotFoundError for a missing
+    file, `CacheError` for one that cannot be read whole (truncated, emptied, foreign)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            meta = json.loads(bytes(f["meta"]).decode())
+            rows = {}
+            for key in f.files:
+                if key.endswith("/ids"):
+                    name, member, _ = key.rsplit("/", 2)
+                    rows[(name, int(member))] = (f[key].astype(np.int64),
+                                                 np.asarray(f[f"{name}/{member}/logits"]))
+            if not isinstance(meta, dict) or not isinstance(meta.get("fingerprints"), dict):
+                raise ValueError("no member fingerprints")
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # zip, zlib, npy and JSON readers raise many kinds on damage
+        raise CacheError(f"{type(e).__name__}: {e}") from None
     return meta, rows
+
+
+class CacheError(ValueError):
+    """A saved logits file that cannot be read; being a cache, it is discarded."""
 
 
 class Evaluation:
