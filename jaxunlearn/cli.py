@@ -8,7 +8,7 @@ import datetime
 import pathlib
 import sys
 
-from jaxunlearn import config as config_lib
+from jaxunlearn import config as config_lib, files
 
 EPILOG = """examples:
   jaxunlearn run                              # the demo preset on the bundled sample
@@ -23,6 +23,20 @@ EPILOG = """examples:
   jaxunlearn audit runs/demo-20261127-101500-seed0
   jaxunlearn log runs/demo-20261127-101500-seed0
 """
+
+
+# Exit statuses besides 0 (ok) and 1 (an audit violation).
+BAD_INPUT, DIVERGED, QUEUED, RESOURCE = 2, 3, 4, 5
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"a number of seconds >= 0, not {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("--ids", help="example ids, e.g. 12,345,7")
     forget.add_argument("--ids-file", metavar="FILE", help="a file of ids (commas, spaces or "
                                                             "lines)")
-    forget.add_argument("--wait", type=float, default=600.0, metavar="SECONDS",
-                        help="how long to wait for another forget on the same run (default 600)")
+    forget.add_argument("--wait", type=_seconds, default=600.0, metavar="SECONDS",
+                        help="how long to wait for the run when another process holds it and "
+                             "does not take the request (default 600)")
     fork = sub.add_parser("fork", help="copy a run that has deleted nothing, to unlearn it "
                                        "another way (e.g. strategy=finetune)",
                           description="Copy a run folder before its first deletion into a new "
@@ -180,7 +195,13 @@ def cmd_run(args) -> int:
         out = new_run_dir(args.out, cfg)
         if not args.quiet:
             print(f"jaxunlearn run: preset {cfg.preset}, seed {cfg.seed}, data {cfg.data} -> {out}")
-        results = driver.train_and_evaluate(cfg, out, log=log)
+        try:
+            results = driver.train_and_evaluate(cfg, out, log=log)
+        except Exception as e:
+            # A new run that a resource stopped before it trained anything leaves no folder.
+            if files.resource_problem(e) is not None and driver.discard_unstarted(out):
+                e.add_note(f"The new run folder {out} held nothing trained: it was removed.")
+            raise
     if not args.quiet:
         print(summary_line(results))
     print(out)
@@ -194,9 +215,12 @@ def cmd_forget(args) -> int:
     ids = requests.parse_ids(args.ids, args.ids_file)
     outcome = requests.forget(args.run_dir, ids, log=functools.partial(print, flush=True),
                               wait=args.wait)
-    if outcome["status"] == "queued":
-        print(f"request {outcome['request']} recorded, queued: {outcome['message']}")
+    if outcome["status"] == "taken":
+        print(f"request {outcome['request']} recorded: {outcome['message']}")
         return 0
+    if outcome["status"] == "queued":
+        print(f"request {outcome['request']} recorded, not applied yet: {outcome['message']}")
+        return QUEUED
     record = outcome["record"] or {}
     cost = record.get("cost", {})
     print(f"request {outcome['request']} applied: {len(record.get('ids', []))} id(s) deleted, "
@@ -300,13 +324,31 @@ def main(argv=None) -> int:
         cache.use_compilation_cache()
     try:
         return commands[args.command](args)
-    except (DataError, ScheduleError, config_lib.ConfigError, RequestError, RunLocked,
-            NoRunFolder, CheckpointError, DeletionLogError, ReportError) as e:
-        print(f"jaxunlearn: error: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
-        print(f"jaxunlearn: training diverged: {e}", file=sys.stderr)
-        return 3
+    except Exception as e:
+        resource = files.resource_problem(e)
+        if resource is not None:
+            print(f"jaxunlearn: error: {resource} ({_first_line(e)}). What was saved before "
+                  f"is intact; free the resource and run the command again{_notes(e)}",
+                  file=sys.stderr)
+            return RESOURCE
+        if isinstance(e, (DataError, ScheduleError, config_lib.ConfigError, RequestError,
+                          RunLocked, NoRunFolder, CheckpointError, DeletionLogError,
+                          ReportError)):
+            print(f"jaxunlearn: error: {e}{_notes(e)}", file=sys.stderr)
+            return BAD_INPUT
+        if isinstance(e, FloatingPointError):
+            print(f"jaxunlearn: training diverged: {e}", file=sys.stderr)
+            return DIVERGED
+        raise
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+def _notes(e: BaseException) -> str:
+    return "".join(f"\n{note}" for note in getattr(e, "__notes__", ()))
 
 
 if __name__ == "__main__":

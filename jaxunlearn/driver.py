@@ -15,11 +15,13 @@ from typing import Callable
 import numpy as np
 
 
-from jaxunlearn import data as data_lib, deletion_log, durable, faults, metrics, plans, records
+from jaxunlearn import checkpoint, data as data_lib, deletion_log, durable, faults, metrics
+from jaxunlearn import plans, records
 from jaxunlearn import runlock
 from jaxunlearn import run as run_lib, unlearning
 from jaxunlearn.config import FORK_CHANGES, Config, ConfigError, apply_overrides
 from jaxunlearn.deletion_queue import Queue
+from jaxunlearn.folder import RunFolder
 from jaxunlearn.run import Run, open_run, saved_config
 from jaxunlearn.unlearning import apply
 from jaxunlearn.trainer import Start, TrainingDiverged
@@ -59,11 +61,14 @@ def resume(run_dir, overrides=(), allow_config_change: bool = False,
 def run_protocol(run: Run, stop_after_phase: int | None = None) -> dict:
     """The remaining phases, then the end state and the requests queued meanwhile."""
     cfg, last = run.cfg, run.cfg.phases if stop_after_phase is None else stop_after_phase
+    run.disk.take_requests(True)  # `forget` requests logged from now on are this process's
     try:
         while run.state.progress.phase_done < min(last, cfg.phases):
             run_phase(run, run.state.progress.phase_done + 1)
         if run.state.progress.phase_done == cfg.phases:
             complete(run)
+        else:
+            _drain(run)
     except TrainingDiverged as e:
         steps = run.disk.ckpts.steps()
         message = (f"{e} in phase {run.state.progress.phase_done + 1}; the run stopped. The last "
@@ -145,13 +150,26 @@ def complete(run: Run) -> dict:
     end state written and made durable (the oracle reference included); again while requests
     arrived meanwhile."""
     queue = Queue(run.disk.log, run.state.deletions)
+    run.disk.take_requests(True)
     while True:
         pending = list(queue.forgets())
+        if not pending and run.state.report.results["complete"]:
+            pending = queue.close(run.disk)  # none left: take no more (or one just came)
+            if not pending:
+                return run.state.report.results
         if pending:
             apply(run, run.cfg.phases, pending, durable_first=True)
-        elif run.state.report.results["complete"]:
-            return run.state.report.results
         unlearning.finish(run)
+        durable.commit(run)
+
+
+def _drain(run: Run) -> None:
+    """A run that stops before its end applies the `forget` requests it took first (as a
+    phase's end does), until none is left and it takes no more."""
+    queue = Queue(run.disk.log, run.state.deletions)
+    while pending := queue.close(run.disk):
+        for request in pending:
+            apply(run, run.state.progress.phase_done, request)
         durable.commit(run)
 
 
@@ -209,6 +227,27 @@ def fork(src, dst, overrides=(), dataset: data_lib.Dataset | None = None,
     except BaseException:
         shutil.rmtree(dst, ignore_errors=True)  # a failed fork leaves no half run behind
         raise
+
+
+def discard_unstarted(run_dir) -> bool:
+    """Removes the run folder ``run_dir`` if it holds nothing trained: no checkpoint past the
+    initial one, no pretraining, no logged request (a new run that failed at once, say out of
+    memory in its first step). Returns whether it did."""
+    run_dir = pathlib.Path(run_dir)
+    if not run_dir.is_dir() or not RunFolder(run_dir).config.is_file():
+        return False
+    try:
+        with runlock.run_lock(run_dir, purpose="discard"):
+            cfg = saved_config(run_dir)
+            ckpts = checkpoint.Checkpoints(run_dir, read_only=True)
+            if cfg.pretrain or (set(ckpts.steps()) | set(ckpts._step_dirs())) - {0}:
+                return False
+            if RunFolder(run_dir).deletion_log.exists() and _logged(run_dir):
+                return False
+            shutil.rmtree(run_dir)
+            return True
+    except (OSError, ConfigError, runlock.RunLocked):
+        return False
 
 
 def _logged(run_dir: pathlib.Path) -> bool:

@@ -7,9 +7,11 @@ armed point is reached, the process kills itself with SIGKILL, exactly as a powe
 out-of-memory kill would end it. The tests use it to kill runs mid-phase and mid-checkpoint.
 
 Points: ``phase.step`` (after an optimiser step of a phase, once its mid-phase checkpoint is
-due or written), ``checkpoint.before_write``, ``checkpoint.before_manifest``,
-``checkpoint.before_purge``, ``forget.before_outcome``, ``snapshot.before_digest`` (a
-snapshot written, its digest not yet).
+due or written), ``train.KIND.step`` (after any optimiser step of a training of that kind:
+``epoch`` for a phase's, ``pretrain``, ``rewind``, ``retrain``, ``oracle``, ...),
+``checkpoint.before_write``, ``checkpoint.before_manifest``, ``checkpoint.before_purge``,
+``forget.before_outcome``, ``snapshot.before_digest`` (a snapshot written, its digest not
+yet).
 """
 
 from __future__ import annotations

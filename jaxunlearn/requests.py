@@ -2,29 +2,45 @@
 
 (The requests a run applies, with their typed sources, are `jaxunlearn.deletion_queue`.)
 
-``forget`` validates the ids against the run (its newest checkpoint and its deletion log) and
-records the request in the log before anything else. Then:
+``forget`` checks everything before anything is recorded, then records once, then applies
+once:
 
-* a finished run is locked, reopened at its newest checkpoint, and the request applied at
-  once: invalidation, retraining with the run's strategy, a new checkpoint, the purge of every
-  kept checkpoint whose lineage holds a deleted id, re-evaluation, ``results.json`` updated,
-  and the request's outcome in the log, in that order; a crash anywhere in it is completed the
-  next time the run is opened;
-* a run in progress (its process holds the lock) picks the request up after its current
-  phase; a run that is neither (killed, not finished) applies it when resumed.
+1. the ids (ASCII integers, no repeats, in range, none never deletable), the run's saved
+   configuration and its data;
+2. the run opened, once, as every command opens it (`jaxunlearn.run.open_run`: locked, its
+   checkpoint restored, its deletion log checked against it, a crash's work finished);
+3. the request checked against every deletion and request so far and appended to the log in
+   one transaction (two processes cannot both pass the check for one id);
+4. a finished run applies it at once: invalidation, retraining with the run's strategy, a new
+   checkpoint, the purge of every kept checkpoint whose lineage holds a deleted id, the
+   request's outcome in the log, then re-evaluation and ``results.json``. A crash anywhere in
+   it is completed the next time the run is opened.
+
+When another process holds the run, the request is recorded (checked in the same transaction)
+and that process's lock record says, in the same transaction, whether it still takes requests:
+a run in progress does (it applies the request after its current phase, or before it exits),
+and the request is *taken*. One that no longer does (it is exiting, or it never applies
+requests) is waited for (``wait`` seconds), and the request applied here; if it is still busy
+then, the request is *queued*: the next open of the run applies it.
 """
 
 from __future__ import annotations
 
+import collections
 import pathlib
+import re
 import time
 from typing import Callable
 
-from jaxunlearn import checkpoint, deletion_log, driver, plans, runlock, timing
+import numpy as np
+
+from jaxunlearn import data as data_lib, deletion_log, driver, plans, runlock, timing
 from jaxunlearn.deletion_queue import Forget
 from jaxunlearn.folder import RunFolder
-from jaxunlearn.results import Report
-from jaxunlearn.run import open_run, saved_config
+from jaxunlearn.run import Run, open_run, saved_config
+
+MAX_IDS_FILE_BYTES = 64 << 20  # 64 MiB: about 8 million ids
+_ID = re.compile(r"-?[0-9]+")  # ASCII digits only (int() would take other scripts' digits)
 
 
 class RequestError(ValueError):
@@ -32,128 +48,152 @@ class RequestError(ValueError):
 
 
 def parse_ids(text: str | None = None, path=None) -> list[int]:
-    """Ids from ``"12,345 7"`` and/or a file of ids (commas, spaces or newlines)."""
+    """Ids from ``"12,345 7"`` and/or a file of ids (commas, spaces or newlines; at most
+    `MAX_IDS_FILE_BYTES`)."""
     tokens = []
     if text:
         tokens += text.replace(",", " ").split()
     if path is not None:
-        try:
-            tokens += pathlib.Path(path).read_text().replace(",", " ").split()
-        except OSError as e:
-            raise RequestError(f"cannot read the ids file {path}: {e}") from None
+        tokens += _read_ids_file(path).replace(",", " ").split()
     if not tokens:
         raise RequestError("the request names no ids; give --ids 12,345 or --ids-file FILE")
-    ids, bad = [], []
-    for token in tokens:
-        try:
-            ids.append(int(token))
-        except ValueError:
-            bad.append(token)
+    bad = [token for token in tokens if not _ID.fullmatch(token)]
     if bad:
-        raise RequestError(f"example ids are integers; not integers: {', '.join(bad[:5])}")
-    repeated = sorted({i for i in ids if ids.count(i) > 1})
+        raise RequestError(f"example ids are integers in ASCII digits; not integers: "
+                           f"{', '.join(repr(b) for b in bad[:5])}")
+    ids = [int(token) for token in tokens]
+    repeated = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
     if repeated:
         raise RequestError(f"id(s) {repeated[:10]} are listed more than once")
     return ids
 
 
-def latest_meta(run_dir) -> dict:
-    """The JSON part of the run's newest complete checkpoint (the state tree without arrays)."""
-    ckpts = checkpoint.Checkpoints(run_dir, read_only=True)
+def _read_ids_file(path) -> str:
     try:
-        for step in reversed(ckpts.steps()):
-            try:
-                return ckpts.load_meta(step)
-            except checkpoint.CheckpointFormatError:
-                raise
-            except checkpoint.CheckpointError:
-                continue
-        raise checkpoint.CheckpointError(f"no usable checkpoint in {ckpts.root}")
-    finally:
-        ckpts.close()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_IDS_FILE_BYTES + 1)
+    except OSError as e:
+        raise RequestError(f"cannot read the ids file {path}: {e}") from None
+    if len(raw) > MAX_IDS_FILE_BYTES:
+        raise RequestError(f"the ids file {path} is larger than {MAX_IDS_FILE_BYTES >> 20} MiB; "
+                           f"split the request into several files")
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise RequestError(f"the ids file {path} is not ASCII text: give ids in ASCII digits "
+                           f"separated by commas, spaces or newlines") from None
 
 
-def validate(run_dir, ids: list[int]) -> dict:
-    """Checks ``ids`` against the run: they exist, are not deleted or requested already, and
-    do not delete every example. Returns the newest checkpoint's state tree (arrays left out)."""
-    run_dir = runlock.check_run_dir(run_dir)
-    cfg = saved_config(run_dir)
-    try:
-        tree = latest_meta(run_dir)["tree"]
-    except checkpoint.CheckpointError as e:
-        raise RequestError(f"{run_dir} has no usable checkpoint to apply a request to: {e}")
-    n_train = Report.results_in(tree)["n_train"]
-    out_of_range = [i for i in ids if not 0 <= i < n_train]
-    if out_of_range:
-        raise RequestError(f"example id(s) {out_of_range[:10]} do not exist: this run's "
-                           f"training ids are 0..{n_train - 1}")
-    pretraining = plans.pretraining_ids(n_train, cfg.pretrain)
-    held = [i for i in ids if i in set(pretraining.tolist())]
-    if held:
+def checker(ids: list[int], n_train: int, pretrain: int,
+            run_dir) -> Callable[[set[int]], None]:
+    """Checks what ``ids`` alone can show (they exist; none is never deletable) and returns
+    the check that needs the run's deletions: ``check(taken)``, with every id deleted or
+    requested so far, raises RequestError when an id is among them or the request would
+    delete every deletable example. The log runs it in the transaction that appends the
+    request."""
+    asked = np.asarray(ids, np.int64)
+    out_of_range = asked[(asked < 0) | (asked >= n_train)]
+    if out_of_range.size:
+        raise RequestError(f"example id(s) {out_of_range[:10].tolist()} do not exist: this "
+                           f"run's training ids are 0..{n_train - 1}")
+    pretraining = plans.pretraining_ids(n_train, pretrain)
+    held = np.intersect1d(asked, pretraining)
+    if held.size:
         raise RequestError(
-            f"example id(s) {held[:10]} are in this run's pretraining set (ids "
+            f"example id(s) {held[:10].tolist()} are in this run's pretraining set (ids "
             f"{pretraining[0]}..{pretraining[-1]}, declared never deletable with "
-            f"pretrain={cfg.pretrain}): every member starts from a model trained on them, so "
+            f"pretrain={pretrain}): every member starts from a model trained on them, so "
             f"forgetting them means a new run (with pretrain=0, or without these ids)")
-    gone = set(tree["deletions"]["ids"])
-    if RunFolder(run_dir).deletion_log.exists():
-        with deletion_log.DeletionLog.open(run_dir, create=False) as log:
-            gone |= set(log.deleted_ids())
-            for pending in log.pending():
-                gone |= set(pending["ids"])
-    already = sorted(set(ids) & gone)
-    if already:
-        raise RequestError(f"id(s) {already[:10]} are already deleted (or requested); "
-                           f"`jaxunlearn log {run_dir}` lists the requests")
-    if len(gone | set(ids)) >= n_train:
-        raise RequestError(f"the request would delete every one of the {n_train} training "
-                           f"examples")
-    return tree
+    wanted, deletable = set(ids), n_train - pretrain
+
+    def check(taken: set[int]) -> None:
+        already = sorted(wanted & taken)
+        if already:
+            raise RequestError(f"id(s) {already[:10]} are already deleted (or requested); "
+                               f"`jaxunlearn log {run_dir}` lists the requests")
+        if len(taken | wanted) >= deletable:
+            raise RequestError(f"the request would delete every one of the {deletable} "
+                               f"deletable training examples")
+
+    return check
 
 
 def forget(run_dir, ids: list[int], log: Callable[[str], None] = print,
-           wait: float = 600.0, dataset=None) -> dict:
-    """Records and (when the run is not running) applies a deletion request.
+           wait: float = 600.0, dataset: data_lib.Dataset | None = None) -> dict:
+    """Records and applies a deletion request (see the module's docstring for the order).
 
-    Returns ``{"request", "status": "applied" | "queued", ...}``. Raises RequestError for bad
-    ids (nothing recorded)."""
-    run_dir, t0, c0 = pathlib.Path(run_dir), time.perf_counter(), timing.compile_seconds()
-    tree = validate(run_dir, ids)
+    Returns ``{"request", "status", ...}``: status ``"applied"`` (with the request's
+    ``record``, the run's ``results`` and its ``timing``), ``"taken"`` (the process that
+    holds the run applies it) or ``"queued"`` (recorded; the next open of the run applies it),
+    with a ``message``. Raises RequestError for bad ids, ConfigError or DataError for a run
+    that cannot be opened, `jaxunlearn.durable.LogMismatch` for a log that does not match the
+    checkpoints: nothing is recorded then."""
+    if not wait >= 0:  # also NaN
+        raise RequestError(f"--wait is a number of seconds >= 0, got {wait!r}")
+    run_dir, t0, c0 = runlock.check_run_dir(run_dir), time.perf_counter(), timing.compile_seconds()
     cfg = saved_config(run_dir)
-    with deletion_log.DeletionLog.open(run_dir) as requests:
-        request_id = requests.request(ids, str(Forget()))
-    if tree["progress"]["phase_done"] < cfg.phases:
-        try:
-            with runlock.run_lock(run_dir, purpose="forget"):
-                doing = (f"the run is not finished; `jaxunlearn run --resume {run_dir}` "
-                         f"applies request {request_id} when it continues")
-        except runlock.RunLocked as e:
-            doing = (f"the run is in progress (pid {(e.holder or {}).get('pid')}); it applies "
-                     f"request {request_id} after its current phase")
-        return {"request": request_id, "status": "queued", "message": doing}
+    ds = dataset if dataset is not None else data_lib.load_dataset(cfg.data)
+    check = checker(ids, len(ds.train_labels[:cfg.train_limit or None]), cfg.pretrain, run_dir)
 
-    def reopen(wait_s):
-        return open_run(cfg, run_dir, dataset, log, progress=False, purpose="forget",
-                        wait=wait_s)
+    def reopen(wait_s: float) -> Run:
+        return open_run(cfg, run_dir, ds, log, progress=False, purpose="forget", wait=wait_s)
 
     try:
         run = reopen(0.0)
+    except runlock.RunLocked:
+        return _while_held(run_dir, ids, check, reopen, wait, t0, c0)
+    try:
+        deleted = set(run.state.deletions.ids)
+        request_id = run.disk.log.request(ids, str(Forget()),
+                                          check=lambda taken: check(taken | deleted))
+    except BaseException:
+        run.close()  # refused: the lock released, nothing recorded
+        raise
+    return _apply(run, request_id, t0, c0)
+
+
+def _while_held(run_dir, ids, check, reopen, wait: float, t0: float, c0: float) -> dict:
+    """Another process holds the run: the request recorded, then taken by it, applied here
+    once it lets go, or queued."""
+    holder: dict = {}
+
+    def check_and_ask(taken: set[int]) -> None:
+        check(taken)  # (the holder checked the log against its checkpoint when it opened)
+        holder.update(runlock.read_holder(run_dir) or {})
+
+    with deletion_log.DeletionLog.open(run_dir) as requests:
+        request_id = requests.request(ids, str(Forget()), check=check_and_ask)
+    try:
+        # A holder that takes requests applies it, unless it died since (its lock is free).
+        run = reopen(0.0 if holder.get("takes_requests") else wait)
     except runlock.RunLocked as e:
-        holder = e.holder or {}
-        if holder.get("purpose") == "run":  # a `run --resume` finishing: it applies it
-            return {"request": request_id, "status": "queued",
-                    "message": f"the run is open in pid {holder.get('pid')}; it applies "
-                               f"request {request_id} before it exits"}
-        try:  # another `forget`: wait for it (it may apply this request too)
-            run = reopen(wait)
-        except runlock.RunLocked as e:
-            return {"request": request_id, "status": "queued", "message": str(e)}
+        if holder.get("takes_requests"):
+            return {"request": request_id, "status": "taken",
+                    "message": f"the run is open in pid {holder.get('pid')} "
+                               f"({holder.get('purpose')}); it applies request {request_id} "
+                               f"before it exits"}
+        return {"request": request_id, "status": "queued",
+                "message": f"{e}. Request {request_id} waits in the log: the next open of the "
+                           f"run applies it (`jaxunlearn run --resume {run_dir}`)"}
+    return _apply(run, request_id, t0, c0)
+
+
+def _apply(run: Run, request_id: int, t0: float, c0: float) -> dict:
+    """Applies the pending requests of the open ``run`` (``request_id`` among them), unless
+    the run is not finished, and closes it."""
     opened = time.perf_counter() - t0 - (timing.compile_seconds() - c0)
     with run:
-        if run.state.progress.phase_done < cfg.phases:  # fell back inside the run: not finished
+        if run.state.progress.phase_done < run.cfg.phases:
             return {"request": request_id, "status": "queued",
-                    "message": "the run is not finished; it applies the request when resumed"}
-        results = driver.complete(run)
+                    "message": f"the run is not finished; `jaxunlearn run --resume {run.out}` "
+                               f"applies request {request_id} when it continues"}
+        try:
+            results = driver.complete(run)
+        except Exception as e:
+            e.add_note(f"Request {request_id} is recorded in the deletion log, not yet applied: "
+                       f"the next open of the run applies it (`jaxunlearn run --resume "
+                       f"{run.out}`)")
+            raise
     mine = next((r for r in results.get("requests", [])
                  if request_id in r.get("together", [r["request"]])), None)
     return {"request": request_id, "status": "applied", "record": mine, "results": results,

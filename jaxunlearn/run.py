@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import platform
+import sqlite3
 import sys
 import time
 from typing import Callable
@@ -32,6 +33,7 @@ from jaxunlearn.ledger import Ledger
 from jaxunlearn.results import EpochLog, Report
 from jaxunlearn.stages import Stages
 from jaxunlearn.trainer import Trainer
+from jaxunlearn.files import atomic_write
 from jaxunlearn.folder import RunFolder
 
 
@@ -112,17 +114,36 @@ class RunDisk:
     primary process's only, None in the others) and its lock. Only the primary process
     writes. `close` closes them all, the lock last."""
 
-    def __init__(self, out: pathlib.Path, primary: bool, lock: contextlib.ExitStack):
+    def __init__(self, out: pathlib.Path, primary: bool, lock: contextlib.ExitStack,
+                 held: runlock.HeldLock | None = None):
         """``lock``: the run's lock, held (or an empty stack in a process that holds none);
-        what opens here closes with it."""
-        self.folder, self._open = RunFolder(out), lock
+        what opens here closes with it. ``held``: the lock itself (its holder record)."""
+        self.folder, self._open, self.held = RunFolder(out), lock, held
         self.ckpts = checkpoint.Checkpoints(out, read_only=not primary)
         lock.callback(self.ckpts.close)
         self.snapshots = SnapshotStore(out, read_only=not primary)
         lock.callback(self.snapshots.close)
+        # A log this open creates (or gives a schema) is put back as it was if the run
+        # refuses it (`LogMismatch`): None when there was none, else its size (0: empty).
+        path = self.folder.deletion_log
+        self.log_found = path.stat().st_size if primary and path.exists() else None
         self.log = deletion_log.DeletionLog.open(out) if primary else None
         if self.log is not None:
             lock.callback(self.log.close)
+            lock.callback(self._stop_taking)  # first: before the log closes
+
+    def take_requests(self, taking: bool) -> None:
+        """Says in the lock's holder record whether this process still applies the `forget`
+        requests logged while it holds the run; a request recorded meanwhile reads it in the
+        same log transaction (see `jaxunlearn.deletion_queue.Queue.close`)."""
+        if self.held is None or self.held.record.get("takes_requests", False) == taking:
+            return
+        with self.log.transaction():
+            self.held.update(takes_requests=taking)
+
+    def _stop_taking(self) -> None:
+        with contextlib.suppress(OSError, sqlite3.Error, deletion_log.DeletionLogError):
+            self.take_requests(False)  # (the lock's release says it too)
 
     def close(self) -> None:
         self._open.close()
@@ -239,8 +260,37 @@ class Run:
         fingerprints); returns how many members matched."""
         if jax.process_count() > 1:  # every process must compute alike (collectives)
             return 0
-        return self.logits.load(self.disk.folder.logits,
-                                [u.group for u in self.state.units.values()])
+        path = self.disk.folder.logits
+        try:
+            return self.logits.load(path, [u.group for u in self.state.units.values()])
+        except evaluators.CacheError as e:  # only a cache: discarded, scored again
+            self.say(f"{path.name} is damaged ({e}): discarded; the scores it kept are "
+                     f"computed again")
+            if self.primary:
+                path.unlink(missing_ok=True)
+            return 0
+
+    def repair_derived(self) -> None:
+        """Writes again the files derived from the state that cannot be read (``results.json``,
+        a finished run's ``lineage.npz``), saying so: they are copies, the checkpoint is the
+        state."""
+        if not self.primary:
+            return
+        folder = self.disk.folder
+        try:
+            records.load(folder.results)
+        except records.RecordError as e:
+            self.say(f"{folder.results.name} could not be read ({e}): written again from "
+                     f"checkpoint {self.state.progress.checkpoint}")
+            self.state.report.save()
+        if folder.lineage.exists():
+            try:
+                with np.load(folder.lineage, allow_pickle=False) as saved:
+                    saved["lineage"], saved["deleted"]
+            except Exception as e:  # zip, zlib and npy readers raise many kinds on damage
+                self.say(f"{folder.lineage.name} could not be read ({type(e).__name__}: {e}): "
+                         f"written again from checkpoint {self.state.progress.checkpoint}")
+                self.ensemble.lineage.save(folder.lineage, self.state.deletions.ids)
 
     def drop_saved_logits(self) -> None:
         """Removes ``logits.npz``: a deletion is about to invalidate members whose scores
@@ -277,9 +327,14 @@ def saved_config(run_dir) -> Config:
         raise ConfigError(f"{run_dir} is not a run folder (no config.json); pass the folder "
                           f"that `jaxunlearn run` printed")
     try:
-        return Config(**json.loads(path.read_text()))
+        cfg = Config(**json.loads(path.read_text()))
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{path} is not a readable configuration: {e}") from None
+    found = config_lib.problems(cfg)
+    if found:
+        raise ConfigError(f"{path} is not a valid configuration: {'; '.join(found)}; put "
+                          f"back the run's own config.json (nothing was changed)")
+    return cfg
 
 
 def config_changes(old: Config, new: Config) -> dict[str, tuple]:
@@ -306,18 +361,17 @@ def open_run(cfg: Config, workdir, dataset: data_lib.Dataset | None = None,
                else {})
     # A run stopped before its first checkpoint was complete (during its pretraining, say)
     # has nothing to restore and nothing deleted: it starts again in its own folder.
-    unborn = existing and not checkpoint.Checkpoints(out, read_only=True).steps()
+    unborn = existing and _unborn(out)
     if unborn:
         log(f"{out} stopped before its first checkpoint: starting it again")
         existing = False
     ds = dataset if dataset is not None else data_lib.load_dataset(cfg.data)
     ds = ds.limit(cfg.train_limit or None, cfg.test_limit or None)
-    if existing and folder.results.is_file():
-        expected = records.load(folder.results).get("data_fingerprint")
-        if expected and expected != data_fingerprint(ds):
-            raise data_lib.DataError(
-                f"the data found ({ds.source}) is not the data {out} was trained on; pass "
-                f"the run's dataset (data=PATH --allow-config-change)")
+    if existing:
+        try:  # (a damaged results.json is only a copy: the checkpoint is checked instead)
+            _check_data(out, records.load(folder.results), ds)
+        except records.RecordError:
+            pass
     validation.check(cfg, ds.n_train)
     schedule = deletions_lib.load_schedule(cfg.deletions) if cfg.deletions else None
     if schedule is not None and not existing:
@@ -344,6 +398,38 @@ def open_run(cfg: Config, workdir, dataset: data_lib.Dataset | None = None,
     return run
 
 
+def _unborn(out: pathlib.Path) -> bool:
+    """Whether the run in ``out`` stopped before its first checkpoint was complete (nothing
+    to restore, nothing deleted: it starts again). A folder without manifests that holds
+    later checkpoints or logged requests lost them (removed by hand): it is refused, never
+    started again, which would discard its checkpoints and the deletions they applied."""
+    ckpts = checkpoint.Checkpoints(out, read_only=True)
+    if ckpts.steps():
+        return False
+    later = [step for step in ckpts._step_dirs() if step > 0]
+    logged = False
+    if RunFolder(out).deletion_log.exists():
+        with deletion_log.DeletionLog.open(out, create=False) as log:
+            logged = bool(log.records())
+    if later or logged:
+        found = ", ".join(([f"checkpoint folders {later}"] if later else [])
+                          + (["a deletion log with requests"] if logged else []))
+        raise checkpoint.CheckpointError(
+            f"{ckpts.manifests} is missing or empty, but {out} has {found}: the manifests "
+            f"that vouch for its checkpoints were removed, and starting the run again would "
+            f"discard them and the deletions they applied. Nothing was changed. Put back "
+            f"checkpoints/manifests (from a backup), or start a new run")
+    return True
+
+
+def _check_data(out: pathlib.Path, results: dict, ds: data_lib.Dataset) -> None:
+    expected = results.get("data_fingerprint")
+    if expected and expected != data_fingerprint(ds):
+        raise data_lib.DataError(
+            f"the data found ({ds.source}) is not the data {out} was trained on; pass "
+            f"the run's dataset (data=PATH --allow-config-change)")
+
+
 def _check_changes(out: pathlib.Path, old: Config, cfg: Config, allow: bool) -> dict:
     changes = config_changes(old, cfg)
     if changes:
@@ -364,9 +450,9 @@ def _locked(cfg, ds, out, schedule, log, progress, purpose, wait, initialise) ->
     lock = contextlib.ExitStack()
     try:
         primary = jax.process_index() == 0
-        if primary:
-            lock.enter_context(runlock.run_lock(out, wait=wait, purpose=purpose))
-        disk = RunDisk(out, primary, lock)
+        held = (lock.enter_context(runlock.run_lock(out, wait=wait, purpose=purpose))
+                if primary else None)
+        disk = RunDisk(out, primary, lock, held)
         return Run(cfg, ds, disk, schedule, log,
                    sys.stderr.isatty() if progress is None else progress, initialise)
     except BaseException:
@@ -377,11 +463,25 @@ def _locked(cfg, ds, out, schedule, log, progress, purpose, wait, initialise) ->
 def _restore(run: Run, changes: dict, log: Callable[[str], None]) -> None:
     """Puts an existing run back in the state of its newest complete checkpoint and finishes
     the durable step a crash interrupted."""
+    step, tree, _ = run.disk.ckpts.load_latest(log)
+    saved = Report.results_in(tree).get("data_fingerprint")
+    if saved and saved != run.state.report.results.get("data_fingerprint"):  # (this data's)
+        raise data_lib.DataError(f"the data found ({run.state.report.results['data_source']})"
+                                 f" is not the data {run.out} was trained on; pass the run's "
+                                 f"dataset (data=PATH --allow-config-change)")
+    if run.disk.log is not None:  # before anything changes: the log holds what was applied
+        try:
+            durable.check_log(run.disk.log.records(), tree, step, run.disk.folder.deletion_log)
+        except durable.LogMismatch:
+            found, path = run.disk.log_found, run.disk.folder.deletion_log
+            if not found:  # the log this open created, or gave a schema: as it was
+                run.disk.log.close()
+                path.unlink() if found is None else os.truncate(path, 0)
+            raise
     if run.primary:
         gone = run.disk.ckpts.discard_incomplete()
         if gone:
             log(f"discarded incomplete checkpoint(s) {gone} (a write that never finished)")
-    step, tree, _ = run.disk.ckpts.load_latest(log)
     position = tree["progress"]["position"]
     unlearning = sorted(UNLEARNING_CHANGES & set(changes))
     if unlearning and (tree["deletions"]["ids"] or (run.disk.log is not None
@@ -399,9 +499,7 @@ def _restore(run: Run, changes: dict, log: Callable[[str], None]) -> None:
             run.disk.ckpts.delete(bad)
             log(f"removed damaged checkpoint {bad}")
         if changes:  # the accepted configuration is the run's from now on
-            tmp = run.out / "config.json.tmp"
-            tmp.write_text(run.cfg.to_json())
-            os.replace(tmp, run.disk.folder.config)
+            atomic_write(run.disk.folder.config, run.cfg.to_json())
     run.state.load_state_dict(tree, run.context(run.state.units["ensemble"]))
     run.t0 = time.perf_counter()
     run.load_logits()
@@ -409,6 +507,7 @@ def _restore(run: Run, changes: dict, log: Callable[[str], None]) -> None:
         for unit in run.state.units.values():
             unit.state = unit.strategy.init(run.context(unit))
     run.state.progress.checkpoint = step
+    run.repair_derived()
     run.state.report.results["config"] = run.cfg.to_dict()
     if changes:  # a finished run is evaluated again under its new settings
         run.state.report.results["complete"] = False

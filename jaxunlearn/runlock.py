@@ -117,13 +117,33 @@ def _holder_record(purpose: str) -> dict:
     }
 
 
+class HeldLock:
+    """The lock, held: its file's ``path``, and `update` to change what the holder record says
+    (e.g. whether the holder still takes deletion requests)."""
+
+    def __init__(self, fd: int, path: pathlib.Path, record: dict):
+        self._fd, self.path, self.record = fd, path, record
+
+    def update(self, **fields) -> None:
+        """Rewrites the holder record with ``fields`` changed (fsynced: a reader that takes
+        a decision on it sees it)."""
+        self.record = {**self.record, **fields}
+        line = (json.dumps(self.record) + "\n").encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, line, 0)
+        os.fsync(self._fd)
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+
 @contextlib.contextmanager
 def run_lock(run_dir, wait: float = 0.0, purpose: str = ""):
     """Holds the exclusive lock on ``run_dir`` for the body of the ``with`` block.
 
     ``wait``: seconds to keep retrying (every 0.05 s) while another process holds the lock;
     0 fails at once. Raises :class:`RunLocked` (naming the holder) if the lock is still busy,
-    :class:`NoRunFolder` if ``run_dir`` is not an existing folder. Yields the lock file's path.
+    :class:`NoRunFolder` if ``run_dir`` is not an existing folder. Yields a `HeldLock`.
     """
     run_dir = check_run_dir(run_dir)
     if not wait >= 0:  # also rejects NaN
@@ -142,8 +162,9 @@ def run_lock(run_dir, wait: float = 0.0, purpose: str = ""):
                 time.sleep(_POLL_S)
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(_holder_record(purpose)) + "\n").encode(), 0)
-            yield path
+            record = _holder_record(purpose)
+            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+            yield HeldLock(fd, path, record)
         finally:
             # Empty the file while still holding the lock, so nobody reads a stale holder.
             with contextlib.suppress(OSError):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxunlearn import plans, sharding, timing, steps
+from jaxunlearn import faults, plans, sharding, timing, steps
 from jaxunlearn.config import Config, epochs_of
 from jaxunlearn.group import ModelGroup
 from jaxunlearn.stages import TRACKS, Stage
@@ -219,6 +219,7 @@ class Trainer:
                     group.set_trained(stacks[0], members)
                 if on_step is not None:  # a mid-phase checkpoint counts as training time
                     on_step(epoch, s + 1, partial_loss)
+                faults.point(f"train.{kind}.step")
             if not whole:  # the group's own state, for the epoch's scores and the caller
                 for sel, stack in zip(parts, stacks):
                     group.scatter(stack, sel, np.isin(np.arange(group.members), sel) & members)
