@@ -204,8 +204,10 @@ class DeletionLog:
             raise
 
     @contextlib.contextmanager
-    def _write(self):
-        """One write transaction: BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
+    def transaction(self):
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT, rolled back on any error); other
+        writers wait for it, so reads inside it see the log as nobody else can change it until
+        the block ends. Yields the connection."""
         conn = self._connection()
         with self._errors():
             conn.execute("BEGIN IMMEDIATE")
@@ -217,13 +219,6 @@ class DeletionLog:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
                 raise
-
-    @contextlib.contextmanager
-    def transaction(self):
-        """One write transaction of this log's (other writers wait for it): reads inside it
-        see the log as no other process can change it until the block ends."""
-        with self._write():
-            yield
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -250,7 +245,7 @@ class DeletionLog:
         if version != 0:
             self._check_version(version)
             return
-        with self._write() as conn:  # re-check under the write lock: another process may race
+        with self.transaction() as conn:  # re-check under the write lock: another process may race
             version = self._user_version()
             if version != 0:
                 self._check_version(version)
@@ -297,19 +292,10 @@ class DeletionLog:
         ids = _int_list(ids, "deletion request ids")
         if not ids:
             raise ValueError("a deletion request needs at least one example id")
-        with self._write() as conn:
+        with self.transaction() as conn:
             if check is not None:
-                check(self._taken(conn))
+                check(self._ids("o.outcome IS NULL OR o.outcome = 'applied'"))
             return self._insert_request(conn, ids, source)
-
-    def _taken(self, conn) -> set[int]:
-        taken: set[int] = set()
-        rows = conn.execute("SELECT r.ids FROM requests r LEFT JOIN outcomes o "
-                            "ON o.request_id = r.id "
-                            "WHERE o.outcome IS NULL OR o.outcome = 'applied'").fetchall()
-        for (ids,) in rows:
-            taken.update(json.loads(ids))
-        return taken
 
     def outcome(self, request_id: int, outcome: str, members_invalidated=(), strategy: str = "",
                 cost: dict | None = None, checkpoints_purged=(), message: str = "") -> None:
@@ -317,7 +303,7 @@ class DeletionLog:
         row = self._outcome_row(outcome, members_invalidated, strategy, cost, checkpoints_purged,
                                 message)
         request_id = operator.index(request_id)
-        with self._write() as conn:
+        with self.transaction() as conn:
             if conn.execute("SELECT 1 FROM requests WHERE id = ?", (request_id,)).fetchone() is None:
                 raise ValueError(f"deletion log {self.path} has no request {request_id}")
             existing = conn.execute("SELECT outcome FROM outcomes WHERE request_id = ?",
@@ -335,7 +321,7 @@ class DeletionLog:
             raise ValueError("a deletion request needs at least one example id")
         row = self._outcome_row(outcome, members_invalidated, strategy, cost, checkpoints_purged,
                                 message)
-        with self._write() as conn:
+        with self.transaction() as conn:
             request_id = self._insert_request(conn, ids, source)
             self._insert_outcome(conn, request_id, row)
             return request_id
@@ -407,18 +393,39 @@ class DeletionLog:
 
     def deleted_ids(self) -> list[int]:
         """Sorted union of the example ids of all requests whose outcome is ``applied``."""
+        return sorted(self._ids("o.outcome = 'applied'"))
+
+    def _ids(self, where: str) -> set[int]:
+        """The union of the example ids of the requests (``r``, with their outcome ``o``)
+        that ``where`` selects."""
         with self._errors():
             rows = self._connection().execute(
-                "SELECT r.ids FROM requests r JOIN outcomes o ON o.request_id = r.id "
-                "WHERE o.outcome = 'applied'").fetchall()
-        deleted: set[int] = set()
-        for (ids,) in rows:
-            deleted.update(json.loads(ids))
-        return sorted(deleted)
+                "SELECT r.ids FROM requests r LEFT JOIN outcomes o ON o.request_id = r.id "
+                f"WHERE {where}").fetchall()
+        return {i for (ids,) in rows for i in json.loads(ids)}
+
+    def key(self, request_id: int) -> str:
+        """The identity of request ``request_id`` (`request_key`)."""
+        uid = "uid" if self._has_uids() else "NULL"
+        with self._errors():
+            row = self._connection().execute(f"SELECT id, {uid} FROM requests WHERE id = ?",
+                                             (request_id,)).fetchone()
+        if row is None:
+            raise ValueError(f"deletion log {self.path} has no request {request_id}")
+        return request_key(*row)
 
     def pending(self) -> list[dict]:
         """Requests without an outcome (e.g. interrupted by a crash), by request id."""
         return [r for r in self.records() if r["outcome"] == PENDING]
+
+
+def has_requests(run_dir) -> bool:
+    """Whether the run in ``run_dir`` has a deletion log with any request in it (the log is
+    neither created nor changed)."""
+    if not (check_run_dir(run_dir) / LOG_NAME).exists():
+        return False
+    with DeletionLog.open(run_dir, create=False) as log:
+        return bool(log.records())
 
 
 # --------------------------------------------------------------------------------- display

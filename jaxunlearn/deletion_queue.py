@@ -88,8 +88,8 @@ class Queue:
         for known in self.log.records():
             if parse_source(known["source"]) == source and known["ids"] == ids.tolist():
                 return Request(known["id"], ids, source, known["key"])
-        self.log.request(ids.tolist(), str(source))
-        return self.record(ids, source)
+        request_id = self.log.request(ids.tolist(), str(source))
+        return Request(request_id, ids, source, self.log.key(request_id))
 
     def scheduled(self, phase: int) -> Request:
         """The scheduled deletion after ``phase`` (logged when it deletes something)."""

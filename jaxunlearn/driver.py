@@ -213,7 +213,7 @@ def fork(src, dst, overrides=(), dataset: data_lib.Dataset | None = None,
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise ConfigError(f"{dst} exists and is not empty; fork into a new folder")
     with runlock.run_lock(src, purpose="fork"):  # no half-written checkpoint is copied
-        if _logged(src):
+        if deletion_log.has_requests(src):
             raise ConfigError(f"{src} has logged deletion requests: fork a run before its "
                               f"first deletion")
         shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".lock"))
@@ -242,14 +242,10 @@ def discard_unstarted(run_dir) -> bool:
             ckpts = checkpoint.Checkpoints(run_dir, read_only=True)
             if cfg.pretrain or (set(ckpts.steps()) | set(ckpts._step_dirs())) - {0}:
                 return False
-            if RunFolder(run_dir).deletion_log.exists() and _logged(run_dir):
+            if deletion_log.has_requests(run_dir):
                 return False
             shutil.rmtree(run_dir)
             return True
     except (OSError, ConfigError, runlock.RunLocked):
         return False
 
-
-def _logged(run_dir: pathlib.Path) -> bool:
-    with deletion_log.DeletionLog.open(run_dir) as log:
-        return bool(log.records())
