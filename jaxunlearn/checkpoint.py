@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 import shutil
 from typing import Callable
@@ -40,9 +39,6 @@ _ARRAY = "__array__"  # marks where the meta tree has an array
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint, or one that cannot be written; the message says what to do."""
-
-
-_fsync_write, _fsync_dir = atomic_write, fsync_dir
 
 
 def _digest(path: pathlib.Path) -> str:
@@ -155,7 +151,7 @@ class Checkpoints:
             self.manager.wait_until_finished()
             faults.point("checkpoint.before_manifest")
             manifest = {"step": step, "files": _files(step_dir)}
-            _fsync_write(self.manifests / f"{step}.json", json.dumps(manifest))
+            atomic_write(self.manifests / f"{step}.json", json.dumps(manifest))
         except Exception as e:  # OSError, and orbax/tensorstore's ValueErrors on a full disk
             raise CheckpointError(f"could not write checkpoint {step} in {self.root}: {e}; "
                                   f"the previous checkpoints are intact") from e
@@ -167,7 +163,7 @@ class Checkpoints:
         manifest = self.manifests / f"{step}.json"
         if manifest.exists():
             manifest.unlink()
-            _fsync_dir(self.manifests)
+            fsync_dir(self.manifests)
         step_dir = self.root / str(step)
         if step_dir.exists():
             shutil.rmtree(step_dir)

@@ -27,7 +27,6 @@ then, the request is *queued*: the next open of the run applies it.
 from __future__ import annotations
 
 import collections
-import pathlib
 import re
 import time
 from typing import Callable

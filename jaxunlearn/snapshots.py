@@ -17,6 +17,7 @@ import shutil
 import numpy as np
 
 from jaxunlearn import checkpoint, faults
+from jaxunlearn.files import atomic_write
 from jaxunlearn.folder import RunFolder
 
 
@@ -91,7 +92,7 @@ class SnapshotStore:
         done, self._pending = self._pending, []
         for name in done:
             faults.point("snapshot.before_digest")
-            checkpoint._fsync_write(self.root / f"{name}.sha256", digest(self.root / name))
+            atomic_write(self.root / f"{name}.sha256", digest(self.root / name))
 
     def read(self, name: str) -> dict:
         """Snapshot ``name``, checked against its digest. Raises SnapshotError. With several

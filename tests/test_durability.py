@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import checkpoint_tree, results_of as _results
-from jaxunlearn import audit, checkpoint, cli, data, deletion_log, driver, faults, requests, runlock
+from jaxunlearn import audit, checkpoint, cli, data, deletion_log, driver, faults, files
+from jaxunlearn import requests, runlock
 from jaxunlearn.config import ConfigError, apply_overrides, get_preset
 from jaxunlearn.trainer import TrainingDiverged
 
@@ -370,8 +371,8 @@ def _format_1_checkpoint(run_dir) -> None:
                                 "results": {"n_train": 300}})))
     manager.wait_until_finished()
     manager.close()
-    checkpoint._fsync_write(root / "manifests" / "0.json",
-                            json.dumps({"step": 0, "files": checkpoint._files(root / "0")}))
+    files.atomic_write(root / "manifests" / "0.json",
+                       json.dumps({"step": 0, "files": checkpoint._files(root / "0")}))
 
 
 def test_a_run_folder_of_an_older_format_gets_a_clear_message(finished, sample, capsys):

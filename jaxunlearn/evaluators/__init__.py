@@ -21,8 +21,8 @@ for _module in pkgutil.iter_modules(__path__):
 
 NAMES = tuple(REGISTRY)
 
-__all__ = ["CacheError", "Evaluation", "Evaluator", "LogitCache", "Model", "NAMES", "make", "evaluate",
-           "read_saved", "retain_ids"]
+__all__ = ["CacheError", "Evaluation", "Evaluator", "LogitCache", "Model", "NAMES", "make",
+           "evaluate", "read_saved", "retain_ids"]
 
 
 def names(cfg: Config) -> list[str]:

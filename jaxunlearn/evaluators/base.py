@@ -17,8 +17,6 @@ metrics}}``; subclasses register themselves and the config's ``evaluators`` sett
 from __future__ import annotations
 
 import json
-import os
-import pathlib
 from typing import ClassVar, NamedTuple
 
 import numpy as np
