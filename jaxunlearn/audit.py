@@ -55,15 +55,11 @@ def audit(run_dir) -> tuple[bool, list[str], str]:
             problems.append(f"the log says ids {missing[:10]} were deleted, but the newest "
                             f"checkpoint ({newest}) has not deleted them")
         if newest is not None:
-            lost, unlogged = durable.log_gaps(records, loaded[newest][1]["tree"])
-            if lost or unlogged:
-                problems.append(
-                    f"the deletion log {RunFolder(run_dir).deletion_log} lacks "
-                    f"{len(lost)} request(s) that checkpoint {newest} applied"
-                    + (f" (deleted ids {unlogged[:10]} are in no logged request)"
-                       if unlogged else "")
-                    + ": it was emptied, deleted or replaced by an older copy; put back the "
-                      "run's own log (a backup)")
+            try:
+                durable.check_log(records, loaded[newest][1]["tree"], newest,
+                                  RunFolder(run_dir).deletion_log)
+            except durable.LogMismatch as e:
+                problems.append(str(e))
         for step, (lineages, meta) in loaded.items():
             for where, member, ids in durable.violations(lineages, meta["lineages"], deleted,
                                                          exact):

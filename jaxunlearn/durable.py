@@ -21,20 +21,14 @@ class LogMismatch(DeletionLogError):
     replaced by an older copy of itself. Nothing is changed; the message says what to do."""
 
 
-def log_gaps(records: list[dict], tree: dict) -> tuple[list[str], list[int]]:
-    """What a checkpoint's state ``tree`` applied that the deletion log's ``records`` do not
-    hold: the identities of applied requests the log lacks, and deleted ids no logged request
-    names (every deletion a run makes is logged before it is applied)."""
-    keys = {r["key"] for r in records}
-    logged = {i for r in records for i in r["ids"]}
-    lost = [key for key in tree["deletions"]["applied"] if key not in keys]
-    return lost, sorted(set(tree["deletions"]["ids"]) - logged)
-
-
 def check_log(records: list[dict], tree: dict, step: int, path) -> None:
     """Raises `LogMismatch` when the log ``records`` (at ``path``) lack what checkpoint
-    ``step`` (its state ``tree``) applied."""
-    lost, unlogged = log_gaps(records, tree)
+    ``step`` (its state ``tree``) applied: a request it applied (by identity), or a deleted
+    id no logged request names (every deletion a run makes is logged before it is
+    applied)."""
+    keys = {r["key"] for r in records}
+    lost = [key for key in tree["deletions"]["applied"] if key not in keys]
+    unlogged = sorted(set(tree["deletions"]["ids"]) - {i for r in records for i in r["ids"]})
     if not lost and not unlogged:
         return
     what = []
@@ -44,7 +38,7 @@ def check_log(records: list[dict], tree: dict, step: int, path) -> None:
     if unlogged:
         what.append(f"deleted id(s) {unlogged[:10]} are in no logged request")
     raise LogMismatch(
-        f"the deletion log {path} does not match checkpoint {step} ({'; '.join(what)}): it "
+        f"the deletion log {path} lacks what checkpoint {step} applied ({'; '.join(what)}): it "
         f"was emptied, deleted or replaced by an older copy, and the history of what was "
         f"deleted would be lost. Nothing was changed. Put back the deletion log that goes "
         f"with this run (a backup of {pathlib.Path(path).name}) and run the command again")

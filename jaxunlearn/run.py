@@ -12,10 +12,8 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import pathlib
 import platform
-import sqlite3
 import sys
 import time
 from typing import Callable
@@ -23,10 +21,9 @@ from typing import Callable
 import jax
 import numpy as np
 
-from jaxunlearn import checkpoint, config as config_lib, data as data_lib, deletion_log
+from jaxunlearn import config as config_lib, data as data_lib
 from jaxunlearn import deletions as deletions_lib, durable, evaluators, plans, strategies, timing
-from jaxunlearn import pretraining, records, recovery, runlock, validation
-from jaxunlearn.snapshots import SnapshotStore
+from jaxunlearn import pretraining, records, recovery, rundisk, runlock, validation
 from jaxunlearn.config import RESUMABLE_CHANGES, UNLEARNING_CHANGES, Config, ConfigError
 from jaxunlearn.group import ModelGroup
 from jaxunlearn.ledger import Ledger
@@ -108,52 +105,11 @@ class RunState:
         self.progress.load_state_dict(tree["progress"])
 
 
-class RunDisk:
-    """A run's folder, open: the paths of its files (``folder``), its checkpoints (``ckpts``),
-    the member snapshots its strategies keep (``snapshots``), its deletion log (``log``; the
-    primary process's only, None in the others) and its lock. Only the primary process
-    writes. `close` closes them all, the lock last."""
-
-    def __init__(self, out: pathlib.Path, primary: bool, lock: contextlib.ExitStack,
-                 held: runlock.HeldLock | None = None):
-        """``lock``: the run's lock, held (or an empty stack in a process that holds none);
-        what opens here closes with it. ``held``: the lock itself (its holder record)."""
-        self.folder, self._open, self.held = RunFolder(out), lock, held
-        self.ckpts = checkpoint.Checkpoints(out, read_only=not primary)
-        lock.callback(self.ckpts.close)
-        self.snapshots = SnapshotStore(out, read_only=not primary)
-        lock.callback(self.snapshots.close)
-        # A log this open creates (or gives a schema) is put back as it was if the run
-        # refuses it (`LogMismatch`): None when there was none, else its size (0: empty).
-        path = self.folder.deletion_log
-        self.log_found = path.stat().st_size if primary and path.exists() else None
-        self.log = deletion_log.DeletionLog.open(out) if primary else None
-        if self.log is not None:
-            lock.callback(self.log.close)
-            lock.callback(self._stop_taking)  # first: before the log closes
-
-    def take_requests(self, taking: bool) -> None:
-        """Says in the lock's holder record whether this process still applies the `forget`
-        requests logged while it holds the run; a request recorded meanwhile reads it in the
-        same log transaction (see `jaxunlearn.deletion_queue.Queue.close`)."""
-        if self.held is None or self.held.record.get("takes_requests", False) == taking:
-            return
-        with self.log.transaction():
-            self.held.update(takes_requests=taking)
-
-    def _stop_taking(self) -> None:
-        with contextlib.suppress(OSError, sqlite3.Error, deletion_log.DeletionLogError):
-            self.take_requests(False)  # (the lock's release says it too)
-
-    def close(self) -> None:
-        self._open.close()
-
-
 class Run:
     """One open run: its configuration, its `RunState` (what checkpoints hold), what trains
     and scores it (trainer, evaluators, the logit cache), and its open folder (`RunDisk`)."""
 
-    def __init__(self, cfg: Config, ds: data_lib.Dataset, disk: RunDisk,
+    def __init__(self, cfg: Config, ds: data_lib.Dataset, disk: rundisk.RunDisk,
                  schedule: dict | None, log: Callable[[str], None], progress: bool,
                  initialise: bool = True):
         """``initialise``: draw the initial state (a new run), else only its shape (a run about
@@ -361,7 +317,7 @@ def open_run(cfg: Config, workdir, dataset: data_lib.Dataset | None = None,
                else {})
     # A run stopped before its first checkpoint was complete (during its pretraining, say)
     # has nothing to restore and nothing deleted: it starts again in its own folder.
-    unborn = existing and _unborn(out)
+    unborn = existing and rundisk.unborn(out)
     if unborn:
         log(f"{out} stopped before its first checkpoint: starting it again")
         existing = False
@@ -369,7 +325,8 @@ def open_run(cfg: Config, workdir, dataset: data_lib.Dataset | None = None,
     ds = ds.limit(cfg.train_limit or None, cfg.test_limit or None)
     if existing:
         try:  # (a damaged results.json is only a copy: the checkpoint is checked instead)
-            _check_data(out, records.load(folder.results), ds)
+            _check_data(out, records.load(folder.results),
+                        {"data_source": ds.source, "data_fingerprint": data_fingerprint(ds)})
         except records.RecordError:
             pass
     validation.check(cfg, ds.n_train)
@@ -398,36 +355,14 @@ def open_run(cfg: Config, workdir, dataset: data_lib.Dataset | None = None,
     return run
 
 
-def _unborn(out: pathlib.Path) -> bool:
-    """Whether the run in ``out`` stopped before its first checkpoint was complete (nothing
-    to restore, nothing deleted: it starts again). A folder without manifests that holds
-    later checkpoints or logged requests lost them (removed by hand): it is refused, never
-    started again, which would discard its checkpoints and the deletions they applied."""
-    ckpts = checkpoint.Checkpoints(out, read_only=True)
-    if ckpts.steps():
-        return False
-    later = [step for step in ckpts._step_dirs() if step > 0]
-    logged = False
-    if RunFolder(out).deletion_log.exists():
-        with deletion_log.DeletionLog.open(out, create=False) as log:
-            logged = bool(log.records())
-    if later or logged:
-        found = ", ".join(([f"checkpoint folders {later}"] if later else [])
-                          + (["a deletion log with requests"] if logged else []))
-        raise checkpoint.CheckpointError(
-            f"{ckpts.manifests} is missing or empty, but {out} has {found}: the manifests "
-            f"that vouch for its checkpoints were removed, and starting the run again would "
-            f"discard them and the deletions they applied. Nothing was changed. Put back "
-            f"checkpoints/manifests (from a backup), or start a new run")
-    return True
-
-
-def _check_data(out: pathlib.Path, results: dict, ds: data_lib.Dataset) -> None:
-    expected = results.get("data_fingerprint")
-    if expected and expected != data_fingerprint(ds):
+def _check_data(out: pathlib.Path, saved: records.Results, found: records.Header) -> None:
+    """DataError when the data ``found`` (its header: source, fingerprint) is not the data
+    whose results were ``saved``."""
+    expected = saved.get("data_fingerprint")
+    if expected and expected != found["data_fingerprint"]:
         raise data_lib.DataError(
-            f"the data found ({ds.source}) is not the data {out} was trained on; pass "
-            f"the run's dataset (data=PATH --allow-config-change)")
+            f"the data found ({found['data_source']}) is not the data {out} was trained on; "
+            f"pass the run's dataset (data=PATH --allow-config-change)")
 
 
 def _check_changes(out: pathlib.Path, old: Config, cfg: Config, allow: bool) -> dict:
@@ -452,7 +387,7 @@ def _locked(cfg, ds, out, schedule, log, progress, purpose, wait, initialise) ->
         primary = jax.process_index() == 0
         held = (lock.enter_context(runlock.run_lock(out, wait=wait, purpose=purpose))
                 if primary else None)
-        disk = RunDisk(out, primary, lock, held)
+        disk = rundisk.RunDisk(out, primary, lock, held)
         return Run(cfg, ds, disk, schedule, log,
                    sys.stderr.isatty() if progress is None else progress, initialise)
     except BaseException:
@@ -464,20 +399,9 @@ def _restore(run: Run, changes: dict, log: Callable[[str], None]) -> None:
     """Puts an existing run back in the state of its newest complete checkpoint and finishes
     the durable step a crash interrupted."""
     step, tree, _ = run.disk.ckpts.load_latest(log)
-    saved = Report.results_in(tree).get("data_fingerprint")
-    if saved and saved != run.state.report.results.get("data_fingerprint"):  # (this data's)
-        raise data_lib.DataError(f"the data found ({run.state.report.results['data_source']})"
-                                 f" is not the data {run.out} was trained on; pass the run's "
-                                 f"dataset (data=PATH --allow-config-change)")
-    if run.disk.log is not None:  # before anything changes: the log holds what was applied
-        try:
-            durable.check_log(run.disk.log.records(), tree, step, run.disk.folder.deletion_log)
-        except durable.LogMismatch:
-            found, path = run.disk.log_found, run.disk.folder.deletion_log
-            if not found:  # the log this open created, or gave a schema: as it was
-                run.disk.log.close()
-                path.unlink() if found is None else os.truncate(path, 0)
-            raise
+    # Before anything changes: the data is the run's, the log holds what was applied.
+    _check_data(run.out, Report.results_in(tree), run.state.report.results)
+    run.disk.check_log(tree, step)
     if run.primary:
         gone = run.disk.ckpts.discard_incomplete()
         if gone:
