@@ -3,7 +3,7 @@ goes.
 
 Copies a finished run (``RUN_DIR`` is never changed) and serves ``--requests`` single-id
 requests for random ids of its training set (``--seed``), one after another, each a whole
-`jaxunlearn.requests.forget`: the request checked and logged, the run reopened from its newest
+`jaxunlearn.forgetting.forget`: the request checked and logged, the run reopened from its newest
 checkpoint, the ids unlearned with the run's strategy, scored, checkpointed, older checkpoints
 purged. By default the requests are served by this process (a long-lived server: data loaded
 once, each request reopens the run from disk); with ``--cli`` each is a fresh ``jaxunlearn
@@ -71,7 +71,7 @@ def serve_in_process(run_dir: pathlib.Path, ids: list[int], data: str | None,
     """Each batch of ``together`` ids: all but the last logged as requests first (as if they
     arrived while the run was busy), then a `forget` of the last, which applies them all as
     one deletion."""
-    from jaxunlearn import cache, data as data_lib, deletion_log, requests
+    from jaxunlearn import cache, data as data_lib, deletion_log, forgetting
     from jaxunlearn.run import saved_config
 
     cache.use_compilation_cache()
@@ -83,7 +83,7 @@ def serve_in_process(run_dir: pathlib.Path, ids: list[int], data: str | None,
         with deletion_log.DeletionLog.open(run_dir) as log:
             for i in batch[:-1]:
                 log.request([i], str(requests.Forget()))
-        outcome = requests.forget(run_dir, batch[-1:], log=lambda s: None, dataset=dataset)
+        outcome = forgetting.forget(run_dir, batch[-1:], log=lambda s: None, dataset=dataset)
         wall = time.perf_counter() - t0
         yield batch, outcome, {**outcome["timing"], "start": 0.0, "wall": wall}
 

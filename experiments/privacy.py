@@ -8,7 +8,7 @@ regime where members memorise (the ``privacy`` preset: 16 air-s on random halves
    committed; written once with ``--write-forget-sets``).
 3. For each forget set and method: forks the trained run with that strategy
    (`jaxunlearn.run.fork`: the same trained bits) and forgets the set in it
-   (`jaxunlearn.requests.forget`, as ``jaxunlearn forget --ids-file``).
+   (`jaxunlearn.forgetting.forget`, as ``jaxunlearn forget --ids-file``).
 4. The approximate methods' learning rate (``unlearn_lr``, a multiple of the preset's) comes
    from a small grid on the larger forget set, picked without the test set or the oracle: the
    rate whose members are as accurate on the forgotten examples they held as on the retained
@@ -57,13 +57,13 @@ def write_forget_sets(pool: int, seed: int = 0, folder: pathlib.Path = FORGET_DI
 
 
 def read_forget_set(name: str, folder: pathlib.Path = FORGET_DIR) -> list[int]:
-    from jaxunlearn import requests
+    from jaxunlearn import forgetting
 
     path = forget_path(name, folder)
     if not path.is_file():
         raise SystemExit(f"{path} is missing; write the forget sets once with "
                          f"--write-forget-sets (and commit them)")
-    return requests.parse_ids(path=path)
+    return forgetting.parse_ids(path=path)
 
 
 def finished(run_dir: pathlib.Path) -> dict | None:
@@ -80,7 +80,7 @@ def run_cell(base: pathlib.Path, cell: pathlib.Path, overrides: list[str], ids: 
     """Forks ``base`` into ``cell`` with ``overrides`` and forgets ``ids`` there."""
     import shutil
 
-    from jaxunlearn import requests
+    from jaxunlearn import forgetting
     from jaxunlearn.driver import fork
 
     done = finished(cell)
@@ -90,7 +90,7 @@ def run_cell(base: pathlib.Path, cell: pathlib.Path, overrides: list[str], ids: 
     t0 = time.perf_counter()
     fork(base, cell, overrides, dataset=dataset, log=log)
     forked = time.perf_counter() - t0
-    outcome = requests.forget(cell, ids, log=log, dataset=dataset)
+    outcome = forgetting.forget(cell, ids, log=log, dataset=dataset)
     results = outcome["results"]
     results["study"] = {"overrides": overrides, "fork_seconds": forked,
                         "wall_seconds": time.perf_counter() - t0}

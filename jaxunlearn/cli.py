@@ -209,11 +209,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_forget(args) -> int:
-    from jaxunlearn import requests
+    from jaxunlearn import forgetting
     from jaxunlearn.results import summary_line
 
-    ids = requests.parse_ids(args.ids, args.ids_file)
-    outcome = requests.forget(args.run_dir, ids, log=functools.partial(print, flush=True),
+    ids = forgetting.parse_ids(args.ids, args.ids_file)
+    outcome = forgetting.forget(args.run_dir, ids, log=functools.partial(print, flush=True),
                               wait=args.wait)
     if outcome["status"] == "taken":
         print(f"request {outcome['request']} recorded: {outcome['message']}")
@@ -255,9 +255,9 @@ def cmd_audit(args) -> int:
 
 
 def cmd_log(args) -> int:
-    from jaxunlearn import requests
+    from jaxunlearn import forgetting
 
-    print(requests.log_text(args.run_dir))
+    print(forgetting.log_text(args.run_dir))
     return 0
 
 
@@ -311,7 +311,7 @@ def main(argv=None) -> int:
 
     from jaxunlearn.checkpoint import CheckpointError
     from jaxunlearn.deletion_log import DeletionLogError
-    from jaxunlearn.requests import RequestError
+    from jaxunlearn.forgetting import RequestError
     from jaxunlearn.runlock import NoRunFolder, RunLocked
     from jaxunlearn.report import ReportError
 

@@ -90,7 +90,7 @@ def test_settings_and_their_parts_are_layered():
     assert "jaxunlearn.data" not in graph["jaxunlearn.download"]
     # Recovery and unlearning sit below the run and the driver, never the other way round.
     for low in ("jaxunlearn.recovery", "jaxunlearn.unlearning", "jaxunlearn.deletion_queue"):
-        assert not graph[low] & {"jaxunlearn.run", "jaxunlearn.driver", "jaxunlearn.requests"}
+        assert not graph[low] & {"jaxunlearn.run", "jaxunlearn.driver", "jaxunlearn.forgetting"}
 
 
 def test_the_slowest_first_order_names_test_files_that_exist():

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import checkpoint_tree, results_of as _results
 from jaxunlearn import audit, checkpoint, cli, data, deletion_log, driver, faults, files
-from jaxunlearn import requests, runlock
+from jaxunlearn import forgetting, runlock
 from jaxunlearn.config import ConfigError, apply_overrides, get_preset
 from jaxunlearn.trainer import TrainingDiverged
 
@@ -149,7 +149,7 @@ def finished(tmp_path, _trained):
 def test_forget_then_audit_is_clean_and_purges_checkpoints_that_held_the_ids(finished, sample):
     ids = [int(i) for i in np.flatnonzero(_lineage(finished)[0])[:3]]  # member 0 saw them
     before = checkpoint.Checkpoints(finished).steps()
-    outcome = requests.forget(finished, ids, log=lambda s: None, dataset=sample)
+    outcome = forgetting.forget(finished, ids, log=lambda s: None, dataset=sample)
     assert outcome["status"] == "applied"
     assert 0 in outcome["record"]["invalidated"]
     results = _results(finished)
@@ -177,7 +177,7 @@ def test_audit_fails_on_a_kept_checkpoint_that_holds_a_deleted_id(finished, samp
     # Keep a copy of every checkpoint, forget, then put the purged ones back.
     saved = finished.parent / "saved"
     shutil.copytree(ckpts.root, saved)
-    requests.forget(finished, ids, log=lambda s: None, dataset=sample)
+    forgetting.forget(finished, ids, log=lambda s: None, dataset=sample)
     for step_dir in saved.iterdir():
         if step_dir.name.isdigit() and not (ckpts.root / step_dir.name).exists():
             shutil.copytree(step_dir, ckpts.root / step_dir.name)
@@ -229,11 +229,11 @@ def test_a_second_process_cannot_open_a_locked_run(finished, sample):
             driver.resume(finished, dataset=sample, log=lambda s: None)
         # A forget on a run in progress (it takes requests) is recorded and taken by it.
         held.update(takes_requests=True)
-        outcome = requests.forget(finished, [int(free[0])], log=lambda s: None, dataset=sample)
+        outcome = forgetting.forget(finished, [int(free[0])], log=lambda s: None, dataset=sample)
         assert outcome["status"] == "taken" and "applies request" in outcome["message"]
         # One that no longer takes them is waited for; still busy, the request is queued.
         held.update(takes_requests=False)
-        outcome = requests.forget(finished, [int(free[1])], log=lambda s: None, dataset=sample,
+        outcome = forgetting.forget(finished, [int(free[1])], log=lambda s: None, dataset=sample,
                                   wait=0.2)
         assert outcome["status"] == "queued" and "next open" in outcome["message"]
     assert not audit.audit(finished)[0]  # pending: not applied yet
@@ -314,7 +314,7 @@ def test_log_command_prints_every_request(finished, capsys):
 
 def test_falling_back_past_an_applied_forget_deletes_its_ids_again(finished, sample):
     ids = [int(i) for i in np.flatnonzero(~_lineage(finished).any(axis=0))[:2]]  # no member has
-    assert requests.forget(finished, ids, log=lambda s: None, dataset=sample)["status"] == "applied"
+    assert forgetting.forget(finished, ids, log=lambda s: None, dataset=sample)["status"] == "applied"
     ckpts = checkpoint.Checkpoints(finished)
     after = [step for step in ckpts.steps()  # the checkpoints that record the deletion
              if set(ids) <= set(ckpts.load_meta(step)["tree"]["deletions"]["ids"])]
@@ -400,7 +400,7 @@ def test_a_forget_that_no_model_saw_retrains_nothing(finished, sample):
     seen = _lineage(finished).any(axis=0) | _reference_lineage(finished).any(axis=0)
     ids = [int(i) for i in np.flatnonzero(~seen)[:2]]
     lines = len(_metrics(finished))
-    outcome = requests.forget(finished, ids, log=lambda s: None, dataset=sample)
+    outcome = forgetting.forget(finished, ids, log=lambda s: None, dataset=sample)
     assert outcome["record"]["invalidated"] == [] and outcome["record"]["cost"]["member_epochs"] == 0
     trained = [l for l in _metrics(finished)[lines:] if "train_loss" in l]
     assert trained == []  # no member of the ensemble or of the oracle reference trained
@@ -413,7 +413,7 @@ def test_a_forget_drops_an_oracle_reference_it_does_not_update(finished, sample)
     reference = _reference_lineage(finished)
     ids = [int(np.flatnonzero(reference[0])[0])]  # the reference trained on it
     lines = len(_metrics(finished))
-    requests.forget(finished, ids, log=lambda s: None, dataset=sample)  # oracle_reference=end
+    forgetting.forget(finished, ids, log=lambda s: None, dataset=sample)  # oracle_reference=end
     assert not any(l.get("model") == "oracle" for l in _metrics(finished)[lines:])
     assert _reference_lineage(finished) is None  # nothing kept depends on the id
     results = _results(finished)
@@ -431,7 +431,7 @@ def test_oracle_reference_follows_deletions_incrementally(tmp_path, sample):
     reference = _reference_lineage(run)
     ids = [int(np.flatnonzero(reference[1])[0])]
     lines = len(_metrics(run))
-    outcome = requests.forget(run, ids, log=lambda s: None, dataset=sample)
+    outcome = forgetting.forget(run, ids, log=lambda s: None, dataset=sample)
     oracle = outcome["record"]["cost"]["oracle"]
     assert not oracle["reference_from_scratch"] and oracle["reference_seconds"] > 0  # it retrained
     retrained = [l for l in _metrics(run)[lines:] if l.get("model") == "oracle"]

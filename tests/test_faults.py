@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import checkpoint_tree, results_of
-from jaxunlearn import audit, checkpoint, cli, deletion_log, driver, faults, requests
+from jaxunlearn import audit, checkpoint, cli, deletion_log, driver, faults, forgetting
 from jaxunlearn.config import apply_overrides, get_preset
 from jaxunlearn.deletion_queue import Forget, Queue
 
@@ -36,7 +36,7 @@ def pristine(tmp_path_factory, sample):
     shutil.copytree(before, after, ignore=shutil.ignore_patterns(".lock"))
     seen = checkpoint_tree(after)["groups"]["ensemble"]["lineage"]["seen"]
     ids = [int(i) for i in np.flatnonzero(seen[0])[:3]]
-    assert requests.forget(after, ids, log=lambda s: None, dataset=sample)["status"] == "applied"
+    assert forgetting.forget(after, ids, log=lambda s: None, dataset=sample)["status"] == "applied"
     return before, after
 
 
@@ -205,17 +205,17 @@ def test_ids_are_ascii_digits(run, capsys, ids, message):
 
 
 def test_ids_files_are_bounded_and_checked_in_linear_time(tmp_path):
-    with pytest.raises(requests.RequestError, match="larger than 64 MiB"):
-        requests.parse_ids(path="/dev/zero")
+    with pytest.raises(forgetting.RequestError, match="larger than 64 MiB"):
+        forgetting.parse_ids(path="/dev/zero")
     many = tmp_path / "ids.txt"
     many.write_text("\n".join(map(str, range(2_000_000))))
-    assert len(requests.parse_ids(path=many)) == 2_000_000  # (quadratic: hours)
+    assert len(forgetting.parse_ids(path=many)) == 2_000_000  # (quadratic: hours)
     many.write_text(",".join(map(str, [*range(2_000_000), 7, 11])))
-    with pytest.raises(requests.RequestError, match=r"\[7, 11\] are listed more than once"):
-        requests.parse_ids(path=many)
+    with pytest.raises(forgetting.RequestError, match=r"\[7, 11\] are listed more than once"):
+        forgetting.parse_ids(path=many)
     (tmp_path / "bin").write_bytes(b"12,\xff")
-    with pytest.raises(requests.RequestError, match="not ASCII"):
-        requests.parse_ids(path=tmp_path / "bin")
+    with pytest.raises(forgetting.RequestError, match="not ASCII"):
+        forgetting.parse_ids(path=tmp_path / "bin")
 
 
 def test_wait_is_a_non_negative_number_of_seconds(run, capsys):
@@ -237,11 +237,11 @@ def test_checking_and_recording_a_request_are_one_transaction(tmp_path):
             time.sleep(pause)  # inside the transaction: the other process waits
             overlap = sorted(set(ids) & taken)
             if overlap:
-                raise requests.RequestError(f"{overlap} already requested")
+                raise forgetting.RequestError(f"{overlap} already requested")
         with deletion_log.DeletionLog.open(tmp_path / "run") as log:
             try:
                 outcomes[name] = log.request(ids, str(Forget()), check=check)
-            except requests.RequestError as e:
+            except forgetting.RequestError as e:
                 outcomes[name] = str(e)
 
     first = threading.Thread(target=ask, args=("first", [211, 212], 0.5))
@@ -295,7 +295,7 @@ def test_a_request_just_after_the_runs_last_check_is_never_told_it_will_be_appli
         assert pending == [] and disk.held.record["takes_requests"] is False
         # In this window the run still holds its lock: a forget waits for it (it no longer
         # takes requests), or, when it cannot wait, says the request waits for the next open.
-        told["queued"] = requests.forget(run, free[:1], log=lambda s: None, dataset=sample,
+        told["queued"] = forgetting.forget(run, free[:1], log=lambda s: None, dataset=sample,
                                          wait=0.0)
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         told["waiting"] = subprocess.Popen(

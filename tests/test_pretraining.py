@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_same_models, checkpoint_tree, group_state, results_of, rows
-from jaxunlearn import audit, deletion_log, driver, requests
+from jaxunlearn import audit, deletion_log, driver, forgetting
 from jaxunlearn.config import ConfigError, apply_overrides, get_preset
 from jaxunlearn.deletions import ScheduleError
 from jaxunlearn.group import ModelGroup
@@ -112,8 +112,8 @@ def test_unlearned_members_go_back_to_the_pretrained_model(sample):
 def test_forget_refuses_a_pretraining_id_and_changes_nothing(runs):
     run = runs["rewind"]
     before = (run / "results.json").read_bytes()
-    with pytest.raises(requests.RequestError, match="pretraining set"):
-        requests.forget(run, [250], log=lambda s: None)
+    with pytest.raises(forgetting.RequestError, match="pretraining set"):
+        forgetting.forget(run, [250], log=lambda s: None)
     assert (run / "results.json").read_bytes() == before
     with deletion_log.DeletionLog.open(run, create=False) as log:
         assert not any(250 in r["ids"] for r in log.records())

@@ -5,7 +5,7 @@
 import numpy as np
 import pytest
 
-from jaxunlearn import driver, requests
+from jaxunlearn import driver, forgetting
 from jaxunlearn.config import apply_overrides, get_preset
 
 FORGOTTEN = 30
@@ -25,7 +25,7 @@ def memorised(tmp_path_factory, sample):
     out = tmp_path_factory.mktemp("privacy") / "run"
     driver.train_and_evaluate(cfg, out, dataset=sample, log=lambda s: None, progress=False)
     ids = np.random.default_rng(0).choice(200, FORGOTTEN, replace=False).tolist()
-    outcome = requests.forget(out, ids, log=lambda s: None, dataset=sample)
+    outcome = forgetting.forget(out, ids, log=lambda s: None, dataset=sample)
     return outcome["results"]["requests"][-1]
 
 

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from jaxunlearn import audit, deletion_log, driver, requests
+from jaxunlearn import audit, deletion_log, driver, forgetting
 from jaxunlearn.config import apply_overrides, get_preset
 from jaxunlearn.folder import LOGITS
 
@@ -57,7 +57,7 @@ def test_a_forget_scores_only_the_retrained_member_and_the_deleted_id(shards, sa
     shutil.copytree(shards, cold)
     (cold / LOGITS).unlink()  # as before: every member scored again in the new process
     assert (warm / LOGITS).exists()
-    outcomes = {name: requests.forget(path, [17], log=lambda s: None, dataset=sample)
+    outcomes = {name: forgetting.forget(path, [17], log=lambda s: None, dataset=sample)
                 for name, path in (("warm", warm), ("cold", cold))}
     record = outcomes["warm"]["record"]
     assert len(record["invalidated"]) == 1  # shards: one member held id 17
@@ -82,7 +82,7 @@ def test_the_audit_fails_on_saved_logits_from_before_a_deletion(shards, sample, 
     run = tmp_path / "run"
     shutil.copytree(shards, run)
     older = (run / LOGITS).read_bytes()  # scores of members the request will invalidate
-    requests.forget(run, [23], log=lambda s: None, dataset=sample)
+    forgetting.forget(run, [23], log=lambda s: None, dataset=sample)
     assert audit.audit(run)[0]
     (run / LOGITS).write_bytes(older)
     ok, problems, _ = audit.audit(run)
@@ -109,9 +109,9 @@ def test_requests_pending_together_are_applied_as_one_deletion(shards, sample, t
     run = tmp_path / "run"
     shutil.copytree(shards, run)
     with deletion_log.DeletionLog.open(run) as log:  # arrived while the run was busy
-        first = log.request([31], str(requests.Forget()))
-        second = log.request([32], str(requests.Forget()))
-    outcome = requests.forget(run, [33], log=lambda s: None, dataset=sample)
+        first = log.request([31], str(forgetting.Forget()))
+        second = log.request([32], str(forgetting.Forget()))
+    outcome = forgetting.forget(run, [33], log=lambda s: None, dataset=sample)
     assert outcome["status"] == "applied"
     results = outcome["results"]
     (record,) = results["requests"]

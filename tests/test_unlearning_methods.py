@@ -145,7 +145,7 @@ def test_salun_changes_only_the_weights_salient_for_the_forget_set(tmp_path, sam
 
 
 def test_a_fork_unlearns_one_trained_run_another_way(tmp_path, sample):
-    from jaxunlearn import requests
+    from jaxunlearn import forgetting
 
     base, _ = _run(_cfg(deletion_rate=0.0, strategy="rewind"), tmp_path, sample, "base")
     fork = tmp_path / "finetune"
@@ -158,7 +158,7 @@ def test_a_fork_unlearns_one_trained_run_another_way(tmp_path, sample):
                      group_state(base)[part])
     seen = checkpoint_tree(base)["groups"]["ensemble"]["lineage"]["seen"]
     ids = np.flatnonzero(seen[0])[:2].tolist()
-    outcome = requests.forget(fork, ids, log=lambda s: None, dataset=sample)
+    outcome = forgetting.forget(fork, ids, log=lambda s: None, dataset=sample)
     assert outcome["status"] == "applied"
     assert outcome["results"]["requests"][-1]["cost"]["strategy"] == "finetune"
     assert not outcome["results"]["lineage_audit"]["exact"]
