@@ -82,7 +82,7 @@ def serve_in_process(run_dir: pathlib.Path, ids: list[int], data: str | None,
         t0 = time.perf_counter()
         with deletion_log.DeletionLog.open(run_dir) as log:
             for i in batch[:-1]:
-                log.request([i], str(requests.Forget()))
+                log.request([i], str(forgetting.Forget()))
         outcome = forgetting.forget(run_dir, batch[-1:], log=lambda s: None, dataset=dataset)
         wall = time.perf_counter() - t0
         yield batch, outcome, {**outcome["timing"], "start": 0.0, "wall": wall}
