@@ -200,7 +200,7 @@ def main(argv=None) -> int:
                               f"{timing['start']:.1f}", *(f"{timing[k]:.1f}" for k in PARTS),
                               str(timing.get("scored_rows", "")),
                               f"{r['test_accuracy']:.4f}"]), flush=True)
-        from jaxunlearn.audit import audit
+        from jaxunlearn.auditing import audit
 
         ok, _, verdict = audit(copy)
     finally:

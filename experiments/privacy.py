@@ -14,7 +14,7 @@ regime where members memorise (the ``privacy`` preset: 16 air-s on random halves
    rate whose members are as accurate on the forgotten examples they held as on the retained
    examples they never saw (``lira_online``'s ``pair_accuracy``), among those that keep the
    retained sample's accuracy within 5 points of before. The smaller set uses the rate picked.
-5. Writes, per forget set, ``OUT/forget-SET/`` (`jaxunlearn.report`: ``table.md``, ``table.csv``
+5. Writes, per forget set, ``OUT/forget-SET/`` (`jaxunlearn.comparison`: ``table.md``, ``table.csv``
    and a plot, with a row for the model before unlearning), ``OUT/grid.md`` and
    ``OUT/summary.json`` (the trained model's train/test gap, the rates picked, each cell's wall
    seconds).
@@ -120,10 +120,10 @@ def pick(cells: dict[float, dict]) -> float:
 def before_row(results: dict) -> dict:
     """A table row for the trained model before unlearning (the request's ``ensemble_before``
     blocks)."""
-    from jaxunlearn import report
+    from jaxunlearn import comparison
 
     request = results["requests"][-1]
-    row = report._row("before unlearning", None, request, "ensemble_before", None)
+    row = comparison._row("before unlearning", None, request, "ensemble_before", None)
     row["avg_gap"] = None
     return row
 
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
                         help="draw the fixed forget sets (once) into --forget-dir and stop")
     args = parser.parse_args(argv)
 
-    from jaxunlearn import cache, data as data_lib, driver, strategies, report
+    from jaxunlearn import cache, data as data_lib, driver, strategies, comparison
     from jaxunlearn.config import apply_overrides, get_preset
 
     cfg = get_preset("privacy")
@@ -215,14 +215,14 @@ def main(argv=None) -> int:
                                            for r, c in cells.items()}
             label = f"{name}-{method}" + (f"-lr{lr:g}" if lr is not None else "")
             chosen[method] = out / "runs" / label
-        rows = report.table(list(chosen.values()))
+        rows = comparison.table(list(chosen.values()))
         rows = rows[:1] + [r for r in rows[1:] if r["method"] != "oracle"]  # one oracle row
         first = finished(next(iter(chosen.values())))
         rows.insert(1, before_row(first))
         pairs = first["requests"][-1]["lira_online"]["ensemble_before"].get("pair_accuracy", {})
         summary[f"forget-{name}"] = {"ids": len(ids), "before_pair_accuracy": pairs}
-        report.write(rows, out / f"forget-{name}")
-        log(f"forget set {name} ({len(ids)} ids):\n{report.markdown(rows)}")
+        comparison.write(rows, out / f"forget-{name}")
+        log(f"forget set {name} ({len(ids)} ids):\n{comparison.markdown(rows)}")
     (out / "grid.md").write_text("\n".join(grid_lines) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     log(f"wrote {out}/forget-*/table.md, grid.md, summary.json")

@@ -64,7 +64,7 @@ GRIDS = {
                 plans=("bootstrap", "subset", "shards"), strategies=EXACT,
                 base=dict(baseline="none", oracle_reference="end", eval_every_epoch=False)),
     # Exact against approximate unlearning at two forget-set sizes, the field's table per size
-    # (`jaxunlearn.report`): 5 air-s on half-samples (each example in about half the members,
+    # (`jaxunlearn.comparison`): 5 air-s on half-samples (each example in about half the members,
     # so LiRA has models on both sides), 2,000 CIFAR-10 training images in 2 phases, 1% or 20%
     # of the first phase's images forgotten. The oracle comes from the rewind cells.
     "methods": Grid(preset="protocol", members=(5,), fractions=(0.5,), plans=("subset",),
@@ -112,19 +112,19 @@ def cell_name(c: dict) -> str:
 
 
 def write_method_tables(grid: Grid, done: dict[str, pathlib.Path], out: pathlib.Path) -> None:
-    """The field's table (`jaxunlearn.report`) for each forget-set size of the grid, from its
+    """The field's table (`jaxunlearn.comparison`) for each forget-set size of the grid, from its
     finished cells: ``methods-dRATE/table.md``, ``table.csv`` and ``gap_vs_seconds.png``."""
-    from jaxunlearn import report
+    from jaxunlearn import comparison
 
     for rate in grid.deletion_rates:
         dirs = [d for name, d in done.items() if name.endswith(f"-d{rate:g}")]
         try:
-            rows = report.table(dirs)
-        except report.ReportError as e:
+            rows = comparison.table(dirs)
+        except comparison.ReportError as e:
             print(f"no table for deletion_rate {rate:g}: {e}", file=sys.stderr)
             continue
-        report.write(rows, out / f"methods-d{rate:g}")
-        print(f"deletion_rate {rate:g}:\n{report.markdown(rows)}", end="", flush=True)
+        comparison.write(rows, out / f"methods-d{rate:g}")
+        print(f"deletion_rate {rate:g}:\n{comparison.markdown(rows)}", end="", flush=True)
 
 
 def row(name: str, c: dict, results: dict) -> dict:

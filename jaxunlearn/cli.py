@@ -1,4 +1,5 @@
-"""Command line: ``jaxunlearn run | forget | audit | log | presets | data``."""
+"""Command line: ``jaxunlearn run | forget | fork | audit | log | predict | report | presets |
+data``."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ EPILOG = """examples:
   jaxunlearn forget runs/demo-20261127-101500-seed0 --ids 12,345
   jaxunlearn audit runs/demo-20261127-101500-seed0
   jaxunlearn log runs/demo-20261127-101500-seed0
+  jaxunlearn predict runs/demo-20261127-101500-seed0 --inputs images.npy --out probs.npy
 """
 
 
@@ -111,6 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("run_dir", metavar="RUN_DIR")
     log = sub.add_parser("log", help="print the run's deletion log")
     log.add_argument("run_dir", metavar="RUN_DIR")
+    predict = sub.add_parser("predict", help="class probabilities of a trained run on new "
+                                             "inputs (.npy in, .npy out)",
+                             description="Load the run's newest checkpoint read-only (no lock) "
+                                         "and write the ensemble's probabilities [n, classes] "
+                                         "on the inputs, with the run's aggregation and TTA.")
+    predict.add_argument("run_dir", metavar="RUN_DIR")
+    predict.add_argument("--inputs", required=True, metavar="FILE.npy",
+                         help="inputs shaped and typed like the run's training data (CIFAR-10: "
+                              "uint8 [n, 32, 32, 3])")
+    predict.add_argument("--out", required=True, metavar="PROBS.npy",
+                         help="where to write the float32 probabilities")
+    predict.add_argument("--per-member", action="store_true",
+                         help="each member's probabilities [members, n, classes] instead")
+    predict.add_argument("--group", default="ensemble", choices=("ensemble", "baseline"))
 
     presets = sub.add_parser("presets", help="list the presets")
     presets.add_argument("-v", "--verbose", action="store_true", help="show every setting")
@@ -245,7 +261,7 @@ def cmd_fork(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from jaxunlearn.audit import audit
+    from jaxunlearn.auditing import audit
 
     ok, lines, summary = audit(args.run_dir)
     for line in lines:
@@ -258,6 +274,23 @@ def cmd_log(args) -> int:
     from jaxunlearn import forgetting
 
     print(forgetting.log_text(args.run_dir))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import numpy as np
+
+    from jaxunlearn.trained import PredictError, load
+
+    try:
+        inputs = np.load(args.inputs, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise PredictError(f"cannot read {args.inputs} as a .npy array ({e}); save the inputs "
+                           f"with numpy.save") from None
+    probs = load(args.run_dir).predict(inputs, per_member=args.per_member, group=args.group)
+    out = pathlib.Path(args.out)
+    files.atomic_write(out, lambda f: np.save(f, probs))
+    print(f"wrote {out}: {' x '.join(map(str, probs.shape))} probabilities")
     return 0
 
 
@@ -295,11 +328,11 @@ def cmd_data(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from jaxunlearn import report
+    from jaxunlearn import comparison
 
-    rows = report.table(args.run_dirs)  # every check before anything is written
-    paths = report.write(rows, args.out)
-    print(report.markdown(rows), end="")
+    rows = comparison.table(args.run_dirs)  # every check before anything is written
+    paths = comparison.write(rows, args.out)
+    print(comparison.markdown(rows), end="")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -313,11 +346,12 @@ def main(argv=None) -> int:
     from jaxunlearn.deletion_log import DeletionLogError
     from jaxunlearn.forgetting import RequestError
     from jaxunlearn.runlock import NoRunFolder, RunLocked
-    from jaxunlearn.report import ReportError
+    from jaxunlearn.comparison import ReportError
+    from jaxunlearn.trained import PredictError
 
     commands = {"run": cmd_run, "forget": cmd_forget, "audit": cmd_audit, "log": cmd_log,
                 "presets": cmd_presets, "data": cmd_data, "report": cmd_report,
-                "fork": cmd_fork}
+                "fork": cmd_fork, "predict": cmd_predict}
     if args.command in ("run", "forget", "fork"):
         from jaxunlearn import cache
 
@@ -333,7 +367,7 @@ def main(argv=None) -> int:
             return RESOURCE
         if isinstance(e, (DataError, ScheduleError, config_lib.ConfigError, RequestError,
                           RunLocked, NoRunFolder, CheckpointError, DeletionLogError,
-                          ReportError)):
+                          ReportError, PredictError)):
             print(f"jaxunlearn: error: {e}{_notes(e)}", file=sys.stderr)
             return BAD_INPUT
         if isinstance(e, FloatingPointError):

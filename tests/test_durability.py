@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import checkpoint_tree, results_of as _results
-from jaxunlearn import audit, checkpoint, cli, data, deletion_log, driver, faults, files
+from jaxunlearn import auditing, checkpoint, cli, data, deletion_log, driver, faults, files
 from jaxunlearn import forgetting, runlock
 from jaxunlearn.config import ConfigError, apply_overrides, get_preset
 from jaxunlearn.trainer import TrainingDiverged
@@ -105,7 +105,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, sample, refer
     lines = [_strip(json.loads(l)) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert lines == [_strip(json.loads(l)) for l in
                      (reference / "metrics.jsonl").read_text().splitlines()]
-    ok, problems, summary = audit.audit(run_dir)
+    ok, problems, summary = auditing.audit(run_dir)
     assert ok, problems
     records = deletion_log.DeletionLog.open(run_dir, create=False).records()
     assert [r["outcome"] for r in records] == ["applied", "applied"]
@@ -155,7 +155,7 @@ def test_forget_then_audit_is_clean_and_purges_checkpoints_that_held_the_ids(fin
     results = _results(finished)
     assert set(ids) <= set(results["deleted_ids"]) and results["lineage_audit"]["ok"]
     assert results["requests"][-1]["ids"] == sorted(ids)
-    ok, problems, summary = audit.audit(finished)
+    ok, problems, summary = auditing.audit(finished)
     assert ok, problems
     assert summary.startswith("ok:")
     after = checkpoint.Checkpoints(finished).steps()
@@ -202,7 +202,7 @@ def test_concurrent_forget_calls_leave_a_consistent_log(finished):
     assert all(r["outcome"] == "applied" for r in forgets)
     assert len({r["id"] for r in records}) == len(records)
     assert set(free[:2]) <= set(_results(finished)["deleted_ids"])
-    assert audit.audit(finished)[0]
+    assert auditing.audit(finished)[0]
 
 
 @pytest.mark.parametrize("ids, message", [
@@ -236,11 +236,11 @@ def test_a_second_process_cannot_open_a_locked_run(finished, sample):
         outcome = forgetting.forget(finished, [int(free[1])], log=lambda s: None, dataset=sample,
                                   wait=0.2)
         assert outcome["status"] == "queued" and "next open" in outcome["message"]
-    assert not audit.audit(finished)[0]  # pending: not applied yet
+    assert not auditing.audit(finished)[0]  # pending: not applied yet
     driver.resume(finished, dataset=sample, log=lambda s: None, progress=False)
     assert set(free[:2]) <= set(_results(finished)["deleted_ids"])  # a finished run applies
     # the requests queued
-    assert audit.audit(finished)[0]
+    assert auditing.audit(finished)[0]
 
 
 def test_resume_refuses_a_changed_config_and_says_which_fields(finished, sample):
@@ -330,7 +330,7 @@ def test_falling_back_past_an_applied_forget_deletes_its_ids_again(finished, sam
     assert set(ids) <= set(_results(finished)["deleted_ids"])
     (again,) = [r for r in _results(finished)["requests"] if r["source"].startswith("re-applied")]
     assert again["ids"] == sorted(ids) and again["request"] is None
-    assert audit.audit(finished)[0]
+    assert auditing.audit(finished)[0]
 
 
 def test_sigkill_inside_a_slice_of_the_shards_plan_resumes_exactly(tmp_path, sample):
@@ -406,7 +406,7 @@ def test_a_forget_that_no_model_saw_retrains_nothing(finished, sample):
     assert trained == []  # no member of the ensemble or of the oracle reference trained
     results = _results(finished)  # the reference, still exact, is still compared
     assert results["test"]["oracle"] == results["test"]["ensemble"]
-    assert audit.audit(finished)[0]
+    assert auditing.audit(finished)[0]
 
 
 def test_a_forget_drops_an_oracle_reference_it_does_not_update(finished, sample):
@@ -418,7 +418,7 @@ def test_a_forget_drops_an_oracle_reference_it_does_not_update(finished, sample)
     assert _reference_lineage(finished) is None  # nothing kept depends on the id
     results = _results(finished)
     assert "oracle" not in results["test"] and set(ids) <= set(results["deleted_ids"])
-    assert audit.audit(finished)[0]
+    assert auditing.audit(finished)[0]
 
 
 def test_oracle_reference_follows_deletions_incrementally(tmp_path, sample):
@@ -439,4 +439,4 @@ def test_oracle_reference_follows_deletions_incrementally(tmp_path, sample):
     assert retrained and all([x is not None for x in l["train_loss"]] == hit.tolist()
                              for l in retrained)  # only the reference members that saw it
     assert not _reference_lineage(run)[:, ids].any()
-    assert _results(run)["test"]["oracle"]["n"] > 0 and audit.audit(run)[0]
+    assert _results(run)["test"]["oracle"]["n"] > 0 and auditing.audit(run)[0]

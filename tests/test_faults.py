@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import checkpoint_tree, results_of
-from jaxunlearn import audit, checkpoint, cli, deletion_log, driver, faults, forgetting
+from jaxunlearn import auditing, checkpoint, cli, deletion_log, driver, faults, forgetting
 from jaxunlearn.config import apply_overrides, get_preset
 from jaxunlearn.deletion_queue import Forget, Queue
 
@@ -76,7 +76,7 @@ def check_invariant(run_dir, code: int, before: dict, applied: set[int]) -> None
     """Exit 0: `audit` clean and every id the log had applied still deleted. Exit 2: nothing
     changed on disk. Exit 5: nothing the log had applied is lost, every checkpoint is whole."""
     if code == 0:
-        ok, problems, _ = audit.audit(run_dir)
+        ok, problems, _ = auditing.audit(run_dir)
         assert ok, problems
         assert applied <= _applied(run_dir) <= set(results_of(run_dir)["deleted_ids"])
     elif code == 2:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_same_models, checkpoint_tree, group_state, results_of, rows
-from jaxunlearn import audit, deletion_log, driver, forgetting
+from jaxunlearn import auditing, deletion_log, driver, forgetting
 from jaxunlearn.config import ConfigError, apply_overrides, get_preset
 from jaxunlearn.deletions import ScheduleError
 from jaxunlearn.group import ModelGroup
@@ -76,7 +76,7 @@ def test_rewind_equals_the_oracle_from_the_pretrained_start(runs):
     assert results["cost"]["member_epochs"] > 0  # members were rewound and retrained
     assert_same_models(group_state(runs["rewind"]), group_state(runs["oracle"]))
     for run in runs.values():
-        ok, problems, _ = audit.audit(run)
+        ok, problems, _ = auditing.audit(run)
         assert ok, problems
 
 
@@ -140,7 +140,7 @@ def test_bad_pretraining_settings_fail_before_writing(tmp_path, sample, changes,
 
 
 def test_the_audit_flags_a_deleted_pretraining_id():
-    from jaxunlearn.audit import _pretraining
+    from jaxunlearn.auditing import _pretraining
 
     cfg = _cfg(None)
     tree = {"report": {"results": {"n_train": 300}}}
@@ -168,4 +168,4 @@ def test_a_run_killed_during_its_pretraining_starts_again_when_resumed(tmp_path,
     driver.resume(out, dataset=sample, log=messages.append, progress=False)
     assert any("starting it again" in m for m in messages)
     assert_same_models(group_state(out), group_state(runs["rewind"]))
-    assert audit.audit(out)[0]
+    assert auditing.audit(out)[0]

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from jaxunlearn import audit, deletion_log, driver, forgetting
+from jaxunlearn import auditing, deletion_log, driver, forgetting
 from jaxunlearn.config import apply_overrides, get_preset
 from jaxunlearn.folder import LOGITS
 
@@ -72,7 +72,7 @@ def test_a_forget_scores_only_the_retrained_member_and_the_deleted_id(shards, sa
     _assert_close(_strip(outcomes["warm"]["record"]), _strip(outcomes["cold"]["record"]))
     _assert_close(_strip(outcomes["warm"]["results"]["final"]),
                   _strip(outcomes["cold"]["results"]["final"]))
-    ok, problems, _ = audit.audit(warm)
+    ok, problems, _ = auditing.audit(warm)
     assert ok, problems
     with np.load(warm / LOGITS) as f:  # the deleted id's scores were not kept
         assert not any(17 in f[k] for k in f.files if k.endswith("/ids"))
@@ -83,9 +83,9 @@ def test_the_audit_fails_on_saved_logits_from_before_a_deletion(shards, sample, 
     shutil.copytree(shards, run)
     older = (run / LOGITS).read_bytes()  # scores of members the request will invalidate
     forgetting.forget(run, [23], log=lambda s: None, dataset=sample)
-    assert audit.audit(run)[0]
+    assert auditing.audit(run)[0]
     (run / LOGITS).write_bytes(older)
-    ok, problems, _ = audit.audit(run)
+    ok, problems, _ = auditing.audit(run)
     assert not ok and any("written with 0 id(s) deleted, not 1" in p for p in problems), problems
 
 
@@ -124,7 +124,7 @@ def test_requests_pending_together_are_applied_as_one_deletion(shards, sample, t
     assert [r["outcome"] for r in records] == ["applied"] * 3
     assert all(r["members_invalidated"] == record["invalidated"] for r in records)
     assert "applied in one deletion with request(s) [2, 3]" in records[0]["message"]
-    ok, problems, _ = audit.audit(run)
+    ok, problems, _ = auditing.audit(run)
     assert ok, problems
 
 

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from conftest import checkpoint_tree, group_state, results_of, rows
-from jaxunlearn import audit, cli, driver, report, steps
+from jaxunlearn import auditing, cli, driver, comparison, steps
 from jaxunlearn.config import ConfigError, apply_overrides, get_preset
 from jaxunlearn.validation import check
 from jaxunlearn.models import make_model
@@ -72,7 +72,7 @@ def test_approximate_strategies_change_only_the_invalid_members(tmp_path, sample
     # checkpoint but the newest (the live state) is kept holding them.
     lineage = checkpoint_tree(run)["groups"]["ensemble"]["lineage"]["seen"]
     assert lineage[:, ids].any()
-    ok, lines, summary = audit.audit(run)
+    ok, lines, summary = auditing.audit(run)
     assert ok, lines
     assert any(f"strategy {strategy} unlearns approximately" in line for line in lines)
 
@@ -250,7 +250,7 @@ def compared(tmp_path_factory, sample):
 
 
 def test_the_table_gives_rewind_no_gap_and_writes_its_files(tmp_path, compared, capsys):
-    rows_ = report.table([compared[s] for s in ("rewind", "finetune", "replace")])
+    rows_ = comparison.table([compared[s] for s in ("rewind", "finetune", "replace")])
     assert [r["method"] for r in rows_] == ["oracle", "rewind", "finetune", "replace"]
     by = {r["method"]: r for r in rows_}
     assert by["rewind"]["avg_gap"] == 0.0 and by["oracle"]["avg_gap"] == 0.0
@@ -277,14 +277,14 @@ def test_report_refuses_runs_it_cannot_compare(tmp_path, compared, capsys):
     assert "epochs=7" in capsys.readouterr().err and not out.exists()
     results["config"].update(epochs=1, preset="demo")
     (other / "results.json").write_text(json.dumps(results))
-    with pytest.raises(report.ReportError, match="one preset"):
-        report.table([compared["rewind"], other])
+    with pytest.raises(comparison.ReportError, match="one preset"):
+        comparison.table([compared["rewind"], other])
     results["config"]["preset"] = "smoke"
     results["data_fingerprint"] = "0" * 16
     (other / "results.json").write_text(json.dumps(results))
-    with pytest.raises(report.ReportError, match="one dataset"):
-        report.table([compared["rewind"], other])
-    with pytest.raises(report.ReportError, match="no run has an oracle"):
-        report.table([compared["finetune"]])
-    with pytest.raises(report.ReportError, match="no results.json"):
-        report.table([tmp_path])
+    with pytest.raises(comparison.ReportError, match="one dataset"):
+        comparison.table([compared["rewind"], other])
+    with pytest.raises(comparison.ReportError, match="no run has an oracle"):
+        comparison.table([compared["finetune"]])
+    with pytest.raises(comparison.ReportError, match="no results.json"):
+        comparison.table([tmp_path])

@@ -137,6 +137,17 @@ def _gap(row: dict, oracle: dict) -> float | None:
     return sum(abs(a - b) for a, b in pairs) / len(pairs) if pairs else None
 
 
+def report(run_dirs, out=None) -> list[dict]:
+    """The comparison table of the finished runs in ``run_dirs`` (`table`: the oracle's row,
+    then one per run), written to ``out`` as ``table.md``, ``table.csv`` and
+    ``gap_vs_seconds.png`` when given (`write`); `markdown` prints the rows. ReportError for
+    runs that cannot be compared, saying why."""
+    rows = table(run_dirs)  # every check before anything is written
+    if out is not None:
+        write(rows, out)
+    return rows
+
+
 def table(run_dirs) -> list[dict]:
     """The rows: the oracle first, then one per run in the order given."""
     if not run_dirs:
