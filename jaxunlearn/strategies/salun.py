@@ -19,6 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxunlearn.config import setting
 from jaxunlearn.steps import StepHook
 from jaxunlearn.strategies.approximate import RandomLabels
 
@@ -46,6 +47,9 @@ HOOK = StepHook(updates=masked)  # the member step's updates, masked by the memb
 class SalUn(RandomLabels):
     name = "salun"
     order = 13
+    settings = {"salun_sparsity": setting(0.5, "SalUn: the quantile of |forget gradient| below "
+                                               "which weights stay", at_least=0, below=1,
+                                          unlearning=True, compare=True)}
 
     def recipe(self, ctx, rounds, retain, held, forget):
         grads = ctx.group.gradients(held, ctx.cfg.batch_size)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxunlearn import sharding
+from jaxunlearn.config import ConfigError
 from jaxunlearn.stages import Stage
 from jaxunlearn.steps import StepHook, distill_kl
 from jaxunlearn.strategies.approximate import Approximate
@@ -44,6 +45,11 @@ HOOK = StepHook(loss=distill)  # the member step's loss, distilled from the memb
 class Scrub(Approximate):
     name = "scrub"
     order = 14
+
+    def check(self, cfg, n_train):
+        if cfg.devices != 1:
+            raise ConfigError(f"strategy=scrub distils on one device; set devices=1 (got "
+                              f"{cfg.devices})")
 
     def unlearn(self, state, ctx, phase, ids, invalid):
         group, cfg, everyone = ctx.group, ctx.cfg, np.ones(ctx.group.members, bool)
