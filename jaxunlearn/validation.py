@@ -1,7 +1,8 @@
 """A configuration checked before anything is trained or written: every setting against its
 declared rule (`jaxunlearn.config.RULES`, the plug-ins' settings included), then what depends
 on several settings, the data, the registries (models, strategies, evaluators, member layouts)
-and the devices; each strategy and evaluator checks what it needs itself (`check`).
+and the devices; each strategy and evaluator checks what it needs itself (`check`), and the
+plug-ins the run names must be importable again (`jaxunlearn.plugins.record`).
 
 It sits above those modules; `jaxunlearn.config` (the settings and presets) imports nothing of
 the package but the plug-ins declaring settings (`jaxunlearn.config.BUILTIN_PLUGINS`).
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxunlearn import config as config_lib, ensemble, evaluators, plans, sharding, strategies
+from jaxunlearn import config as config_lib, ensemble, evaluators, plans, plugins, sharding
+from jaxunlearn import strategies
 from jaxunlearn.config import Config, ConfigError
 from jaxunlearn.models import ARCHITECTURES
 from jaxunlearn.steps import make_optimizer
@@ -56,6 +58,7 @@ def check(cfg: Config, n_train: int) -> None:
             strategy.check(cfg, n_train)
         for evaluator in evaluators.make(cfg):
             evaluator.check(n_train)
+        plugins.record(cfg)
         stacked = cfg.members + cfg.shadow_members  # the ensemble's stack
         member_parallel = ensemble.resolve_layout(cfg.member_parallel, arch=cfg.model,
                                                   stem=cfg.stem, members=stacked)
