@@ -24,7 +24,12 @@ EPILOG = """examples:
   jaxunlearn audit runs/demo-20261127-101500-seed0
   jaxunlearn log runs/demo-20261127-101500-seed0
   jaxunlearn predict runs/demo-20261127-101500-seed0 --inputs images.npy --out probs.npy
+  jaxunlearn run --plugin mystrategies --preset smoke strategy=gradascent ascent_scale=2
 """
+
+PLUGIN_HELP = ("import MODULE first (may repeat): its strategies, evaluators, models and "
+               "datasets register themselves and their settings; a run records the ones it "
+               "uses, and forget, audit, report, fork and run --resume import them again")
 
 
 # Exit statuses besides 0 (ok) and 1 (an audit violation).
@@ -66,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                      help="same as a positional override; may repeat")
     run.add_argument("--quiet", action="store_true", help="print only the run folder at the end")
+    run.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
+                     help=PLUGIN_HELP)
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue a stopped or killed run from its newest complete checkpoint "
                           "(KEY=VALUE overrides need --allow-config-change); on a finished run, "
@@ -108,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     fork.add_argument("run_dir", metavar="RUN_DIR")
     fork.add_argument("new_dir", metavar="NEW_DIR")
     fork.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    fork.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
+                      help=PLUGIN_HELP)
     audit = sub.add_parser("audit", help="check that no live state or kept checkpoint holds a "
                                          "deleted id")
     audit.add_argument("run_dir", metavar="RUN_DIR")
@@ -130,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     presets = sub.add_parser("presets", help="list the presets")
     presets.add_argument("-v", "--verbose", action="store_true", help="show every setting")
+    presets.add_argument("--plugin", dest="plugins", action="append", default=[],
+                         metavar="MODULE", help="import MODULE first: -v lists its settings too")
 
     data = sub.add_parser("data", help="download CIFAR-10, or say which source is found, its "
                                        "counts and balance")
@@ -302,6 +313,15 @@ def cmd_presets(args) -> int:
             for key, value in cfg.to_dict().items():
                 shown = f"{key} = {value}"
                 print(f"{'':{width}s}    {shown:40s} {config_lib.RULES[key].help}")
+    if args.verbose:  # the other plug-ins' settings: a config has them when it uses the plug-in
+        others = {k: f for k, f in config_lib.declared().items()
+                  if not config_lib.owner(k).startswith("jaxunlearn.")}
+        if others:
+            print("settings of plug-ins (in a run that uses the plug-in):")
+        for key, field in others.items():
+            shown = f"{key} = {field.default}"
+            print(f"    {shown:40s} {config_lib.RULES[key].help} "
+                  f"({config_lib.owner(key)})")
     return 0
 
 
@@ -357,6 +377,10 @@ def main(argv=None) -> int:
 
         cache.use_compilation_cache()
     try:
+        if getattr(args, "plugins", None):
+            from jaxunlearn import plugins
+
+            plugins.import_modules(args.plugins)
         return commands[args.command](args)
     except Exception as e:
         resource = files.resource_problem(e)

@@ -18,12 +18,11 @@ folders that do not.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import math
 import pathlib
 
-from jaxunlearn import records
-from jaxunlearn.config import COMPARABLE_CHANGES, Config
+from jaxunlearn import config as config_lib, plugins, records
+from jaxunlearn.config import COMPARABLE_CHANGES
 from jaxunlearn.folder import RunFolder
 
 COLUMNS = ("method", "exact", "forget_acc", "retain_acc", "test_acc", "mia_auc", "lira_auc",
@@ -57,6 +56,7 @@ def load(run_dir) -> records.Results:
     if not results.get("deleted_ids"):
         raise ReportError(f"{run_dir}: the run deleted nothing, so there is no unlearning to "
                           f"compare; use runs with deletions (deletion_rate > 0)")
+    plugins.read_config(results.get("config") or {}, path)  # their settings' rules
     return results
 
 
@@ -74,10 +74,11 @@ def check(runs: dict[str, records.Results]) -> None:
             raise ReportError(f"{name} is preset {other['config']['preset']!r} but {names[0]} is "
                               f"{first['config']['preset']!r}; compare runs of one preset")
         # A setting a run's version did not have yet had its default.
-        defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+        defaults = config_lib.defaults()
         setting = lambda results, k: results["config"].get(k, defaults.get(k))
         differ = sorted(k for k in set(first["config"]) | set(other["config"])
-                        if k not in COMPARABLE_CHANGES and setting(other, k) != setting(first, k))
+                        if k not in COMPARABLE_CHANGES and k != plugins.KEY
+                        and setting(other, k) != setting(first, k))
         if differ:
             shown = ", ".join(f"{k}={other['config'].get(k)!r} vs {first['config'][k]!r}"
                               for k in differ[:5])

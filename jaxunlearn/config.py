@@ -2,14 +2,22 @@
 default and its `Rule` (allowed values or range, help, whether it may change on resume, before
 the first deletion, or between compared runs); named presets (`PRESETS`, described in
 `PRESET_HELP`); ``key=value`` overrides. The checks that need the data or the package's parts
-are `jaxunlearn.validation`. This module imports nothing of the package.
+are `jaxunlearn.validation`.
+
+A plug-in (a strategy, an evaluator) declares its own settings with the same `setting`
+(`declare`): a `Config` takes them like its own fields (``cfg.neggrad_beta``, overrides,
+`problems`, ``to_dict``), the package's plug-ins' always, another module's while the config
+uses that plug-in. This module imports nothing of the package, except the package's own
+plug-ins (`BUILTIN_PLUGINS`) the first time a declared setting is asked for.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import typing
+from typing import Mapping
 
 
 class ConfigError(ValueError):
@@ -166,24 +174,10 @@ class Config:
     oracle_reference: str = setting("end", "when to train the oracle for comparison",
                                     choices=("none", "end", "deletions"), resume=True,
                                     unlearning=True, compare=True)
-    unlearn_epochs: int = setting(2, "approximate strategies: epochs on the retained sample",
-                                  at_least=1, unlearning=True, compare=True)
-    unlearn_lr: float = setting(0.1, "approximate strategies: learning rate, a multiple of "
-                                     "learning_rate", above=0, unlearning=True, compare=True)
-    neggrad_beta: float = setting(0.999, "NegGrad+: beta x retain loss - (1 - beta) x forget "
-                                         "loss", above=0, below=1, unlearning=True,
-                                  compare=True)
-    salun_sparsity: float = setting(0.5, "SalUn: the quantile of |forget gradient| below which "
-                                         "weights stay", at_least=0, below=1, unlearning=True,
-                                    compare=True)
     # Evaluation of unlearning
     evaluators: str = setting("scores,mia", "comma-separated: scores (forget/retain/test), mia, "
                                             "lira, lira_online", registry="evaluators",
                               resume=True, compare=True)
-    retain_eval: int = setting(10000, "retained training examples scored, at most", at_least=1,
-                               resume=True)
-    mia_folds: int = setting(5, "cross-validation folds of the membership-inference attack",
-                             at_least=2, resume=True, compare=True)
     shadow_members: int = setting(0, "extra members trained and unlearned as lira's reference "
                                      "models only, never predicting", at_least=0,
                                   compare=True)
@@ -202,21 +196,165 @@ class Config:
                                        choices=("auto", "none", "oracle"), unlearning=True,
                                        compare=True)
 
+    # The values of plug-ins' settings (`declare`) given to this config; a declared setting
+    # not given has its declared default. Read them as attributes: ``cfg.neggrad_beta``.
+    plugin_settings: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def __getattr__(self, name: str):
+        # Only called for what is not a field: a plug-in's setting.
+        if name.startswith("__") or name == "plugin_settings":
+            raise AttributeError(name)
+        field = declared().get(name)
+        if field is None:
+            raise AttributeError(f"Config has no setting {name!r}; a plug-in's settings exist "
+                                 f"once its module is imported")
+        return self.__dict__.get("plugin_settings", {}).get(name, field.default)
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and self._values() == other._values()
+
+    def _values(self) -> dict:
+        unknown = {k: v for k, v in self.plugin_settings.items() if k not in declared()}
+        return {**self.to_dict(), **unknown}
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every setting and its value: the fields, then the declared settings of the package's
+        plug-ins and of the other plug-ins this config uses (`in_use`)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name != _PLUGIN_FIELD}
+        out.update((name, getattr(self, name)) for name in declared() if in_use(self, name))
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-RULES: dict[str, Rule] = {f.name: f.metadata["rule"] for f in dataclasses.fields(Config)}
+_PLUGIN_FIELD = "plugin_settings"
+_CORE = tuple(f.name for f in dataclasses.fields(Config) if f.name != _PLUGIN_FIELD)
+_dataclass_init = Config.__init__
+
+
+def _init(self, plugin_settings: dict | None = None, **settings):
+    """`Config`'s constructor: its fields by name, and any other ``name=value`` as a plug-in's
+    setting (checked by `problems` once the plug-ins are imported)."""
+    extra = dict(plugin_settings or {})
+    extra.update({k: settings.pop(k) for k in list(settings) if k not in _CORE})
+    _dataclass_init(self, **settings, plugin_settings=extra)
+
+
+Config.__init__ = _init
+
+RULES: dict[str, Rule] = {f.name: f.metadata["rule"] for f in dataclasses.fields(Config)
+                          if f.name != _PLUGIN_FIELD}
 # Derived from the rules: what a resumed run, a run with nothing deleted (and a fork), and the
-# runs `report` compares may change.
-RESUMABLE_CHANGES = frozenset(k for k, r in RULES.items() if r.resume)
-UNLEARNING_CHANGES = frozenset(k for k, r in RULES.items() if r.unlearning)
-FORK_CHANGES = frozenset(k for k, r in RULES.items() if (r.resume or r.unlearning)
-                         and not r.trains)
-COMPARABLE_CHANGES = frozenset(k for k, r in RULES.items() if r.compare)
+# runs `report` compares may change. `declare` adds the plug-ins' settings to these.
+RESUMABLE_CHANGES = {k for k, r in RULES.items() if r.resume}
+UNLEARNING_CHANGES = {k for k, r in RULES.items() if r.unlearning}
+FORK_CHANGES = {k for k, r in RULES.items() if (r.resume or r.unlearning) and not r.trains}
+COMPARABLE_CHANGES = {k for k, r in RULES.items() if r.compare}
+
+# The package's own plug-ins, whose settings every config has: imported when a declared
+# setting is first asked for.
+BUILTIN_PLUGINS = ("jaxunlearn.strategies", "jaxunlearn.evaluators")
+_DECLARED: dict[str, dataclasses.Field] = {}  # setting -> its declaration (`declare`)
+_OWNERS: dict[str, str] = {}  # setting -> the class that declared it ("module.Class")
+_USERS: dict[str, set] = {}  # setting -> {(registry, plug-in name)} using it
+_BUILTIN: set[str] = set()  # the settings the package's own plug-ins declare
+_loaded = False
+
+
+def declare(settings: Mapping[str, dataclasses.Field], owner: str, registry: str = "",
+            name: str = "") -> None:
+    """Adds a plug-in's ``settings`` (``{name: setting(default, help, **rule)}``; a setting's
+    type is its default's) to those every `Config` knows. ``owner``: the declaring class,
+    ``"module.Class"`` (a class of the package: the setting is in every config; another: only
+    in a config that uses the plug-in); ``registry``/``name``: a plug-in that uses them, as
+    the settings naming plug-ins refer to it (``strategies``/``gradascent``). Declaring a
+    setting again with the same default and rule adds a user; ConfigError otherwise."""
+    for key, field in settings.items():
+        rule = field.metadata.get("rule") if isinstance(field, dataclasses.Field) else None
+        if rule is None:
+            raise ConfigError(f"{owner} declares {key!r} without config.setting(default, help, "
+                              f"...); declare it with config.setting")
+        if key in _CORE or key == _PLUGIN_FIELD:
+            raise ConfigError(f"{owner} declares setting {key!r}, which the core configuration "
+                              f"has; give the plug-in's setting another name")
+        old = _DECLARED.get(key)
+        if old is not None and (old.default, old.metadata["rule"]) != (field.default, rule):
+            raise ConfigError(f"setting {key!r} is declared by {_OWNERS[key]} and differently "
+                              f"by {owner}; give one of them another name")
+        if old is None:
+            field.name = key
+            _DECLARED[key], _OWNERS[key], RULES[key] = field, owner, rule
+            for changes, yes in ((RESUMABLE_CHANGES, rule.resume),
+                                 (UNLEARNING_CHANGES, rule.unlearning),
+                                 (FORK_CHANGES, (rule.resume or rule.unlearning)
+                                  and not rule.trains),
+                                 (COMPARABLE_CHANGES, rule.compare)):
+                if yes:
+                    changes.add(key)
+        if owner.startswith("jaxunlearn."):
+            _BUILTIN.add(key)
+        if registry and name:
+            _USERS.setdefault(key, set()).add((registry, name))
+
+
+def declare_class(cls: type, registry: str, name: str = "") -> None:
+    """Declares the ``settings`` class attribute of a plug-in class and of its bases
+    (`declare`), used by the plug-in ``name`` of ``registry`` when it has one."""
+    for klass in cls.__mro__:
+        own = klass.__dict__.get("settings")
+        if own:
+            declare(own, f"{klass.__module__}.{klass.__qualname__}", registry, name)
+
+
+def declared() -> dict[str, dataclasses.Field]:
+    """The plug-ins' settings declared so far (`declare`), the package's own plug-ins'
+    always: setting -> its declaration."""
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in BUILTIN_PLUGINS:
+            importlib.import_module(module)
+    return _DECLARED
+
+
+def owner(name: str) -> str:
+    """The class that declared plug-in setting ``name`` (``"module.Class"``)."""
+    declared()
+    return _OWNERS[name]
+
+
+def in_use(cfg: Config, name: str) -> bool:
+    """Whether ``cfg`` has declared setting ``name``: always for the package's plug-ins',
+    else when ``cfg`` names a plug-in that uses it (e.g. ``strategy=gradascent``)."""
+    if name in _BUILTIN:
+        return True
+    return any(plugin in referenced(cfg, registry) for registry, plugin in _USERS.get(name, ()))
+
+
+def referenced(cfg: Config, registry: str) -> list[str]:
+    """The names ``cfg``'s settings of ``registry`` (`Rule.registry`: ``strategies``,
+    ``evaluators``, ``models``) give, in order (comma-separated lists split)."""
+    out = []
+    for key in _CORE:
+        if RULES[key].registry == registry:
+            out += [n.strip() for n in str(getattr(cfg, key)).split(",") if n.strip()]
+    return out
+
+
+def kind_of(name: str) -> type:
+    """The type of setting ``name``: a field's annotation, a declared setting's default's."""
+    if name in _CORE:
+        return typing.get_type_hints(Config)[name]
+    return type(declared()[name].default)
+
+
+def defaults() -> dict:
+    """Every setting's default, the declared ones' included."""
+    out = {f.name: f.default for f in dataclasses.fields(Config) if f.name != _PLUGIN_FIELD}
+    out.update((k, f.default) for k, f in declared().items())
+    return out
 
 
 def choices(name: str) -> tuple:
@@ -237,10 +375,11 @@ def is_a(value, kind: type) -> bool:
 
 def problems(cfg: "Config") -> list[str]:
     """Every setting of the wrong type or outside its declared choices or range."""
-    kinds = typing.get_type_hints(Config)
-    out = []
+    declared()
+    out = [f"unknown setting {k!r}: no imported plug-in declares it; import the module that "
+           f"does (--plugin MODULE) or drop it" for k in cfg.plugin_settings if k not in RULES]
     for name, rule in RULES.items():
-        value, kind = getattr(cfg, name), kinds[name]
+        value, kind = getattr(cfg, name), kind_of(name)
         problem = (f"{name} takes {kind.__name__}, got {value!r}" if not is_a(value, kind)
                    else rule.problem(name, value))
         if problem is not None:
@@ -320,7 +459,7 @@ def epochs_of(cfg: Config, track: str) -> int:
 
 
 def _coerce(field: dataclasses.Field, text: str):
-    kind = typing.get_type_hints(Config)[field.name]
+    kind = kind_of(field.name)
     if kind is bool:
         lowered = text.strip().lower()
         if lowered in ("1", "true", "yes", "on"):
@@ -337,12 +476,15 @@ def _coerce(field: dataclasses.Field, text: str):
 
 def apply_overrides(config: Config, overrides: list[str] | dict) -> Config:
     """Applies ``["key=value", ...]`` (or a dict) to a config, with typed parsing."""
-    fields = {f.name: f for f in dataclasses.fields(Config)}
+    fields = {**{f.name: f for f in dataclasses.fields(Config) if f.name != _PLUGIN_FIELD},
+              **declared()}
     items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
     changes = {}
     for key, value in items:
         if key not in fields:
-            raise ConfigError(f"unknown setting {key!r}; settings are: {', '.join(sorted(fields))}")
+            raise ConfigError(f"unknown setting {key!r}; settings are: {', '.join(sorted(fields))}"
+                              f" (a plug-in's settings need its module imported: --plugin "
+                              f"MODULE)")
         changes[key] = _coerce(fields[key], value) if isinstance(value, str) else value
     return dataclasses.replace(config, **changes)
 

@@ -167,26 +167,26 @@ def init_ensemble(model: nn.Module, tx: optax.GradientTransformation, key: PRNGK
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, layout: str,
                     use_augment: bool = False, label_smoothing: float = 0.0) -> Callable:
-    """Returns ``step(state, images, labels, idx, weight, active, lr_scale=None) -> (state,
-    loss_sums)``.
+    """Returns ``step(state, images, labels, idx, weight, active, lr_scale=None, aux=None, *,
+    hook=None) -> (state, loss_sums)``.
 
     Shapes: ``idx`` int32 ``[m, b]``, ``weight`` float32 ``[m, b]``, ``active`` bool ``[m]``,
     ``lr_scale`` float32 ``[m]`` (each member's learning-rate multiplier) or None;
-    ``teacher`` float32 ``[m, n, classes]`` (each member's teacher logits on the resident
-    examples: distillation, `jaxunlearn.steps.train_step`) or None;
     ``images``/``labels`` are the resident training set shared by all members; ``loss_sums`` is
-    float32 ``[m]``, each member's weighted loss sum on its batch.
+    float32 ``[m]``, each member's weighted loss sum on its batch. ``hook``: a strategy's
+    `jaxunlearn.steps.StepHook` (static), given each member's row of ``aux`` (a pytree whose
+    leaves have the member axis first).
     """
     member_step = functools.partial(steps.train_step, model, tx, use_augment,
                                     label_smoothing=label_smoothing)
 
-    def step(state, images, labels, idx, weight, active, lr_scale=None, teacher=None):
+    def step(state, images, labels, idx, weight, active, lr_scale=None, aux=None, *, hook=None):
         if lr_scale is None:  # a scale of exactly 1 leaves every update's bits unchanged
             lr_scale = jnp.ones(active.shape, jnp.float32)
 
-        def one(s, i, w, a, r, t, images, labels):
-            return member_step(s, images, labels, i, w, a, r, teacher=t)
-        return over_members(layout, one, (state, idx, weight, active, lr_scale, teacher),
+        def one(s, i, w, a, r, x, images, labels):
+            return member_step(s, images, labels, i, w, a, r, hook=hook, aux=x)
+        return over_members(layout, one, (state, idx, weight, active, lr_scale, aux),
                             images, labels)
 
     return step

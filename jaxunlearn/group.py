@@ -111,7 +111,8 @@ def _compile_group(arch, stem, precision, optimizer, learning_rate, weight_decay
         return Compiled(
             model=model, tx=tx, layout=layout, mesh=None,
             init=jax.jit(init, static_argnums=1, compiler_options=setup),
-            step=jax.jit(step, donate_argnums=0, compiler_options=fast),
+            step=jax.jit(step, donate_argnums=0, static_argnames="hook",
+                         compiler_options=fast),
             logits=jax.jit(logits, compiler_options=fast),
             unlearn=jax.jit(reinit.make_reinit(model, tx), donate_argnums=1),
             reset_optimizer=jax.jit(reset, donate_argnums=0),
@@ -122,8 +123,7 @@ def _compile_group(arch, stem, precision, optimizer, learning_rate, weight_decay
         model=model, tx=tx, layout=layout, mesh=mesh,
         init=jax.jit(init, static_argnums=1, out_shardings=NamedSharding(mesh, M),
                      compiler_options=setup),
-        step=jax.jit(_with_lr_scale(sharding.shard(step, mesh, (M, R, R, M, M, M, M), (M, M))),
-                     donate_argnums=0, compiler_options=fast),
+        step=_sharded_step(step, mesh, fast),
         logits=jax.jit(sharding.shard(logits, mesh, (M, R, R), M), compiler_options=fast),
         unlearn=jax.jit(reinit.make_reinit(model, tx, mesh), donate_argnums=1),
         reset_optimizer=jax.jit(sharding.shard(reset, mesh, (M, M), M), donate_argnums=0),
@@ -133,13 +133,24 @@ def _compile_group(arch, stem, precision, optimizer, learning_rate, weight_decay
         grads=grads)
 
 
-def _with_lr_scale(step: Callable) -> Callable:
-    """A sharded step takes every argument as an array: no learning-rate scale means 1."""
+def _sharded_step(step: Callable, mesh: Mesh, options) -> Callable:
+    """The step sharded over the member mesh, jitted once per `jaxunlearn.steps.StepHook`
+    (and whether it takes auxiliary arrays, sharded like the members); every argument enters
+    as an array: no learning-rate scale means 1."""
+    M, R = sharding.MEMBERS, sharding.REPLICATED
 
-    def call(state, images, labels, idx, weight, active, lr_scale=None):
+    @functools.lru_cache(maxsize=None)
+    def compiled(hook, with_aux: bool):
+        specs = (M, R, R, M, M, M, M) + ((M,) if with_aux else ())
+        fn = sharding.shard(functools.partial(step, hook=hook), mesh, specs, (M, M))
+        return jax.jit(fn, donate_argnums=0, compiler_options=options)
+
+    def call(state, images, labels, idx, weight, active, lr_scale=None, aux=None, *,
+             hook=None):
         if lr_scale is None:
             lr_scale = jnp.ones(active.shape, jnp.float32)
-        return step(state, images, labels, idx, weight, active, lr_scale)
+        args = (state, images, labels, idx, weight, active, lr_scale)
+        return compiled(hook, aux is not None)(*args, *(() if aux is None else (aux,)))
 
     return call
 
@@ -313,20 +324,19 @@ class ModelGroup:
                                                                    sharding.REPLICATED))
         self._changed(changed)
 
-    def step(self, state, idx, weight, active, lr_scale=None, labels=None, teacher=None):
+    def step(self, state, idx, weight, active, lr_scale=None, labels=None, hook=None,
+             aux=None):
         """One optimiser step of the ``active`` members (device mask ``[k]``) of the stack
         ``state`` on their batches ``idx``/``weight`` ``[k, b]``, their updates scaled by
         ``lr_scale`` ``[k]`` (None: 1); returns the new stack and the loss sums ``[k]``. The
         group's own state is the stack of all its members. ``labels``: resident labels (from
-        `Resident.relabelled`) in place of the true ones; ``teacher``: each member's teacher
-        logits on the resident examples ``[k, n, classes]``, for distillation (one device)."""
+        `Resident.relabelled`) in place of the true ones; ``hook``: a strategy's
+        `jaxunlearn.steps.StepHook`, given ``aux`` (each leaf ``[k, ...]``: the stack's
+        rows)."""
         images = self.data.images
         labels = self.data.labels if labels is None else labels
-        if teacher is None:
-            return self._fns.step(state, images, labels, idx, weight, active, lr_scale)
-        if self.mesh is not None:
-            raise ValueError("distillation (scrub) runs on one device; set devices=1")
-        return self._fns.step(state, images, labels, idx, weight, active, lr_scale, teacher)
+        return self._fns.step(state, images, labels, idx, weight, active, lr_scale, aux,
+                              hook=hook)
 
     def gradients(self, ids: list[np.ndarray], batch_size: int):
         """Each member's gradient of its cross-entropy summed over its own examples ``ids[i]``

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from jaxunlearn import metrics, records
+from jaxunlearn import metrics, plugins, records
 from jaxunlearn.config import Config
 from jaxunlearn.files import atomic_write
 from jaxunlearn.folder import RunFolder
@@ -32,7 +32,7 @@ class Report:
         from tqdm.auto import tqdm
 
         self.cfg, self.out, self.log, self.primary = cfg, out, log, primary
-        self.results: records.Results = {"complete": False, "config": cfg.to_dict(), **header,
+        self.results: records.Results = {"complete": False, "config": plugins.describe(cfg), **header,
                                          "phases": []}
         self.bar = tqdm(total=planned_epochs, disable=not progress, unit="epoch", leave=False,
                         dynamic_ncols=True)

@@ -23,7 +23,7 @@ import numpy as np
 
 from jaxunlearn import config as config_lib, data as data_lib
 from jaxunlearn import deletions as deletions_lib, durable, evaluators, plans, strategies, timing
-from jaxunlearn import pretraining, records, recovery, rundisk, runlock, validation
+from jaxunlearn import plugins, pretraining, records, recovery, rundisk, runlock, validation
 from jaxunlearn.config import RESUMABLE_CHANGES, UNLEARNING_CHANGES, Config, ConfigError
 from jaxunlearn.group import ModelGroup
 from jaxunlearn.ledger import Ledger
@@ -277,13 +277,21 @@ def data_fingerprint(ds: data_lib.Dataset) -> str:
 
 
 def saved_config(run_dir) -> Config:
-    """The configuration a run folder was made with."""
+    """The configuration a run folder was made with, the plug-ins it records imported first
+    (`jaxunlearn.plugins.load`: ConfigError naming a module that cannot be imported)."""
     path = RunFolder(run_dir).config
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no config.json); pass the folder "
                           f"that `jaxunlearn run` printed")
     try:
-        cfg = Config(**json.loads(path.read_text()))
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise ConfigError(f"{path} is not a readable configuration: {e}") from None
+    settings = plugins.read_config(raw, path)
+    try:
+        cfg = Config(**settings)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{path} is not a readable configuration: {e}") from None
     found = config_lib.problems(cfg)
@@ -294,8 +302,10 @@ def saved_config(run_dir) -> Config:
 
 
 def config_changes(old: Config, new: Config) -> dict[str, tuple]:
-    return {f.name: (getattr(old, f.name), getattr(new, f.name))
-            for f in dataclasses.fields(Config) if getattr(old, f.name) != getattr(new, f.name)}
+    """The settings whose values differ: ``{name: (old value, new value)}``."""
+    names = dict.fromkeys([*old.to_dict(), *new.to_dict()])
+    return {k: (getattr(old, k), getattr(new, k)) for k in names
+            if getattr(old, k) != getattr(new, k)}
 
 
 def open_run(cfg: Config, workdir, dataset: data_lib.Dataset | None = None,
@@ -337,7 +347,7 @@ def open_run(cfg: Config, workdir, dataset: data_lib.Dataset | None = None,
     if not existing and jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=unborn or (out.is_dir() and not any(out.iterdir())))
         folder.plots.mkdir(exist_ok=unborn)
-        folder.config.write_text(cfg.to_json())
+        folder.config.write_text(plugins.config_json(cfg))
     run = _locked(cfg, ds, out, schedule, log, progress, purpose, wait, not existing)
     try:
         if existing:
@@ -423,7 +433,7 @@ def _restore(run: Run, changes: dict, log: Callable[[str], None]) -> None:
             run.disk.ckpts.delete(bad)
             log(f"removed damaged checkpoint {bad}")
         if changes:  # the accepted configuration is the run's from now on
-            atomic_write(run.disk.folder.config, run.cfg.to_json())
+            atomic_write(run.disk.folder.config, plugins.config_json(run.cfg))
     run.state.load_state_dict(tree, run.context(run.state.units["ensemble"]))
     run.t0 = time.perf_counter()
     run.load_logits()
@@ -432,7 +442,7 @@ def _restore(run: Run, changes: dict, log: Callable[[str], None]) -> None:
             unit.state = unit.strategy.init(run.context(unit))
     run.state.progress.checkpoint = step
     run.repair_derived()
-    run.state.report.results["config"] = run.cfg.to_dict()
+    run.state.report.results["config"] = plugins.describe(run.cfg)
     if changes:  # a finished run is evaluated again under its new settings
         run.state.report.results["complete"] = False
     recovery.reapply_logged_deletions(run, step, log)

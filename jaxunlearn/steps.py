@@ -7,7 +7,7 @@ so the host only ships small index arrays.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -83,14 +83,10 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) 
     return optax.softmax_cross_entropy(logits, target)
 
 
-# SCRUB's distillation (Kurmanji et al. 2023, their code's defaults): temperature, and the weights
-# of the KL divergence and of the cross-entropy on the retained examples.
-SCRUB_T, SCRUB_ALPHA, SCRUB_GAMMA = 4.0, 0.001, 0.99
-
-
 def distill_kl(student: jax.Array, teacher: jax.Array, temperature: float) -> jax.Array:
     """Per-example ``KL(softmax(teacher / T) || softmax(student / T)) * T**2`` ``[b]`` (Hinton
-    et al.'s scaling keeps its gradient's size independent of ``T``)."""
+    et al.'s scaling keeps its gradient's size independent of ``T``): distillation, as SCRUB's
+    `StepHook` adds it."""
     t = jax.nn.log_softmax(teacher.astype(jnp.float32) / temperature)
     s = jax.nn.log_softmax(student.astype(jnp.float32) / temperature)
     return jnp.sum(jnp.exp(t) * (t - s), axis=-1) * temperature ** 2
@@ -112,11 +108,33 @@ def lr_scale(schedule: str, progress, warmup: float = 0.2):
 LR_SCHEDULES = choices("lr_schedule")  # as the setting declares them
 
 
+class StepHook(NamedTuple):
+    """A strategy's addition to the member step (`train_step`): the one way a strategy changes
+    what a training step computes, with per-member auxiliary arrays ``aux`` (any pytree of
+    arrays; in an ensemble every leaf has the member axis first and each member gets its own
+    row, as with its state). Both functions are traced into the compiled step, which is built
+    once per hook: define the hook once (module level), from module-level functions.
+
+    * ``loss(aux, logits, labels, idx, weight, loss) -> loss``: the per-example loss ``[b]``
+      from the batch's logits ``[b, classes]``, labels ``[b]``, example ids ``idx`` ``[b]``
+      (rows of the resident training set: index ``aux`` by them), weights ``[b]`` (negative:
+      ascended) and the per-example cross-entropy ``loss`` ``[b]``. The step minimises the
+      weighted mean as before. SCRUB: a teacher's logits, distilled.
+    * ``updates(aux, updates) -> updates``: the optimiser's updates (params-like), before the
+      learning-rate scale multiplies them. SalUn: a 0/1 mask of the parameters that may change.
+
+    None leaves that part as it is.
+    """
+
+    loss: Callable | None = None
+    updates: Callable | None = None
+
+
 def train_step(model: nn.Module, tx: optax.GradientTransformation, use_augment: bool,
                state: MemberState, images: jax.Array, labels: jax.Array, idx: jax.Array,
                weight: jax.Array, active: jax.Array, lr_scale: jax.Array | None = None,
-               label_smoothing: float = 0.0,
-               teacher: jax.Array | None = None) -> tuple[MemberState, jax.Array]:
+               label_smoothing: float = 0.0, hook: StepHook | None = None,
+               aux: Any = None) -> tuple[MemberState, jax.Array]:
     """One optimiser step of one member on the examples ``images[idx]``.
 
     Args:
@@ -126,15 +144,10 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, use_augment: 
       weight: float32 ``[b]``, 1 for real examples and 0 for padding; a negative weight makes
         the step ascend that example's loss (BatchNorm and the mean use its absolute value).
       active: bool scalar; an inactive member (or an all-padding batch) is returned unchanged.
-      lr_scale: float scalar multiplying the update (a learning-rate schedule), or a pytree
-        like ``params`` of per-parameter multipliers (a mask of the parameters that may
-        change, times the schedule: SalUn); None: 1.
+      lr_scale: float scalar multiplying the update (a learning-rate schedule); None: 1.
       label_smoothing: smoothing of the training labels (static).
-      teacher: float ``[n, classes]``: a teacher's logits on the resident examples, for
-        distillation (SCRUB): an example's loss is then `SCRUB_GAMMA` x cross-entropy plus
-        `SCRUB_ALPHA` x the teacher-student KL divergence at temperature `SCRUB_T`, or, with a
-        negative weight, the KL divergence alone (ascended: the student moves away from the
-        teacher there). None: plain cross-entropy.
+      hook: a strategy's `StepHook` (static), given this member's ``aux``; None: plain
+        cross-entropy and the optimiser's updates.
 
     Returns:
       The new state and the batch's weighted loss sum (so epoch means are exact).
@@ -153,20 +166,18 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, use_augment: 
                                       train=True, weight=mass, mutable=["batch_stats"])
         with jax.named_scope("loss"):
             loss = cross_entropy(logits, y, label_smoothing)
-            if teacher is not None:
-                kl = distill_kl(logits, teacher[idx], SCRUB_T)
-                loss = jnp.where(weight < 0, kl, SCRUB_GAMMA * loss + SCRUB_ALPHA * kl)
+            if hook is not None and hook.loss is not None:
+                loss = hook.loss(aux, logits, y, idx, weight, loss)
             total = jnp.sum(loss * weight)
             return total / jnp.maximum(jnp.sum(mass), 1.0), (updates["batch_stats"], total)
 
     grads, (batch_stats, total) = jax.grad(loss_fn, has_aux=True)(state.params)
     with jax.named_scope("optimizer"):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        if hook is not None and hook.updates is not None:
+            updates = hook.updates(aux, updates)
         if lr_scale is not None:
-            if jax.tree.structure(lr_scale) == jax.tree.structure(updates):  # per parameter
-                updates = jax.tree.map(lambda u, r: u * r.astype(u.dtype), updates, lr_scale)
-            else:
-                updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
+            updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
         new = MemberState(params=optax.apply_updates(state.params, updates),
                           batch_stats=batch_stats, opt_state=opt_state, step=state.step + 1,
                           key=state.key)

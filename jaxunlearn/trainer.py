@@ -94,27 +94,19 @@ class Recipe(NamedTuple):
     configured one, a fresh optimiser state, and ``forget`` (int ids) fed although deleted, each
     with weight ``forget_weight`` (one per member; negative: gradient ascent) and, when
     ``labels`` (int, one per ``forget`` id) is given, that label instead of its own. A
-    ``param_scale`` (a stacked params-like pytree ``[m, ...]`` of 0/1) lets only the
-    parameters it marks change (SalUn's saliency mask). A ``teacher`` (each member's teacher
-    logits on the training examples) trains by distillation (`jaxunlearn.steps.train_step`),
-    and ``fresh_optimizer=False`` continues the optimiser state of the previous call (SCRUB's
-    alternating passes)."""
+    ``hook`` (`jaxunlearn.steps.StepHook`) changes the step's loss or updates with each
+    member's rows of ``aux`` (a pytree of device arrays ``[m, ...]``: SCRUB's teacher logits,
+    SalUn's parameter mask), and ``fresh_optimizer=False`` continues the optimiser state of the
+    previous call (SCRUB's alternating passes)."""
 
     epochs: int
     lr_scale: float
     forget: np.ndarray = np.zeros(0, np.int64)
     forget_weight: np.ndarray | float = 1.0
     labels: np.ndarray | None = None
-    param_scale: object = None  # a stacked params-like mask [m, ...]: only those may change
-    teacher: object = None  # device float [m, n_train, classes]: teacher logits (distillation)
+    hook: steps.StepHook | None = None  # the strategy's addition to the step
+    aux: object = None  # the hook's per-member arrays, each leaf [m, ...] on the device
     fresh_optimizer: bool = True  # False: go on with the members' optimiser state
-
-
-@jax.jit
-def _masked_scale(mask, scale):
-    """Per-parameter learning-rate multipliers: ``mask`` (a stacked params-like pytree
-    ``[k, ...]``) times each member's ``scale`` ``[k]``."""
-    return jax.tree.map(lambda x: x * scale.reshape((-1,) + (1,) * (x.ndim - 1)), mask)
 
 
 class Trainer:
@@ -183,13 +175,11 @@ class Trainer:
             batches = [(group.place(idx[:, sel], per_step), group.place(weight[:, sel], per_step),
                         None if scale is None else group.place(scale[:, sel], per_step))
                        for sel in parts]
-            masks, teachers = [None] * len(parts), [None] * len(parts)
-            if recipe is not None and recipe.teacher is not None:
-                teachers = [recipe.teacher if whole else recipe.teacher[sel] for sel in parts]
-            if recipe is not None and recipe.param_scale is not None:
-                masks = [recipe.param_scale if whole else
-                         jax.tree.map(lambda x, sel=sel: x[sel], recipe.param_scale)
-                         for sel in parts]
+            hook, auxes = None, [None] * len(parts)
+            if recipe is not None and recipe.hook is not None:
+                hook = recipe.hook
+                auxes = [recipe.aux if whole else
+                         jax.tree.map(lambda x, sel=sel: x[sel], recipe.aux) for sel in parts]
             resumed = epoch == start.epoch
             offset = start.step if resumed else 0
             carried = (np.asarray(start.loss, np.float64) if resumed and start.loss is not None
@@ -209,10 +199,8 @@ class Trainer:
             for s in range(offset, idx.shape[0]):
                 for j, (idx_dev, weight_dev, scale_dev) in enumerate(batches):
                     lr = None if scale_dev is None else scale_dev[s]
-                    if masks[j] is not None:
-                        lr = _masked_scale(masks[j], lr)
                     stacks[j], loss = group.step(stacks[j], idx_dev[s], weight_dev[s], actives[j],
-                                                 lr, labels=labels, teacher=teachers[j])
+                                                 lr, labels=labels, hook=hook, aux=auxes[j])
                     losses[j].append(loss)
                 group.lineage.record(idx[s], weight[s], members)
                 if whole:

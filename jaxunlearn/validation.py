@@ -1,16 +1,19 @@
 """A configuration checked before anything is trained or written: every setting against its
-declared rule (`jaxunlearn.config.RULES`), then what depends on several settings, the data,
-the registries (models, strategies, evaluators, member layouts) and the devices.
+declared rule (`jaxunlearn.config.RULES`, the plug-ins' settings included), then what depends
+on several settings, the data, the registries (models, strategies, evaluators, member layouts)
+and the devices; each strategy and evaluator checks what it needs itself (`check`), and the
+plug-ins the run names must be importable again (`jaxunlearn.plugins.record`).
 
 It sits above those modules; `jaxunlearn.config` (the settings and presets) imports nothing of
-the package.
+the package but the plug-ins declaring settings (`jaxunlearn.config.BUILTIN_PLUGINS`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from jaxunlearn import config as config_lib, ensemble, evaluators, plans, sharding, strategies
+from jaxunlearn import config as config_lib, ensemble, evaluators, plans, plugins, sharding
+from jaxunlearn import strategies
 from jaxunlearn.config import Config, ConfigError
 from jaxunlearn.models import ARCHITECTURES
 from jaxunlearn.steps import make_optimizer
@@ -38,8 +41,6 @@ def check(cfg: Config, n_train: int) -> None:
         need(not (cfg.plan == "subset" and cfg.fraction >= 1),
              "shadow members need examples they did not train on, and plan subset with "
              "fraction 1 trains every member on every example; lower the fraction")
-    need(cfg.strategy != "scrub" or cfg.devices == 1,
-         f"strategy=scrub distils on one device; set devices=1 (got {cfg.devices})")
     need(cfg.slices == 1 or cfg.plan == "shards",
          f"slices={cfg.slices} needs plan=shards (the other plans have one stage per phase)")
     need(cfg.plan != "shards" or cfg.fraction == 1,
@@ -53,8 +54,11 @@ def check(cfg: Config, n_train: int) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     try:
-        strategies.for_run(cfg)
-        evaluators.names(cfg)
+        for strategy in strategies.for_run(cfg).values():
+            strategy.check(cfg, n_train)
+        for evaluator in evaluators.make(cfg):
+            evaluator.check(n_train)
+        plugins.record(cfg)
         stacked = cfg.members + cfg.shadow_members  # the ensemble's stack
         member_parallel = ensemble.resolve_layout(cfg.member_parallel, arch=cfg.model,
                                                   stem=cfg.stem, members=stacked)

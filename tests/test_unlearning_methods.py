@@ -12,6 +12,7 @@ import pytest
 
 from conftest import checkpoint_tree, group_state, results_of, rows
 from jaxunlearn import auditing, cli, driver, comparison, steps
+from jaxunlearn.strategies import scrub
 from jaxunlearn.config import ConfigError, apply_overrides, get_preset
 from jaxunlearn.validation import check
 from jaxunlearn.models import make_model
@@ -187,21 +188,21 @@ def test_distillation_pulls_a_student_to_its_teacher_or_pushes_it_away():
 
     def kl(s):
         logits = steps.eval_logits(model, s, images, idx)
-        return float(jnp.mean(steps.distill_kl(logits, teacher, steps.SCRUB_T)))
+        return float(jnp.mean(steps.distill_kl(logits, teacher, scrub.T)))
 
     # distill_kl is KL(teacher || student) at temperature T, times T^2
-    t, z = teacher / steps.SCRUB_T, steps.eval_logits(model, student, images, idx) / steps.SCRUB_T
+    t, z = teacher / scrub.T, steps.eval_logits(model, student, images, idx) / scrub.T
     p, q = jax.nn.softmax(t), jax.nn.softmax(z)
-    manual = jnp.sum(p * (jnp.log(p) - jnp.log(q)), axis=-1) * steps.SCRUB_T ** 2
-    np.testing.assert_allclose(steps.distill_kl(z * steps.SCRUB_T, teacher, steps.SCRUB_T),
+    manual = jnp.sum(p * (jnp.log(p) - jnp.log(q)), axis=-1) * scrub.T ** 2
+    np.testing.assert_allclose(steps.distill_kl(z * scrub.T, teacher, scrub.T),
                                manual, rtol=1e-4, atol=1e-6)
     # A max pass (negative weights: the KL alone, ascended) moves away from the teacher; with
     # the cross-entropy's weight at 0.99 and the KL's at 0.001 a min pass is mostly learning
     # the labels, so the pull is checked with the KL term alone.
     away, _ = steps.train_step(model, tx, False, student, images, labels, idx, -jnp.ones(16),
-                               jnp.asarray(True), teacher=teacher)
+                               jnp.asarray(True), hook=scrub.HOOK, aux=teacher)
     assert kl(away) > kl(student)
-    assert steps.SCRUB_GAMMA == 0.99 and steps.SCRUB_ALPHA == 0.001 and steps.SCRUB_T == 4.0
+    assert scrub.GAMMA == 0.99 and scrub.ALPHA == 0.001 and scrub.T == 4.0
 
 
 @pytest.mark.parametrize("change, words", [

@@ -31,7 +31,8 @@ def names(cfg: Config) -> list[str]:
     unknown = [n for n in chosen if n not in REGISTRY]
     if unknown:
         raise ValueError(f"unknown evaluator(s) {unknown} in evaluators={cfg.evaluators!r}; "
-                         f"choose from {', '.join(NAMES)} (comma-separated)")
+                         f"choose from {', '.join(REGISTRY)} (comma-separated; an evaluator of "
+                         f"your own: import its module first, --plugin MODULE)")
     return chosen
 
 

@@ -12,18 +12,21 @@ it deletes.
 
 An evaluator is a class with a ``name`` whose ``run(evaluation)`` returns ``{block: {model:
 metrics}}``; subclasses register themselves and the config's ``evaluators`` setting picks them.
+An evaluator owns its settings and checks as a strategy does: ``settings`` declares them
+(read as ``self.cfg.NAME``) and `Evaluator.check` refuses a configuration it cannot work with;
+one defined in another module is a plug-in (`jaxunlearn.plugins`).
 """
 
 from __future__ import annotations
 
 import json
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, Mapping, NamedTuple
 
 import numpy as np
 
 from jaxunlearn import metrics, plans, timing
 from jaxunlearn.files import atomic_write
-from jaxunlearn.config import Config
+from jaxunlearn.config import Config, declare_class, setting
 from jaxunlearn.group import ModelGroup
 
 REGISTRY: dict[str, type["Evaluator"]] = {}
@@ -197,17 +200,33 @@ class Evaluator:
     # Whether the run's final results repeat this evaluator's "ensemble_before" of the last
     # deletion (what unlearning started from).
     carry_before: ClassVar[bool] = False
+    # The evaluator's own settings: {name: config.setting(default, help, **rule)}; a subclass
+    # has its bases' too. Every evaluation's: the retained examples scored (`retain_ids`).
+    settings: ClassVar[Mapping] = {
+        "retain_eval": setting(10000, "retained training examples scored, at most", at_least=1,
+                               resume=True)}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "name" in cls.__dict__:
             REGISTRY[cls.name] = cls
+        declare_class(cls, "evaluators", cls.__dict__.get("name", ""))
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
+    def check(self, n_train: int) -> None:
+        """Raises ConfigError (saying what to change) when this evaluator cannot work with its
+        config and ``n_train`` training examples; its settings' own rules are checked already
+        (`jaxunlearn.validation.check` calls this before anything is trained)."""
+
     def run(self, evaluation: Evaluation) -> dict[str, dict]:
         raise NotImplementedError
+
+
+# The attacks' cross-validation: declared by each evaluator that uses it.
+FOLDS = {"mia_folds": setting(5, "cross-validation folds of the membership-inference attacks",
+                              at_least=2, resume=True, compare=True)}
 
 
 def retain_ids(cfg: Config, chunks: list[np.ndarray], phase: int,

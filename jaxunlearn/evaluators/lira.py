@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxunlearn import mia
-from jaxunlearn.evaluators.base import Evaluation, Evaluator, Model
+from jaxunlearn.evaluators.base import FOLDS, Evaluation, Evaluator, Model
 
 
 def confidences(evaluation: Evaluation, model: Model, which: str) -> np.ndarray:
@@ -44,6 +44,7 @@ def scores(evaluation: Evaluation, model: Model, which: str) -> np.ndarray:
 class LiRA(Evaluator):
     name = "lira"
     carry_before = True
+    settings = FOLDS
 
     def run(self, evaluation: Evaluation) -> dict[str, dict]:
         out = {}

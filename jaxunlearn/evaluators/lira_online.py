@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxunlearn import mia
-from jaxunlearn.evaluators.base import Evaluation, Evaluator
+from jaxunlearn.evaluators.base import FOLDS, Evaluation, Evaluator
 
 MIN_EXAMPLES = 20  # forgotten examples needed for a figure (fewer: the block says so)
 
@@ -31,6 +31,7 @@ MIN_EXAMPLES = 20  # forgotten examples needed for a figure (fewer: the block sa
 class OnlineLiRA(Evaluator):
     name = "lira_online"
     carry_before = True
+    settings = FOLDS
 
     def __init__(self, cfg):
         super().__init__(cfg)

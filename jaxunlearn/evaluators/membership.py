@@ -5,12 +5,13 @@ deleted examples look like unseen ones; well above it, the model still remembers
 from __future__ import annotations
 
 from jaxunlearn import mia
-from jaxunlearn.evaluators.base import Evaluation, Evaluator
+from jaxunlearn.evaluators.base import FOLDS, Evaluation, Evaluator
 
 
 class Membership(Evaluator):
     name = "mia"
     carry_before = True
+    settings = FOLDS
 
     def run(self, evaluation: Evaluation) -> dict[str, dict]:
         out = {}

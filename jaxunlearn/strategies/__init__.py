@@ -10,7 +10,8 @@
   forget set and held to it on the retained sample; not exact.
 
 Every module of this package is imported here, and a `Strategy` subclass with a ``name``
-registers itself: adding a strategy is adding a file.
+registers itself: adding a strategy is adding a file, here or in a module of your own (a
+plug-in: `jaxunlearn.plugins`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ __all__ = ["Context", "NAMES", "Outcome", "Reference", "Strategy", "for_baseline
 def make(name: str) -> Strategy:
     """The strategy called ``name``; ValueError naming the choices otherwise."""
     if name not in REGISTRY:
-        raise ValueError(f"unknown unlearning strategy {name!r}; choose one of {NAMES}")
+        known = tuple(sorted(REGISTRY, key=lambda n: (REGISTRY[n].order, n)))
+        raise ValueError(f"unknown unlearning strategy {name!r}; choose one of {known} (a "
+                         f"strategy of your own: import its module first, --plugin MODULE)")
     return REGISTRY[name]()
 
 

@@ -25,6 +25,7 @@ from typing import ClassVar
 import numpy as np
 
 from jaxunlearn import plans
+from jaxunlearn.config import setting
 from jaxunlearn.stages import Stage
 from jaxunlearn.strategies.base import Context, Outcome, Strategy
 from jaxunlearn.trainer import Cost, Recipe
@@ -34,6 +35,11 @@ class Approximate(Strategy):
     exact = False
     order = 10
     uses_forget: ClassVar[bool] = False  # trains on the forget set too
+    settings = {
+        "unlearn_epochs": setting(2, "approximate strategies: epochs on the retained sample",
+                                  at_least=1, unlearning=True, compare=True),
+        "unlearn_lr": setting(0.1, "approximate strategies: learning rate, a multiple of "
+                                   "learning_rate", above=0, unlearning=True, compare=True)}
 
     def init(self, ctx: Context) -> dict:
         return {"rounds": 0}
@@ -75,6 +81,9 @@ class NegGrad(Approximate):
     name = "neggrad"
     order = 11
     uses_forget = True
+    settings = {"neggrad_beta": setting(0.999, "NegGrad+: beta x retain loss - (1 - beta) x "
+                                               "forget loss", above=0, below=1,
+                                        unlearning=True, compare=True)}
 
     def recipe(self, ctx, rounds, retain, held, forget):
         beta = ctx.cfg.neggrad_beta

@@ -13,16 +13,21 @@ strategy it holds; it reads the class attributes:
 * ``reference``: the strategy's result is the oracle itself, so no separate oracle is trained.
 
 Subclasses with a ``name`` register themselves (unless not ``selectable``); `jaxunlearn.strategies` imports every module
-of this package, so a new strategy is one new file.
+of this package, so a new strategy is one new file. A strategy owns its settings and checks:
+``settings`` declares them (``{name: config.setting(default, help, **rule)}``, read as
+``ctx.cfg.NAME``; a subclass has its bases' too) and `Strategy.check` refuses a configuration
+it cannot work with. A strategy defined in another module is a plug-in: a run using it records
+its module and every command that reopens the run imports it again (`jaxunlearn.plugins`).
 """
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, NamedTuple
+from typing import Callable, ClassVar, Mapping, NamedTuple
 
 import jax
 import numpy as np
 
+from jaxunlearn import config as config_lib
 from jaxunlearn.config import Config
 from jaxunlearn.group import ModelGroup
 from jaxunlearn.stages import Stage, Stages
@@ -62,11 +67,20 @@ class Strategy:
     reference: ClassVar[bool] = False
     selectable: ClassVar[bool] = True  # a `strategy=` setting may name it
     order: ClassVar[int] = 100  # where tables and sweeps list it
+    # The strategy's own settings: {name: config.setting(default, help, **rule)} (`declare`).
+    settings: ClassVar[Mapping] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if "name" in cls.__dict__ and cls.__dict__.get("selectable", True):
+        named = "name" in cls.__dict__ and cls.__dict__.get("selectable", True)
+        if named:
             REGISTRY[cls.name] = cls
+        config_lib.declare_class(cls, "strategies", cls.__dict__["name"] if named else "")
+
+    def check(self, cfg: Config, n_train: int) -> None:
+        """Raises ConfigError (saying what to change) when this strategy cannot work with
+        ``cfg`` and ``n_train`` training examples; its settings' own rules are checked
+        already (`jaxunlearn.validation.check` calls this before anything is trained)."""
 
     def init(self, ctx: Context) -> dict:
         """The strategy's state at the start of a run."""

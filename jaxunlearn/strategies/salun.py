@@ -6,8 +6,9 @@ each weight's saliency; the weights above the ``salun_sparsity`` quantile of |gr
 paper's default: the top half) form the member's mask. The member then trains as
 ``random_labels`` does (its retained sample and its forgotten ids, each with a random wrong
 label, ``unlearn_epochs`` at ``unlearn_lr`` times the learning rate), but only the masked
-weights change: the optimiser's update is multiplied by the mask, and with an element-wise
-optimiser that is the paper's masked gradient. BatchNorm's running statistics follow the data
+weights change: the optimiser's update is multiplied by the mask (`HOOK`, the mask as each
+member's auxiliary arrays), and with an element-wise optimiser that is the paper's masked
+gradient. BatchNorm's running statistics follow the data
 as in any training. Approximate, like the other methods of `approximate`.
 """
 
@@ -18,6 +19,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxunlearn.config import setting
+from jaxunlearn.steps import StepHook
 from jaxunlearn.strategies.approximate import RandomLabels
 
 
@@ -33,11 +36,22 @@ def saliency_mask(grads, sparsity: float):
             jnp.float32), grads)
 
 
+def masked(mask, updates):
+    """The optimiser's ``updates`` where ``mask`` (params-like, 0/1) is 1, else 0."""
+    return jax.tree.map(lambda u, r: u * r.astype(u.dtype), updates, mask)
+
+
+HOOK = StepHook(updates=masked)  # the member step's updates, masked by the member's aux
+
+
 class SalUn(RandomLabels):
     name = "salun"
     order = 13
+    settings = {"salun_sparsity": setting(0.5, "SalUn: the quantile of |forget gradient| below "
+                                               "which weights stay", at_least=0, below=1,
+                                          unlearning=True, compare=True)}
 
     def recipe(self, ctx, rounds, retain, held, forget):
         grads = ctx.group.gradients(held, ctx.cfg.batch_size)
         mask = saliency_mask(grads, float(ctx.cfg.salun_sparsity))
-        return super().recipe(ctx, rounds, retain, held, forget)._replace(param_scale=mask)
+        return super().recipe(ctx, rounds, retain, held, forget)._replace(hook=HOOK, aux=mask)
