@@ -24,7 +24,7 @@ from jaxunlearn import ensemble, reinit, sharding, xla_options
 from jaxunlearn.config import Config
 from jaxunlearn.data import CIFAR10_CLASSES, Dataset
 from jaxunlearn.lineage import Lineage
-from jaxunlearn.models import PRECISIONS, make_model
+from jaxunlearn.models import MODELS, PRECISIONS, make_model
 from jaxunlearn.steps import CIFAR10_STATS, make_optimizer
 
 
@@ -84,7 +84,8 @@ def compile_group(arch: str, stem: str, precision: str, optimizer: str, learning
     return _compile_group(arch, stem, precision, optimizer, float(learning_rate),
                           float(weight_decay), member_parallel, bool(augment), int(devices),
                           int(members), float(momentum), float(label_smoothing), bool(tta),
-                          tuple(int(d) for d in input_shape), int(classes), stats)
+                          tuple(int(d) for d in input_shape), int(classes), stats,
+                          MODELS.get(arch))
 
 
 def group_functions(cfg: Config, arch: str, members: int, devices: int = 1,
@@ -105,7 +106,8 @@ def group_functions(cfg: Config, arch: str, members: int, devices: int = 1,
 @functools.lru_cache(maxsize=64)
 def _compile_group(arch, stem, precision, optimizer, learning_rate, weight_decay,
                    member_parallel, augment, devices, members, momentum, label_smoothing,
-                   tta, input_shape, classes, stats) -> Compiled:
+                   tta, input_shape, classes, stats, factory) -> Compiled:
+    del factory  # (a key only: a model name registered again compiles again)
     model = make_model(arch, stem, classes, dtype=PRECISIONS[precision])
     tx = make_optimizer(optimizer, learning_rate, weight_decay, momentum)
     layout = ensemble.resolve_layout(member_parallel, arch=arch, stem=stem, members=members)
