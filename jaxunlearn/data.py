@@ -106,8 +106,9 @@ class Dataset:
                                  f"{labels.dtype} {labels.shape}")
         labels = np.concatenate([self.train_labels, self.test_labels])
         if labels.size and labels.min() < 0:
-            raise ValueError(f"labels must be class numbers 0, 1, ..., found {labels.min()}; "
-                             f"map the classes to 0..classes-1")
+            where = "train_labels" if (self.train_labels < 0).any() else "test_labels"
+            raise ValueError(f"labels must be class numbers 0, 1, ..., found {labels.min()} in "
+                             f"{where}; map the classes to 0..classes-1")
         needed = int(labels.max()) + 1 if labels.size else 0
         classes = needed if self.classes is None else self.classes
         if isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) or \

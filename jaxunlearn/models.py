@@ -2,8 +2,9 @@
 BatchNorm; the registry of models by name (`MODELS`, `register_model`: the contract a model of
 your own keeps).
 
-Every model maps uint8-derived float images ``[b, 32, 32, 3]`` to logits ``[b, classes]`` and
-takes an optional ``weight: float[b]``: examples with weight 0 are padding. BatchNorm in training
+Every built-in model maps normalised float images ``[b, H, W, C]`` (CIFAR-10's ``[b, 32, 32,
+3]``) to logits ``[b, classes]`` and takes an optional ``weight: float[b]``: examples with
+weight 0 are padding. BatchNorm in training
 mode computes its statistics over the weighted examples only, so a padded last batch trains
 exactly like a smaller batch while every step keeps one static shape (no recompilation when a
 sample size changes).
