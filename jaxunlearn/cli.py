@@ -294,7 +294,7 @@ def cmd_data(args) -> int:
     try:
         print(data_lib.describe(args.data))
     except data_lib.DataError as e:
-        print(f"no CIFAR-10 found:\n{e}", file=sys.stderr)
+        print(f"no data found:\n{e}", file=sys.stderr)
         return 1
     return 0
 
