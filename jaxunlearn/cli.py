@@ -63,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="parent folder of run folders; each run gets a new one (default: runs)")
     run.add_argument("--seed", type=int, help="random seed (default: the preset's, 0)")
     run.add_argument("--data", metavar="PATH",
-                     help="CIFAR-10 to use: a cifar-10-batches-bin or cifar-10-batches-py folder, "
-                          "their .tar.gz archive, a folder holding one, 'tfds[:DIR]' or 'sample'")
+                     help="the data: a cifar-10-batches-bin or cifar-10-batches-py folder, "
+                          "their .tar.gz archive, a folder holding one, 'tfds[:DIR]', 'sample', "
+                          "an .npz file (train_images, train_labels, test_images, test_labels) "
+                          "or a registered name")
     run.add_argument("--deletions", metavar="FILE",
                      help='JSON schedule {"PHASE": [ids...]} applied after each phase '
                           "(replaces the random schedule)")
@@ -176,7 +178,10 @@ def resolve_config(args) -> config_lib.Config:
     if args.deletions is not None:
         changes["deletions"] = str(pathlib.Path(args.deletions).resolve())
     cfg = config_lib.apply_overrides(cfg, list(args.overrides) + list(args.sets))
-    return config_lib.apply_overrides(cfg, changes)
+    cfg = config_lib.apply_overrides(cfg, changes)
+    if cfg.data.endswith(".npz"):  # found again from any folder (resume, forget)
+        cfg = config_lib.apply_overrides(cfg, {"data": str(pathlib.Path(cfg.data).expanduser().resolve())})
+    return cfg
 
 
 def new_run_dir(parent, cfg: config_lib.Config) -> pathlib.Path:
@@ -342,7 +347,7 @@ def cmd_data(args) -> int:
     try:
         print(data_lib.describe(args.data))
     except data_lib.DataError as e:
-        print(f"no CIFAR-10 found:\n{e}", file=sys.stderr)
+        print(f"no data found:\n{e}", file=sys.stderr)
         return 1
     return 0
 

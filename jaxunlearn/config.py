@@ -91,13 +91,16 @@ class Config:
     seed: int = setting(0, "the run's random seed: samples, batch orders, keys", at_least=0)
     # Data
     data: str = setting("sample", "sample, cifar10 (auto: $JAXUNLEARN_DATA, the download or "
-                                  "tfds), tfds[:DIR], or a CIFAR-10 folder or archive",
+                                  "tfds), tfds[:DIR], a CIFAR-10 folder or archive, an .npz "
+                                  "file of arrays, or a registered name (jaxunlearn.data."
+                                  "register_dataset)",
                         resume=True)
     train_limit: int = setting(0, f"training examples used, {_SPLITS}", at_least=0)
     test_limit: int = setting(0, f"test examples used, {_SPLITS}", at_least=0)
     # Ensemble
     members: int = setting(5, "ensemble members", at_least=1)
-    model: str = setting("resnet18", "the members' net (jaxunlearn.models.ARCHITECTURES)",
+    model: str = setting("resnet18", "the members' net (jaxunlearn.models.MODELS: built-in "
+                                     "or registered)",
                          registry="models")
     stem: str = setting("imagenet", "ResNet stem: imagenet (7x7 stride 2, max-pool) or cifar "
                                     "(3x3 stride 1)", choices=("imagenet", "cifar"))

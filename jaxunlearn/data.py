@@ -1,9 +1,13 @@
-"""CIFAR-10 sources: local binary/python layouts, tensorflow-datasets, and a bundled sample.
+"""Datasets: CIFAR-10 (local binary/python layouts, tensorflow-datasets, a bundled sample), any
+classification data as arrays (`from_arrays`, an ``.npz`` file: `load_npz`), and named loaders
+(`register_dataset`).
 
-Every source yields the same `Dataset`: uint8 NHWC images and int32 labels for the train and
-test splits, in the official file order, so an example's id (its position in the training set)
-means the same thing whichever source produced it. Data failures raise `DataError` with a
-message that says what to do.
+Every source yields the same `Dataset`: images (uint8 or float32 ``[n, H, W, C]``, or feature
+vectors ``[n, d]``) and int32 labels for the train and test splits, with the number of classes
+and the input normalisation (per last axis). An example's id is its position in the training
+set; the CIFAR-10 sources keep the official file order, so an id means the same thing whichever
+of them produced it, and they carry the CIFAR-10 channel statistics (`CIFAR10_MEAN`,
+`CIFAR10_STD`). Data failures raise `DataError` with a message that says what to do.
 
 Bundled sample (`jaxunlearn/_data/cifar10_sample.npz`, built by `experiments/make_sample.py`):
 the first 100 training and first 30 test images of each class, in file order (1,000 + 300).
@@ -29,6 +33,7 @@ import tarfile
 import threading
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -45,9 +50,33 @@ CIFAR10_STD = (0.24703223, 0.24348513, 0.26158784)
 SAMPLE_ENCODING = "delta-w-h-rgb-v1"
 
 
+CIFAR10_CLASSES = len(CLASS_NAMES)
+# What a run on CIFAR-10 does not record: its data's spec (`Dataset.spec`) is this.
+CIFAR10_SPEC = {"classes": CIFAR10_CLASSES, "input_shape": [32, 32, 3], "dtype": "uint8",
+                "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)}
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-    """CIFAR-10 splits as host numpy arrays (uint8 NHWC images, int32 labels)."""
+    """A classification dataset as host numpy arrays: the train and test splits.
+
+    Attributes:
+      train_images, test_images: uint8 or float32, ``[n, H, W, C]`` images or ``[n, d]``
+        feature vectors, the same shape after the first axis in both splits.
+      train_labels, test_labels: int32 ``[n]``, each in ``[0, classes)`` (the test split may
+        lack some classes).
+      source: where it came from, in words (recorded in ``results.json``).
+      kind: the kind of source (``binary``, ``sample``, ``npz``, ``arrays``...).
+      classes: the number of classes (the models' logits); None: the largest label + 1 over
+        both splits.
+      mean, std: the input normalisation per last axis (channel or feature): a model sees
+        ``(x - mean) / std``, with ``x`` the pixel / 255 for uint8 inputs and the value itself
+        for float inputs; None: the statistics of the training inputs (a feature that never
+        varies gets std 1). The CIFAR-10 sources carry `CIFAR10_MEAN` and `CIFAR10_STD`.
+
+    Shapes, dtypes, labels and statistics are checked on construction (ValueError saying what
+    to change); `from_arrays` converts common dtypes first.
+    """
 
     train_images: np.ndarray
     train_labels: np.ndarray
@@ -55,16 +84,62 @@ class Dataset:
     test_labels: np.ndarray
     source: str
     kind: str
+    classes: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     def __post_init__(self):
+        shape = self.train_images.shape[1:]
         for split in ("train", "test"):
             images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
-            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
-                raise ValueError(f"{split}_images must be uint8 [n, 32, 32, 3], got "
-                                 f"{images.dtype} {images.shape}")
+            if images.dtype not in (np.uint8, np.float32) or images.ndim not in (2, 4):
+                raise ValueError(
+                    f"{split}_images must be uint8 or float32 images [n, H, W, C] or feature "
+                    f"vectors [n, d], got {images.dtype} {images.shape}"
+                    + ("; add a channel axis (images[..., None])" if images.ndim == 3 else ""))
+            if images.shape[1:] != shape:
+                raise ValueError(f"train_images {self.train_images.shape} and test_images "
+                                 f"{self.test_images.shape} must have the same shape after the "
+                                 f"first axis")
             if labels.dtype != np.int32 or labels.shape != images.shape[:1]:
                 raise ValueError(f"{split}_labels must be int32 [{len(images)}], got "
                                  f"{labels.dtype} {labels.shape}")
+        labels = np.concatenate([self.train_labels, self.test_labels])
+        if labels.size and labels.min() < 0:
+            where = "train_labels" if (self.train_labels < 0).any() else "test_labels"
+            raise ValueError(f"labels must be class numbers 0, 1, ..., found {labels.min()} in "
+                             f"{where}; map the classes to 0..classes-1")
+        needed = int(labels.max()) + 1 if labels.size else 0
+        classes = needed if self.classes is None else self.classes
+        if isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) or \
+                classes < 2:
+            raise ValueError(f"classes must be an integer >= 2 (a classifier needs two classes), "
+                             f"got {classes!r}" + ("; the labels hold fewer: declare classes"
+                                                   if self.classes is None else ""))
+        if classes < needed:
+            raise ValueError(f"the labels go up to {needed - 1}, so classes must be at least "
+                             f"{needed}, got classes={classes}; declare classes={needed} (or "
+                             f"more), or leave it out to take it from the labels")
+        object.__setattr__(self, "classes", int(classes))
+        for name, value in (("mean", self.mean), ("std", self.std)):
+            object.__setattr__(self, name, self._statistic(name, value))
+
+    def _statistic(self, name: str, value) -> tuple[float, ...]:
+        width = self.train_images.shape[-1]
+        if value is None:
+            if not self.n_train:
+                raise ValueError(f"no training examples to compute the input {name} from; "
+                                 f"declare mean and std")
+            value = _input_statistics(self.train_images)[name == "std"]
+        try:
+            value = np.broadcast_to(np.asarray(value, np.float64), (width,))
+        except ValueError:
+            raise ValueError(f"{name} must hold one number per channel or feature (the last "
+                             f"axis, {width}), got shape {np.shape(value)}") from None
+        if not np.all(np.isfinite(value)) or (name == "std" and not np.all(value > 0)):
+            raise ValueError(f"{name} must be finite{' and positive' if name == 'std' else ''}, "
+                             f"got {value.tolist()}")
+        return tuple(float(v) for v in value)
 
     @property
     def n_train(self) -> int:
@@ -79,8 +154,27 @@ class Dataset:
         """Example ids: an example's id is its position in the training set."""
         return np.arange(self.n_train)
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One example's shape: ``(H, W, C)`` or ``(d,)``."""
+        return tuple(self.train_images.shape[1:])
+
+    @property
+    def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """``(mean, std)``: the input normalisation."""
+        return self.mean, self.std
+
+    @property
+    def spec(self) -> dict:
+        """What a model trained on it depends on besides the examples: classes, input shape and
+        dtype, normalisation (JSON values; a run records it unless it equals `CIFAR10_SPEC`)."""
+        return {"classes": self.classes, "input_shape": list(self.input_shape),
+                "dtype": str(self.train_images.dtype), "mean": list(self.mean),
+                "std": list(self.std)}
+
     def limit(self, n_train: int | None, n_test: int | None) -> Dataset:
-        """Returns the first `n_train` / `n_test` examples of each split (None keeps all)."""
+        """Returns the first `n_train` / `n_test` examples of each split (None keeps all), with
+        the same classes and normalisation."""
         if (n_train is not None and n_train < 0) or (n_test is not None and n_test < 0):
             raise ValueError(f"limits must be >= 0, got n_train={n_train}, n_test={n_test}")
         ltr, lte = self.train_labels[:n_train], self.test_labels[:n_test]
@@ -88,6 +182,98 @@ class Dataset:
             self, train_images=self.train_images[:n_train], train_labels=ltr,
             test_images=self.test_images[:n_test], test_labels=lte,
             source=f"{self.source} (first {len(ltr):,} train / {len(lte):,} test)")
+
+
+def _input_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per last axis mean and std (float64) of ``images`` (uint8 pixels / 255); a std of 0 (a
+    constant channel or feature) becomes 1."""
+    scale = 255.0 if images.dtype == np.uint8 else 1.0
+    flat = images.reshape(-1, images.shape[-1])
+    mean, sq = np.zeros(flat.shape[1]), np.zeros(flat.shape[1])
+    for start in range(0, len(flat), 1 << 20):  # in blocks: no float64 copy of all the data
+        block = flat[start:start + (1 << 20)].astype(np.float64) / scale
+        mean += block.sum(axis=0)
+        sq += np.square(block).sum(axis=0)
+    mean /= len(flat)
+    std = np.sqrt(np.maximum(sq / len(flat) - np.square(mean), 0.0))
+    return mean, np.where(std > 1e-12, std, 1.0)
+
+
+def from_arrays(train_images, train_labels, test_images, test_labels, *,
+                classes: int | None = None, mean=None, std=None,
+                source: str = "arrays passed in memory") -> Dataset:
+    """A `Dataset` from arrays: images ``[n, H, W, C]`` (uint8 pixels, or floats) or feature
+    vectors ``[n, d]`` (floats), and integer labels ``[n]`` in ``[0, classes)``.
+
+    Args:
+      classes: the number of classes; None: the largest label + 1 over both splits.
+      mean, std: the normalisation per last axis (uint8 inputs in pixel / 255 units); None:
+        the training inputs' own statistics.
+      source: a description, recorded in ``results.json``.
+    Floats are stored as float32, labels as int32. Raises ValueError saying what to change.
+    A run trained on it keeps only its fingerprint: `forget` and `resume` need the same data
+    again (``dataset=...``), or save it with `numpy.savez` and use the file (``data=FILE.npz``).
+    """
+    def images(name, x):
+        x = np.asarray(x)
+        if np.issubdtype(x.dtype, np.floating):
+            x = x.astype(np.float32, copy=False)
+            if not np.all(np.isfinite(x)):
+                raise ValueError(f"{name} holds NaN or infinite values; clean or drop them")
+        elif x.dtype != np.uint8:
+            raise ValueError(f"{name} must be uint8 (pixels 0..255) or floating point, got "
+                             f"{x.dtype}; convert it (x.astype(np.uint8) for pixels, "
+                             f"x.astype(np.float32) otherwise)")
+        return np.ascontiguousarray(x)
+
+    def labels(name, y):
+        y = np.asarray(y)
+        if y.dtype == bool or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"{name} must be integer class numbers, got {y.dtype}; convert "
+                             f"them (e.g. y.astype(np.int64)), or map names to 0..classes-1")
+        if y.size and (y.min() < np.iinfo(np.int32).min or y.max() > np.iinfo(np.int32).max):
+            raise ValueError(f"{name} must be class numbers 0..classes-1, found "
+                             f"{y.min()}..{y.max()}")
+        return y.astype(np.int32)
+
+    return Dataset(images("train_images", train_images), labels("train_labels", train_labels),
+                   images("test_images", test_images), labels("test_labels", test_labels),
+                   source, "arrays", classes, mean, std)
+
+
+NPZ_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+def load_npz(path, *, classes: int | None = None, mean=None, std=None) -> Dataset:
+    """A `Dataset` from an ``.npz`` file (`numpy.savez`) holding ``train_images``,
+    ``train_labels``, ``test_images`` and ``test_labels`` (as `from_arrays` takes them), and
+    optionally ``classes``, ``mean`` and ``std`` (the arguments, when given, take precedence).
+    Raises `DataError` saying what is wrong with the file."""
+    path = Path(path).expanduser().resolve()
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise DataError(f"no such file {path}; pass an existing .npz file (made with numpy.savez: "
+                        f"{', '.join(NPZ_ARRAYS)})") from None
+    except (OSError, ValueError, zlib.error) as e:
+        raise DataError(f"{path} is not a readable .npz file ({e}); write it with numpy.savez("
+                        f"path, {'=..., '.join(NPZ_ARRAYS)}=...)") from e
+    missing = [k for k in NPZ_ARRAYS if k not in arrays]
+    if missing:
+        held = ", ".join(arrays) or "nothing"
+        raise DataError(f"{path} lacks {', '.join(missing)} (it holds {held}); an .npz dataset "
+                        f"holds {', '.join(NPZ_ARRAYS)}")
+    declared = {k: (v if v is not None else arrays.get(k)) for k, v in
+                (("classes", classes), ("mean", mean), ("std", std))}
+    if declared["classes"] is not None:
+        declared["classes"] = int(np.asarray(declared["classes"]))
+    try:
+        ds = from_arrays(*(arrays[k] for k in NPZ_ARRAYS), **declared,
+                         source=f"npz file {path}")
+    except ValueError as e:
+        raise DataError(f"{path}: {e}") from None
+    return dataclasses.replace(ds, kind="npz")
 
 
 def _check_labels(name: str, labels: np.ndarray) -> np.ndarray:
@@ -130,7 +316,8 @@ def _assemble(parts: list[tuple[np.ndarray, np.ndarray]], source: str, kind: str
     """(images, labels) per file, the test file last -> a `Dataset`."""
     train, test = parts[:-1], parts[-1:]
     return Dataset(_stack([p[0] for p in train]), _stack([p[1] for p in train]),
-                   _stack([p[0] for p in test]), _stack([p[1] for p in test]), source, kind)
+                   _stack([p[0] for p in test]), _stack([p[1] for p in test]), source, kind,
+                   CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD)
 
 
 def _read_archive(path: Path, names: tuple[str, ...], layout: str) -> dict[str, bytes]:
@@ -348,7 +535,8 @@ def load_sample() -> Dataset:
     try:
         return Dataset(decode_sample_images(arrays["train_images"]), arrays["train_labels"],
                        decode_sample_images(arrays["test_images"]), arrays["test_labels"],
-                       f"bundled CIFAR-10 sample {resource}", "sample")
+                       f"bundled CIFAR-10 sample {resource}", "sample", CIFAR10_CLASSES,
+                       CIFAR10_MEAN, CIFAR10_STD)
     except (KeyError, ValueError) as e:
         raise DataError(f"the bundled sample {resource} is malformed ({e}); reinstall "
                         "jaxunlearn") from e
@@ -425,21 +613,11 @@ def _tfds_prepared_default() -> tuple[bool, str]:
         return False, f"tensorflow-datasets failed ({type(e).__name__}: {e})"
 
 
-def load_dataset(spec: str | None) -> Dataset:
-    """Loads CIFAR-10 from `spec`: "sample", "tfds", "tfds:DATA_DIR", a local path, or auto.
-
-    "tfds" downloads and prepares the dataset when needed. Auto (None, "" or "cifar10"): the
-    path in $JAXUNLEARN_DATA if set, else the copy `jaxunlearn data --download` put in the user
-    cache (`jaxunlearn.download`), else tensorflow-datasets when installed and already prepared
-    in its default folder (never downloads), else `DataError` naming what was looked for and
-    how to provide data.
-    """
-    if spec == "sample":
-        return load_sample()
-    if spec == "tfds" or (spec or "").startswith("tfds:"):
-        return load_tfds(data_dir=os.path.expanduser(spec[5:]) or None, download=True)
-    if spec and spec != "cifar10":
-        return _load_local(spec)
+def load_cifar10() -> Dataset:
+    """CIFAR-10 found automatically: the path in $JAXUNLEARN_DATA if set, else the copy
+    `jaxunlearn data --download` put in the user cache (`jaxunlearn.download`), else
+    tensorflow-datasets when installed and already prepared in its default folder (never
+    downloads), else `DataError` naming what was looked for and how to provide data."""
     env = os.environ.get(ENV_VAR)
     if env:
         try:
@@ -457,21 +635,84 @@ def load_dataset(spec: str | None) -> Dataset:
                     + HOW_TO_PROVIDE)
 
 
+# Named datasets (the `data` setting): name -> a loader taking no arguments that returns a
+# `Dataset`. `register_dataset` adds to it.
+DATASETS: dict[str, Callable[[], Dataset]] = {"sample": load_sample, "cifar10": load_cifar10}
+
+
+def register_dataset(name: str, loader: Callable[[], Dataset]) -> Callable[[], Dataset]:
+    """Makes ``data=NAME`` load ``loader()``, a `Dataset` (e.g. `from_arrays` of your arrays),
+    in every command that loads data (run, resume, forget). Register it in every process that
+    opens the run, before it does. Returns ``loader`` (so it can decorate it).
+
+    A name is a word that is not a path: no ``/``, not ``tfds...``, not ``*.npz``; a name taken
+    by another loader is refused (ValueError)."""
+    if not isinstance(name, str) or not name or "/" in name or os.sep in name or \
+            name.startswith("tfds") or name.endswith(".npz"):
+        raise ValueError(f"dataset name {name!r} must be a non-empty word, not a path, 'tfds...' "
+                         f"or '*.npz'; choose another name")
+    if not callable(loader):
+        raise ValueError(f"register_dataset({name!r}, loader): loader must be callable "
+                         f"(loader() -> Dataset), got {type(loader).__name__}")
+    if DATASETS.get(name, loader) is not loader:
+        raise ValueError(f"dataset name {name!r} is taken by {DATASETS[name]!r}; choose another "
+                         f"name")
+    DATASETS[name] = loader
+    return loader
+
+
+def _load_named(name: str) -> Dataset:
+    try:
+        ds = DATASETS[name]()
+    except ValueError as e:  # a Dataset's own checks
+        raise DataError(f"the dataset {name!r} ({DATASETS[name]!r}) is invalid: {e}") from e
+    if not isinstance(ds, Dataset):
+        raise DataError(f"the loader registered as {name!r} returned {type(ds).__name__}; it "
+                        f"must return a jaxunlearn.data.Dataset (e.g. data.from_arrays(...))")
+    return ds
+
+
+def load_dataset(spec: str | None) -> Dataset:
+    """Loads the dataset ``spec`` names: a registered name (`DATASETS`: "sample", "cifar10",
+    yours), "tfds" or "tfds:DATA_DIR", an ``.npz`` file (`load_npz`), a CIFAR-10 folder or
+    archive, or None/"" for CIFAR-10 found automatically (`load_cifar10`).
+
+    "tfds" downloads and prepares CIFAR-10 when needed.
+    """
+    if not spec:
+        return load_cifar10()
+    if spec in DATASETS:
+        return _load_named(spec)
+    if spec == "tfds" or spec.startswith("tfds:"):
+        return load_tfds(data_dir=os.path.expanduser(spec[5:]) or None, download=True)
+    if spec.endswith(".npz"):
+        return load_npz(spec)
+    return _load_local(spec)
+
+
 def describe(spec: str | None) -> str:
     """A multi-line report of the source `spec` resolves to (for `jaxunlearn data`).
 
     Raises `DataError` (saying exactly what is missing) when nothing is found.
     """
     ds = load_dataset(spec)
-    train_counts = np.bincount(ds.train_labels, minlength=10)
-    test_counts = np.bincount(ds.test_labels, minlength=10)
+    cifar = ds.spec == CIFAR10_SPEC
+    names = CLASS_NAMES if cifar else [str(c) for c in range(ds.classes)]
+    train_counts = np.bincount(ds.train_labels, minlength=ds.classes)
+    test_counts = np.bincount(ds.test_labels, minlength=ds.classes)
+    what = "images" if len(ds.input_shape) == 3 else "examples"
     lines = [f"source: {ds.source}", f"kind:   {ds.kind}",
-             f"train:  {ds.n_train:,} images   test: {ds.n_test:,} images", "",
+             f"train:  {ds.n_train:,} {what}   test: {ds.n_test:,} {what}", "",
              f"{'class':<12}{'train':>8}{'test':>8}"]
     lines += [f"{name:<12}{a:>8,}{b:>8,}" for name, a, b in
-              zip(CLASS_NAMES, train_counts, test_counts, strict=True)]
-    if ds.n_train:
+              zip(names, train_counts, test_counts, strict=True)]
+    if cifar and ds.n_train:
         mean = ds.train_images.reshape(-1, 3).mean(axis=0) / 255.0
         lines += ["", "train pixel mean (R, G, B) / 255: " + ", ".join(f"{m:.4f}" for m in mean)
                   + "   (full CIFAR-10: " + ", ".join(f"{m:.4f}" for m in CIFAR10_MEAN) + ")"]
+    elif not cifar:
+        shown = lambda v: ", ".join(f"{m:.4f}" for m in v[:8]) + (", ..." if len(v) > 8 else "")
+        lines += ["", f"input: {ds.train_images.dtype} {list(ds.input_shape)}, {ds.classes} "
+                      f"classes", f"normalisation mean: {shown(ds.mean)}",
+                  f"normalisation std:  {shown(ds.std)}"]
     return "\n".join(lines)

@@ -157,16 +157,19 @@ def over_members(layout: str, fn: Callable, per_member, *shared):
 
 
 def init_ensemble(model: nn.Module, tx: optax.GradientTransformation, key: PRNGKey,
-                  members: int) -> MemberState:
-    """Initialises ``members`` members by vmapping the single-member init over split keys."""
+                  members: int, input_shape: tuple = (32, 32, 3)) -> MemberState:
+    """Initialises ``members`` members by vmapping the single-member init over split keys
+    (``input_shape``: one example's shape)."""
     if members < 1:
         raise ValueError(f"an ensemble needs at least one member, got {members}")
     keys = jax.random.split(key, members)
-    return jax.vmap(functools.partial(steps.init_member, model, tx))(keys)
+    return jax.vmap(functools.partial(steps.init_member, model, tx,
+                                      input_shape=input_shape))(keys)
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, layout: str,
-                    use_augment: bool = False, label_smoothing: float = 0.0) -> Callable:
+                    use_augment: bool = False, label_smoothing: float = 0.0,
+                    stats: steps.Stats = steps.CIFAR10_STATS) -> Callable:
     """Returns ``step(state, images, labels, idx, weight, active, lr_scale=None, aux=None, *,
     hook=None) -> (state, loss_sums)``.
 
@@ -175,10 +178,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, layout: 
     ``images``/``labels`` are the resident training set shared by all members; ``loss_sums`` is
     float32 ``[m]``, each member's weighted loss sum on its batch. ``hook``: a strategy's
     `jaxunlearn.steps.StepHook` (static), given each member's row of ``aux`` (a pytree whose
-    leaves have the member axis first).
+    leaves have the member axis first); ``stats``: the input normalisation
+    (`jaxunlearn.steps.normalize`).
     """
     member_step = functools.partial(steps.train_step, model, tx, use_augment,
-                                    label_smoothing=label_smoothing)
+                                    label_smoothing=label_smoothing, stats=stats)
 
     def step(state, images, labels, idx, weight, active, lr_scale=None, aux=None, *, hook=None):
         if lr_scale is None:  # a scale of exactly 1 leaves every update's bits unchanged
@@ -192,24 +196,26 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, layout: 
     return step
 
 
-def make_loss_grads(model: nn.Module, layout: str) -> Callable:
+def make_loss_grads(model: nn.Module, layout: str,
+                    stats: steps.Stats = steps.CIFAR10_STATS) -> Callable:
     """Returns ``grads(state, images, labels, idx, weight) -> params-shaped [m, ...]``: each
     member's gradient of its weighted loss sum on its batch (`jaxunlearn.steps.loss_grads`)."""
 
     def grads(state, images, labels, idx, weight):
         return over_members(layout, lambda s, i, w, images, labels: steps.loss_grads(
-            model, s, images, labels, i, w), (state, idx, weight), images, labels)
+            model, s, images, labels, i, w, stats), (state, idx, weight), images, labels)
 
     return grads
 
 
-def make_eval_logits(model: nn.Module, layout: str, flip: bool = False) -> Callable:
+def make_eval_logits(model: nn.Module, layout: str, flip: bool = False,
+                     stats: steps.Stats = steps.CIFAR10_STATS) -> Callable:
     """Returns ``logits(state, images, idx) -> [m, b, classes]``: every member on the same batch
     (with ``flip``, averaged with the mirror images: `jaxunlearn.steps.eval_logits`)."""
 
     def logits(state, images, idx):
         return over_members(layout, lambda s, images, idx: steps.eval_logits(
-            model, s, images, idx, flip), (state,), images, idx)
+            model, s, images, idx, flip, stats), (state,), images, idx)
 
     return logits
 

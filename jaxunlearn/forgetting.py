@@ -6,7 +6,8 @@
 once:
 
 1. the ids (ASCII integers, no repeats, in range, none never deletable), the run's saved
-   configuration and its data;
+   configuration and its data (loaded, or the ``dataset`` given, and checked to be the run's:
+   a run trained on data passed in memory needs it passed again);
 2. the run opened, once, as every command opens it (`jaxunlearn.run.open_run`: locked, its
    checkpoint restored, its deletion log checked against it, a crash's work finished);
 3. the request checked against every deletion and request so far and appended to the log in
@@ -36,7 +37,7 @@ import numpy as np
 from jaxunlearn import data as data_lib, deletion_log, driver, plans, runlock, timing
 from jaxunlearn.deletion_queue import Forget
 from jaxunlearn.folder import RunFolder
-from jaxunlearn.run import Run, open_run, saved_config
+from jaxunlearn.run import Run, open_run, run_dataset, saved_config
 
 MAX_IDS_FILE_BYTES = 64 << 20  # 64 MiB: about 8 million ids
 _ID = re.compile(r"-?[0-9]+")  # ASCII digits only (int() would take other scripts' digits)
@@ -126,12 +127,16 @@ def forget(run_dir, ids: list[int], log: Callable[[str], None] = print,
     holds the run applies it) or ``"queued"`` (recorded; the next open of the run applies it),
     with a ``message``. Raises RequestError for bad ids, ConfigError or DataError for a run
     that cannot be opened, `jaxunlearn.durable.LogMismatch` for a log that does not match the
-    checkpoints: nothing is recorded then."""
+    checkpoints: nothing is recorded then.
+
+    ``dataset``: the run's data (`jaxunlearn.data.Dataset`), needed when it was passed in
+    memory to train the run; None loads the run's ``data`` setting."""
     if not wait >= 0:  # also NaN
         raise RequestError(f"--wait is a number of seconds >= 0, got {wait!r}")
     run_dir, t0, c0 = runlock.check_run_dir(run_dir), time.perf_counter(), timing.compile_seconds()
     cfg = saved_config(run_dir)
-    ds = dataset if dataset is not None else data_lib.load_dataset(cfg.data)
+    # The run's data, checked against the run before anything is recorded.
+    ds = run_dataset(cfg, run_dir, dataset, limit=False)
     check = checker(ids, len(ds.train_labels[:cfg.train_limit or None]), cfg.pretrain, run_dir)
 
     def reopen(wait_s: float) -> Run:

@@ -22,9 +22,10 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxunlearn import ensemble, reinit, sharding, xla_options
 from jaxunlearn.config import Config
+from jaxunlearn.data import CIFAR10_CLASSES, Dataset
 from jaxunlearn.lineage import Lineage
-from jaxunlearn.models import PRECISIONS, make_model
-from jaxunlearn.steps import make_optimizer
+from jaxunlearn.models import MODELS, PRECISIONS, make_model
+from jaxunlearn.steps import CIFAR10_STATS, make_optimizer
 
 
 class Compiled(NamedTuple):
@@ -65,48 +66,60 @@ def setup_compiler_options() -> dict | None:
 def compile_group(arch: str, stem: str, precision: str, optimizer: str, learning_rate: float,
                   weight_decay: float, member_parallel: str, augment: bool,
                   devices: int = 1, members: int = 5, momentum: float = 0.9,
-                  label_smoothing: float = 0.0, tta: bool = False) -> Compiled:
+                  label_smoothing: float = 0.0, tta: bool = False,
+                  input_shape: tuple = (32, 32, 3), classes: int = 10,
+                  stats: tuple = CIFAR10_STATS) -> Compiled:
     """Builds (once per process and setting) the jitted functions of one model group, so that
     repeated runs in one process, as in sweeps and tests, reuse their compilations. Each
     compiles once per stack size it is called with.
 
     ``devices`` other than 1 shards the member axis over that many devices (0: all) with
     `jax.shard_map`, the single-device ``member_parallel`` layout running inside; ``members``
-    only informs ``auto``. ``tta``: logits averaged with the mirror images'.
+    only informs ``auto``. ``tta``: logits averaged with the mirror images'. The data's
+    ``input_shape`` (one example's), ``classes`` and ``stats`` (the input normalisation
+    ``(mean, std)``, `jaxunlearn.data.Dataset.stats`) default to CIFAR-10's.
     """
     # One cache entry per setting, however the arguments were passed.
+    stats = tuple(tuple(float(v) for v in part) for part in stats)
     return _compile_group(arch, stem, precision, optimizer, float(learning_rate),
                           float(weight_decay), member_parallel, bool(augment), int(devices),
-                          int(members), float(momentum), float(label_smoothing), bool(tta))
+                          int(members), float(momentum), float(label_smoothing), bool(tta),
+                          tuple(int(d) for d in input_shape), int(classes), stats,
+                          MODELS.get(arch))
 
 
-def group_functions(cfg: Config, arch: str, members: int, devices: int = 1) -> Compiled:
-    """The compiled functions a `ModelGroup` of ``members`` ``arch`` models uses under ``cfg``."""
+def group_functions(cfg: Config, arch: str, members: int, devices: int = 1,
+                    input_shape: tuple = (32, 32, 3), classes: int = 10,
+                    stats: tuple = CIFAR10_STATS) -> Compiled:
+    """The compiled functions a `ModelGroup` of ``members`` ``arch`` models uses under ``cfg``
+    on data of ``input_shape``, ``classes`` and ``stats`` (`compile_group`)."""
     # A group of one (the baseline) needs no member parallelism: `unroll` runs it as the plain
     # model. (vmap over an axis of one batches the kernels too, and XLA:CPU runs the grouped
     # convolutions that makes at about half the speed of plain ones.)
     parallel = cfg.member_parallel if members > 1 else "unroll"
     return compile_group(arch, cfg.stem, cfg.precision, cfg.optimizer, cfg.learning_rate,
                          cfg.weight_decay, parallel, cfg.augment, devices, members,
-                         cfg.momentum, cfg.label_smoothing, cfg.tta)
+                         cfg.momentum, cfg.label_smoothing, cfg.tta, input_shape, classes,
+                         stats)
 
 
 @functools.lru_cache(maxsize=64)
 def _compile_group(arch, stem, precision, optimizer, learning_rate, weight_decay,
                    member_parallel, augment, devices, members, momentum, label_smoothing,
-                   tta) -> Compiled:
-    model = make_model(arch, stem, dtype=PRECISIONS[precision])
+                   tta, input_shape, classes, stats, factory) -> Compiled:
+    del factory  # (a key only: a model name registered again compiles again)
+    model = make_model(arch, stem, classes, dtype=PRECISIONS[precision])
     tx = make_optimizer(optimizer, learning_rate, weight_decay, momentum)
     layout = ensemble.resolve_layout(member_parallel, arch=arch, stem=stem, members=members)
-    step = ensemble.make_train_step(model, tx, layout, augment, label_smoothing)
-    logits = ensemble.make_eval_logits(model, layout, tta)
+    step = ensemble.make_train_step(model, tx, layout, augment, label_smoothing, stats)
+    logits = ensemble.make_eval_logits(model, layout, tta, stats)
     reset = functools.partial(ensemble.reset_optimizer, tx)
     rebase = functools.partial(ensemble.rebase, tx)
-    init = functools.partial(ensemble.init_ensemble, model, tx)
+    init = functools.partial(ensemble.init_ensemble, model, tx, input_shape=input_shape)
     mesh = sharding.member_mesh(devices) if devices != 1 else None
     setup = setup_compiler_options()
     fast = xla_options.step_compiler_options()  # the convolution steps (training, scoring)
-    grads = jax.jit(ensemble.make_loss_grads(model, layout), compiler_options=fast)
+    grads = jax.jit(ensemble.make_loss_grads(model, layout, stats), compiler_options=fast)
     if mesh is None or mesh.size == 1:
         return Compiled(
             model=model, tx=tx, layout=layout, mesh=None,
@@ -114,7 +127,8 @@ def _compile_group(arch, stem, precision, optimizer, learning_rate, weight_decay
             step=jax.jit(step, donate_argnums=0, static_argnames="hook",
                          compiler_options=fast),
             logits=jax.jit(logits, compiler_options=fast),
-            unlearn=jax.jit(reinit.make_reinit(model, tx), donate_argnums=1),
+            unlearn=jax.jit(reinit.make_reinit(model, tx, input_shape=input_shape),
+                            donate_argnums=1),
             reset_optimizer=jax.jit(reset, donate_argnums=0),
             rebase=jax.jit(rebase, donate_argnums=0),
             gather=jax.jit(_gather), scatter=jax.jit(_scatter, donate_argnums=0), grads=grads)
@@ -125,7 +139,7 @@ def _compile_group(arch, stem, precision, optimizer, learning_rate, weight_decay
                      compiler_options=setup),
         step=_sharded_step(step, mesh, fast),
         logits=jax.jit(sharding.shard(logits, mesh, (M, R, R), M), compiler_options=fast),
-        unlearn=jax.jit(reinit.make_reinit(model, tx, mesh), donate_argnums=1),
+        unlearn=jax.jit(reinit.make_reinit(model, tx, mesh, input_shape), donate_argnums=1),
         reset_optimizer=jax.jit(sharding.shard(reset, mesh, (M, M), M), donate_argnums=0),
         rebase=jax.jit(sharding.shard(rebase, mesh, (M, R, M), M), donate_argnums=0),
         gather=jax.jit(_gather, out_shardings=NamedSharding(mesh, M)),
@@ -158,23 +172,41 @@ def _sharded_step(step: Callable, mesh: Mesh, options) -> Callable:
 class Resident(NamedTuple):
     """A dataset on the devices: the training then the test images in one array (test ids
     follow the training ids, so one compiled logits function scores both) and their labels,
-    also kept on the host. Groups on the same devices share one."""
+    also kept on the host, with the data's classes and input normalisation. Groups on the
+    same devices share one."""
 
     n_train: int
     n_test: int
     images: Any  # device [n_train + n_test, ...], replicated
     labels: Any  # device int [n_train + n_test], replicated
     host_labels: np.ndarray
+    classes: int = CIFAR10_CLASSES
+    stats: tuple = CIFAR10_STATS  # (mean, std) per last axis
 
     @classmethod
-    def put(cls, arrays: tuple, place: Callable) -> "Resident":
-        """From host ``arrays`` (train images, train labels, test images, test labels), put on
-        the devices by ``place(x, spec)``."""
+    def put(cls, data, place: Callable) -> "Resident":
+        """From a host `jaxunlearn.data.Dataset`, or the arrays (train images, train labels,
+        test images, test labels) of CIFAR-10, put on the devices by ``place(x, spec)``."""
+        if isinstance(data, Dataset):
+            arrays, classes, stats = ((data.train_images, data.train_labels, data.test_images,
+                                       data.test_labels), data.classes, data.stats)
+        else:
+            arrays, classes, stats = tuple(data), CIFAR10_CLASSES, CIFAR10_STATS
+            if arrays[0].dtype != np.uint8 or arrays[0].shape[1:] != (32, 32, 3):
+                raise ValueError(f"arrays of images {arrays[0].dtype} {arrays[0].shape} are not "
+                                 f"CIFAR-10's; pass a jaxunlearn.data.Dataset "
+                                 f"(data.from_arrays(...)), which carries its classes and "
+                                 f"normalisation")
         train_images, train_labels, test_images, test_labels = arrays
         labels = np.concatenate([train_labels, test_labels])
         return cls(len(train_images), len(test_images),
                    place(np.concatenate([train_images, test_images]), sharding.REPLICATED),
-                   place(labels, sharding.REPLICATED), labels)
+                   place(labels, sharding.REPLICATED), labels, classes, stats)
+
+    @property
+    def input_shape(self) -> tuple:
+        """One example's shape."""
+        return tuple(self.images.shape[1:])
 
     @property
     def test_ids(self) -> np.ndarray:
@@ -188,11 +220,12 @@ class Resident(NamedTuple):
         out[np.asarray(ids, np.int64)] = labels
         return out
 
-    def host_arrays(self) -> tuple:
-        """The host arrays it was put from (for a copy on other devices)."""
+    def host_dataset(self) -> Dataset:
+        """The host dataset it was put from (for a copy on other devices)."""
         images = sharding.to_host(self.images)
         n = self.n_train
-        return images[:n], self.host_labels[:n], images[n:], self.host_labels[n:]
+        return Dataset(images[:n], self.host_labels[:n], images[n:], self.host_labels[n:],
+                       "resident copy", "arrays", self.classes, *self.stats)
 
 
 _VERSIONS = itertools.count()
@@ -223,11 +256,15 @@ class ModelGroup:
                  data: tuple, devices: int = 1, initialise: bool = True):
         """``track``: whose stages it trains on (`jaxunlearn.stages.TRACKS`); ``data``: host
         arrays (train images, train labels, test images, test labels), or the `Resident` data of
-        a group on the same devices, shared. Without
+        a group on the same devices, shared (a `jaxunlearn.data.Dataset`, or CIFAR-10's
+        arrays). Without
         ``initialise`` the state is only its shape until `load_state_dict` or `set_state`
         (a run restored from a checkpoint initialises nothing)."""
         self.name, self.track = name, track
-        self._fns = fns = group_functions(cfg, arch, members, devices)
+        spec = ((data.input_shape, data.classes, data.stats) if isinstance(data, Resident) else
+                (data.input_shape, data.classes, data.stats) if isinstance(data, Dataset) else
+                ((32, 32, 3), CIFAR10_CLASSES, CIFAR10_STATS))
+        self._fns = fns = group_functions(cfg, arch, members, devices, *spec)
         self.layout, self.mesh = fns.layout, fns.mesh
         self.substack_policy = (ensemble.SUBSTACK_POLICY.get(fns.layout, "pow2")
                                 if cfg.substacks == "auto" else cfg.substacks)
@@ -247,6 +284,10 @@ class ModelGroup:
         self.lineage = Lineage.empty(members, self.data.n_train)
         self.classes = int(jax.eval_shape(fns.logits, self.state, self.data.images,
                                           jnp.zeros(1, jnp.int32)).shape[-1])
+        if self.classes != self.data.classes:
+            raise ValueError(f"model {arch!r} gives {self.classes} logits for data of "
+                             f"{self.data.classes} classes; its factory must use num_classes "
+                             f"(jaxunlearn.models.register_model)")
 
     def voters(self, live: np.ndarray | None = None) -> np.ndarray:
         """bool ``[m]``: the members that predict (no shadow member) among ``live`` (all when

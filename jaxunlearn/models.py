@@ -1,8 +1,10 @@
 """ResNets (torchvision layout) and small fast CIFAR nets in Flax Linen, with an example-weighted
-BatchNorm.
+BatchNorm; the registry of models by name (`MODELS`, `register_model`: the contract a model of
+your own keeps).
 
-Every model maps uint8-derived float images ``[b, 32, 32, 3]`` to logits ``[b, classes]`` and
-takes an optional ``weight: float[b]``: examples with weight 0 are padding. BatchNorm in training
+Every built-in model maps normalised float images ``[b, H, W, C]`` (CIFAR-10's ``[b, 32, 32,
+3]``) to logits ``[b, classes]`` and takes an optional ``weight: float[b]``: examples with
+weight 0 are padding. BatchNorm in training
 mode computes its statistics over the weighted examples only, so a padded last batch trains
 exactly like a smaller batch while every step keeps one static shape (no recompilation when a
 sample size changes).
@@ -26,8 +28,9 @@ doubles and ``air-l`` quadruples the widths. They have no stem setting.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -280,16 +283,106 @@ AIRNETS = {
 ARCHITECTURES = {**RESNETS, **AIRNETS}
 
 
-def make_model(name: str, stem: str = "imagenet", num_classes: int = 10,
-               dtype: Any = jnp.float32) -> nn.Module:
-    """Builds a model by name: resnet18/34/50/101/152, tiny, or air-s/m/l (no stem)."""
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(ARCHITECTURES)}")
-    if stem not in STEMS:
-        raise ValueError(f"unknown stem {stem!r}; choose one of {STEMS}")
+ModelFactory = Callable[..., nn.Module]
+
+
+def register_model(name: str, factory: ModelFactory) -> ModelFactory:
+    """Makes ``factory`` the model called ``name``: usable wherever a built-in model is (the
+    ``model`` and ``baseline`` settings, the command line, resume, forget, audit). Register it
+    in every process that opens a run using it, before it does. Returns ``factory`` (so it
+    can decorate it). A name taken by another factory is refused (ValueError).
+
+    The contract:
+
+    * ``factory(num_classes=K, stem=S, dtype=D)`` returns a Flax Linen module; it is called
+      with these keyword arguments only (take ``**kwargs`` for those you do not use): ``K``
+      the dataset's classes, ``S`` the ``stem`` setting, ``D`` the compute dtype of the
+      ``precision`` setting (``jnp.float32``, or ``jnp.bfloat16``: keep parameters and logits
+      float32). Equal arguments must give equal modules (same structure, same initialisation
+      for a key).
+    * ``module(x, train=bool)`` maps a batch ``x`` float32 ``[b, *input_shape]`` (the
+      dataset's example shape: ``[b, H, W, C]`` images or ``[b, d]`` feature vectors,
+      already normalised by the dataset's mean and std) to float32 logits ``[b, K]``;
+      ``train`` is True in training steps and False when scoring. It must be deterministic
+      given its variables (no dropout RNG is passed).
+    * Variables: ``params``, and optionally ``batch_stats`` (running statistics, updated in
+      training through ``mutable=["batch_stats"]``, used when ``train`` is False); no other
+      collection. A model without ``batch_stats`` is fine.
+    * Optionally a ``weight`` argument: ``module(x, train=bool, weight=w)`` with ``w`` float32
+      ``[b]``: 0 marks a padding example of a static-shaped last batch, positive a real one;
+      it is passed in training when the module's ``__call__`` takes ``weight``. `BatchNorm`
+      here computes its statistics over the weighted examples only, so padding never counts.
+      A model without ``weight`` (a standard ``flax.linen.BatchNorm``, say) also trains:
+      padded examples then count in its batch statistics (their loss never does).
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a model name is a non-empty string, got {name!r}")
+    if not callable(factory):
+        raise ValueError(f"register_model({name!r}, factory): factory must be callable "
+                         f"(factory(num_classes=..., stem=..., dtype=...) -> module), got "
+                         f"{type(factory).__name__}")
+    if MODELS.get(name, factory) is not factory:
+        raise ValueError(f"model name {name!r} is taken by {MODELS[name]!r}; choose another name")
+    MODELS[name] = factory
+    return factory
+
+
+def _builtin(name: str, num_classes: int = 10, stem: str = "imagenet",
+             dtype: Any = jnp.float32) -> nn.Module:
     if name in AIRNETS:
         return AirNet(num_classes=num_classes, dtype=dtype, **AIRNETS[name])
     return ResNet(num_classes=num_classes, stem=stem, dtype=dtype, **RESNETS[name])
+
+
+# Every model by name (`register_model`): the built-in ones (`ARCHITECTURES`), then yours.
+MODELS: dict[str, ModelFactory] = {name: functools.partial(_builtin, name)
+                                   for name in ARCHITECTURES}
+
+
+def make_model(name: str, stem: str = "imagenet", num_classes: int = 10,
+               dtype: Any = jnp.float32) -> nn.Module:
+    """Builds a model by name (`MODELS`): resnet18/34/50/101/152, tiny, air-s/m/l (no stem),
+    or a registered one."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}, or register "
+                         f"yours (jaxunlearn.models.register_model)")
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; choose one of {STEMS}")
+    return MODELS[name](num_classes=num_classes, stem=stem, dtype=dtype)
+
+
+def takes_weight(model: nn.Module) -> bool:
+    """Whether ``model``'s ``__call__`` takes a ``weight`` argument (or any keyword)."""
+    try:
+        params = inspect.signature(type(model).__call__).parameters
+    except (TypeError, ValueError):
+        return False
+    return "weight" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def check_model(name: str, input_shape: tuple, classes: int, stem: str = "imagenet",
+                dtype: Any = jnp.float32) -> None:
+    """Traces model ``name`` (shapes only, nothing computed) on one input of ``input_shape``
+    and checks it keeps the contract of `register_model`: variables ``params`` (and
+    ``batch_stats``) only, logits ``[1, classes]``. ValueError saying what is wrong."""
+    model = make_model(name, stem, classes, dtype)
+    x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
+    try:
+        variables = jax.eval_shape(lambda k: model.init(k, x, train=False),
+                                   jax.random.PRNGKey(0))
+        logits = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
+    except Exception as e:  # whatever the module raises on this input
+        raise ValueError(f"model {name!r} fails on inputs of shape {list(input_shape)} (the "
+                         f"data's; {type(e).__name__}: {e}); use a model made for this data "
+                         f"(see jaxunlearn.models.register_model)") from e
+    other = sorted(set(variables) - {"params", "batch_stats"})
+    if other:
+        raise ValueError(f"model {name!r} has variable collections {other}; a model may hold "
+                         f"params and batch_stats only (see jaxunlearn.models.register_model)")
+    if getattr(logits, "shape", None) != (1, classes):
+        raise ValueError(f"model {name!r} returns {getattr(logits, 'shape', type(logits))} "
+                         f"for one example, expected logits [1, {classes}] (the data has "
+                         f"{classes} classes): its factory must use num_classes")
 
 
 def count_params(params) -> int:

@@ -45,7 +45,7 @@ def pretrain(run) -> records.Pretrain:
     pre = recipe(cfg)
     # A group of one runs on one device: it shares the ensemble's resident data when that is
     # on one device too, else has its own copy.
-    data = ens.data if ens.mesh is None else ens.data.host_arrays()
+    data = ens.data if ens.mesh is None else ens.data.host_dataset()
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), KEY_SALT)
     group = ModelGroup("pretrain", "ensemble", cfg.model, 1, pre, key, data)
     trainer = Trainer(pre, run.state.deletions.mask,

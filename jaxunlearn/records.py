@@ -197,6 +197,17 @@ class Error(TypedDict):
     message: str
 
 
+class DataSpec(TypedDict):
+    """A run's data besides its examples (`jaxunlearn.data.Dataset.spec`): recorded unless it
+    is CIFAR-10's (`jaxunlearn.data.CIFAR10_SPEC`), which its absence means."""
+
+    classes: int
+    input_shape: list[int]
+    dtype: str
+    mean: list[float]
+    std: list[float]
+
+
 class Header(TypedDict):
     """What a run records when it starts: its data, machine and versions."""
 
@@ -210,6 +221,7 @@ class Header(TypedDict):
     processes: int
     versions: Versions
     data_fingerprint: str
+    data: NotRequired[DataSpec]
 
 
 class Results(Header):

@@ -22,8 +22,10 @@ from jaxunlearn import sharding, steps
 from jaxunlearn.ensemble import select_members
 from jaxunlearn.steps import MemberState, PRNGKey
 
-def make_reinit(model: nn.Module, tx: optax.GradientTransformation, mesh=None) -> Callable:
-    """Returns the pure ``unlearn(key, state, invalid) -> state``.
+def make_reinit(model: nn.Module, tx: optax.GradientTransformation, mesh=None,
+                input_shape: tuple = (32, 32, 3)) -> Callable:
+    """Returns the pure ``unlearn(key, state, invalid) -> state`` (``input_shape``: one
+    example's shape, for the fresh initialisation).
 
     Args (of the returned function):
       key: PRNG key for the fresh members (member ``i`` uses ``split(key, m)[i]``).
@@ -35,7 +37,7 @@ def make_reinit(model: nn.Module, tx: optax.GradientTransformation, mesh=None) -
     member axis: each device draws the fresh members of its own slice, with the same keys as
     the unsharded function, so both give the same result.
     """
-    init = functools.partial(steps.init_member, model, tx)
+    init = functools.partial(steps.init_member, model, tx, input_shape=input_shape)
 
     def fresh_select(key, state, invalid, total, start):
         m = state.step.shape[0]

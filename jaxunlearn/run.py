@@ -123,9 +123,8 @@ class Run:
         self.chunks = plans.make_chunks(ds.n_train, cfg.phases, cfg.pretrain)
         self.train_labels, self.test_labels = ds.train_labels, ds.test_labels
         k_ens, k_base, self.k_unlearn = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
-        arrays = (ds.train_images, ds.train_labels, ds.test_images, ds.test_labels)
         ensemble = ModelGroup("ensemble", "ensemble", cfg.model, cfg.members + cfg.shadow_members,
-                              cfg, k_ens, arrays, devices=cfg.devices, initialise=initialise)
+                              cfg, k_ens, ds, devices=cfg.devices, initialise=initialise)
         ensemble.predicting = np.arange(ensemble.members) < cfg.members
         stages = Stages(cfg, self.chunks)
         deletions = deletions_lib.Deletions(cfg.seed, cfg.deletion_rate, self.chunks, schedule,
@@ -138,7 +137,7 @@ class Run:
         groups = {"ensemble": ensemble}
         if cfg.baseline != "none":
             groups["baseline"] = ModelGroup("baseline", "baseline", cfg.baseline, 1, cfg, k_base,
-                                            arrays, initialise=initialise)
+                                            ds, initialise=initialise)
         units = {name: Unit(groups[name], strategy, {})
                  for name, strategy in strategies.for_run(cfg).items()}
         self.state = RunState(units, strategies.Reference(units["ensemble"].strategy), stages,
@@ -158,7 +157,7 @@ class Run:
                 "processes": jax.process_count(),
                 "versions": {"python": platform.python_version(), "jax": jax.__version__,
                              "flax": _version("flax"), "optax": _version("optax")},
-                "data_fingerprint": data_fingerprint(ds)}
+                "data_fingerprint": data_fingerprint(ds), **data_spec(ds)}
 
     @property
     def ensemble(self) -> ModelGroup:
@@ -276,6 +275,13 @@ def data_fingerprint(ds: data_lib.Dataset) -> str:
     return h.hexdigest()[:16]
 
 
+def data_spec(ds: data_lib.Dataset) -> dict:
+    """The header's ``data`` entry: the data's spec (classes, input shape and dtype,
+    normalisation: `jaxunlearn.data.Dataset.spec`) unless it is CIFAR-10's, which a run
+    records as nothing (as every run did before other data existed)."""
+    return {} if ds.spec == data_lib.CIFAR10_SPEC else {"data": ds.spec}
+
+
 def saved_config(run_dir) -> Config:
     """The configuration a run folder was made with, the plug-ins it records imported first
     (`jaxunlearn.plugins.load`: ConfigError naming a module that cannot be imported)."""
@@ -331,15 +337,8 @@ def open_run(cfg: Config, workdir, dataset: data_lib.Dataset | None = None,
     if unborn:
         log(f"{out} stopped before its first checkpoint: starting it again")
         existing = False
-    ds = dataset if dataset is not None else data_lib.load_dataset(cfg.data)
-    ds = ds.limit(cfg.train_limit or None, cfg.test_limit or None)
-    if existing:
-        try:  # (a damaged results.json is only a copy: the checkpoint is checked instead)
-            _check_data(out, records.load(folder.results),
-                        {"data_source": ds.source, "data_fingerprint": data_fingerprint(ds)})
-        except records.RecordError:
-            pass
-    validation.check(cfg, ds.n_train)
+    ds = run_dataset(cfg, out, dataset, existing)
+    validation.check(cfg, ds.n_train, ds.input_shape, ds.classes)
     schedule = deletions_lib.load_schedule(cfg.deletions) if cfg.deletions else None
     if schedule is not None and not existing:
         deletions_lib.validate_schedule(
@@ -365,14 +364,60 @@ def open_run(cfg: Config, workdir, dataset: data_lib.Dataset | None = None,
     return run
 
 
+def run_dataset(cfg: Config, run_dir, dataset: data_lib.Dataset | None = None,
+                existing: bool = True, limit: bool = True) -> data_lib.Dataset:
+    """The data of the run in ``run_dir``: ``dataset`` (else ``cfg.data``'s) limited as ``cfg``
+    says (whole without ``limit``), and, for an ``existing`` run with a readable
+    ``results.json``, checked to be the data it was trained on (fingerprint, classes, shape,
+    normalisation). DataError saying what to pass otherwise; nothing is read but the data and
+    ``results.json``."""
+    saved = None
+    if existing:
+        try:  # (a damaged results.json is only a copy: the checkpoint is checked instead)
+            saved = records.load(RunFolder(run_dir).results)
+        except records.RecordError:
+            pass
+    if dataset is not None:
+        ds = dataset
+    else:
+        try:
+            ds = data_lib.load_dataset(cfg.data)
+        except data_lib.DataError as e:
+            if saved is None:
+                raise
+            raise data_lib.DataError(
+                f"{e}\n{run_dir} was trained on {saved.get('data_source', 'unknown data')}: "
+                f"{_PASS_DATA}") from e
+    used = ds.limit(cfg.train_limit or None, cfg.test_limit or None)
+    if saved is not None:
+        _check_data(pathlib.Path(run_dir), saved, {"data_source": used.source,
+                                                   "data_fingerprint": data_fingerprint(used),
+                                                   **data_spec(used)})
+    return used if limit else ds
+
+
+_PASS_DATA = ("pass the run's dataset (dataset=... in Python, as when it was trained from data "
+              "in memory), or its data setting (data=PATH --allow-config-change)")
+
+
 def _check_data(out: pathlib.Path, saved: records.Results, found: records.Header) -> None:
-    """DataError when the data ``found`` (its header: source, fingerprint) is not the data
-    whose results were ``saved``."""
+    """DataError when the data ``found`` (its header: source, fingerprint, spec) is not the
+    data whose results were ``saved``, or has other classes, shape or normalisation."""
     expected = saved.get("data_fingerprint")
     if expected and expected != found["data_fingerprint"]:
         raise data_lib.DataError(
-            f"the data found ({found['data_source']}) is not the data {out} was trained on; "
-            f"pass the run's dataset (data=PATH --allow-config-change)")
+            f"the data found ({found['data_source']}) is not the data {out} was trained on "
+            f"({saved.get('data_source', 'unknown')}); {_PASS_DATA}")
+    want = saved.get("data", data_lib.CIFAR10_SPEC)
+    got = found.get("data", data_lib.CIFAR10_SPEC)
+    differ = [k for k in want if want[k] != got.get(k)]
+    if differ:
+        raise data_lib.DataError(
+            f"the data found ({found['data_source']}) has other {', '.join(differ)} than {out} "
+            f"was trained with (" + "; ".join(f"{k}: {got.get(k)} instead of {want[k]}"
+                                             for k in differ)
+            + "); pass the same data with the run's classes, mean and std (from_arrays(..., "
+              "classes=..., mean=..., std=...))")
 
 
 def _check_changes(out: pathlib.Path, old: Config, cfg: Config, allow: bool) -> dict:

@@ -16,6 +16,7 @@ import optax
 
 from jaxunlearn.config import choices
 from jaxunlearn.data import CIFAR10_MEAN, CIFAR10_STD
+from jaxunlearn.models import takes_weight
 
 PRNGKey = jax.Array
 Params = Any
@@ -46,10 +47,19 @@ def make_optimizer(name: str, learning_rate: float, weight_decay: float = 0.0,
     raise ValueError(f"unknown optimizer {name!r}; choose adam, adamw or sgd")
 
 
-def normalize(images_u8: jax.Array) -> jax.Array:
-    """uint8 ``[..., 32, 32, 3]`` -> float32 standardised by the CIFAR-10 channel statistics."""
-    x = images_u8.astype(jnp.float32) / 255.0
-    return (x - jnp.asarray(CIFAR10_MEAN)) / jnp.asarray(CIFAR10_STD)
+Stats = tuple  # (mean, std): the input normalisation per last axis, tuples of floats
+CIFAR10_STATS: Stats = (CIFAR10_MEAN, CIFAR10_STD)
+
+
+def normalize(images: jax.Array, stats: Stats = CIFAR10_STATS) -> jax.Array:
+    """Inputs ``[..., c]`` -> float32 ``(x - mean) / std`` per last axis, with ``stats`` the
+    ``(mean, std)`` (`jaxunlearn.data.Dataset.stats`; default CIFAR-10's) and ``x`` the pixel
+    / 255 for uint8 inputs, the value itself for float inputs."""
+    mean, std = stats
+    x = images.astype(jnp.float32)
+    if images.dtype == jnp.uint8:
+        x = x / 255.0
+    return (x - jnp.asarray(mean)) / jnp.asarray(std)
 
 
 def augment(key: PRNGKey, images: jax.Array, pad: int = 4) -> jax.Array:
@@ -64,13 +74,32 @@ def augment(key: PRNGKey, images: jax.Array, pad: int = 4) -> jax.Array:
     return jnp.where(flip, images[:, :, ::-1, :], images)
 
 
-def init_member(model: nn.Module, tx: optax.GradientTransformation, key: PRNGKey) -> MemberState:
-    """A freshly initialised member: parameters, batch statistics, optimiser state, step 0."""
+def init_member(model: nn.Module, tx: optax.GradientTransformation, key: PRNGKey,
+                input_shape: tuple = (32, 32, 3)) -> MemberState:
+    """A freshly initialised member: parameters, batch statistics (empty for a model without
+    them), optimiser state, step 0; ``input_shape``: one example's shape."""
     k_params, k_member = jax.random.split(key)
-    variables = model.init(k_params, jnp.zeros((1, 32, 32, 3), jnp.float32), train=False)
+    variables = model.init(k_params, jnp.zeros((1,) + tuple(input_shape), jnp.float32),
+                           train=False)
     params = variables["params"]
-    return MemberState(params=params, batch_stats=variables["batch_stats"],
+    return MemberState(params=params, batch_stats=variables.get("batch_stats", {}),
                        opt_state=tx.init(params), step=jnp.zeros((), jnp.int32), key=k_member)
+
+
+def apply_model(model: nn.Module, params: Params, batch_stats: Any, x: jax.Array,
+                train: bool, weight: jax.Array | None = None) -> tuple[jax.Array, Any]:
+    """``model`` on ``x`` as its variables and signature allow (`jaxunlearn.models.
+    register_model`): ``weight`` is passed when its ``__call__`` takes it; in training its
+    ``batch_stats``, if it has any, are updated. Returns the logits and the batch statistics
+    after the call."""
+    kwargs = {"weight": weight} if weight is not None and takes_weight(model) else {}
+    if not jax.tree.leaves(batch_stats):  # a model without batch statistics
+        return model.apply({"params": params}, x, train=train, **kwargs), batch_stats
+    variables = {"params": params, "batch_stats": batch_stats}
+    if not train:
+        return model.apply(variables, x, train=False, **kwargs), batch_stats
+    logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"], **kwargs)
+    return logits, updates["batch_stats"]
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
@@ -134,12 +163,14 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, use_augment: 
                state: MemberState, images: jax.Array, labels: jax.Array, idx: jax.Array,
                weight: jax.Array, active: jax.Array, lr_scale: jax.Array | None = None,
                label_smoothing: float = 0.0, hook: StepHook | None = None,
-               aux: Any = None) -> tuple[MemberState, jax.Array]:
+               aux: Any = None,
+               stats: Stats = CIFAR10_STATS) -> tuple[MemberState, jax.Array]:
     """One optimiser step of one member on the examples ``images[idx]``.
 
     Args:
       state: the member's state.
-      images, labels: the resident training set, uint8 ``[n, 32, 32, 3]`` and int ``[n]``.
+      images, labels: the resident training set, ``[n, *input_shape]`` (uint8 or float32)
+        and int ``[n]``.
       idx: int32 ``[b]`` example ids of this batch (padding entries may hold any valid id).
       weight: float32 ``[b]``, 1 for real examples and 0 for padding; a negative weight makes
         the step ascend that example's loss (BatchNorm and the mean use its absolute value).
@@ -148,6 +179,7 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, use_augment: 
       label_smoothing: smoothing of the training labels (static).
       hook: a strategy's `StepHook` (static), given this member's ``aux``; None: plain
         cross-entropy and the optimiser's updates.
+      stats: the input normalisation ``(mean, std)`` (`normalize`; static).
 
     Returns:
       The new state and the batch's weighted loss sum (so epoch means are exact).
@@ -156,20 +188,19 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, use_augment: 
         x = images[idx]
         if use_augment:
             x = augment(jax.random.fold_in(state.key, state.step), x)
-        x = normalize(x)
+        x = normalize(x, stats)
         y = labels[idx]
 
     mass = jnp.abs(weight)  # a negative weight ascends that example's loss (NegGrad+)
 
     def loss_fn(params):
-        logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
-                                      train=True, weight=mass, mutable=["batch_stats"])
+        logits, batch_stats = apply_model(model, params, state.batch_stats, x, True, mass)
         with jax.named_scope("loss"):
             loss = cross_entropy(logits, y, label_smoothing)
             if hook is not None and hook.loss is not None:
                 loss = hook.loss(aux, logits, y, idx, weight, loss)
             total = jnp.sum(loss * weight)
-            return total / jnp.maximum(jnp.sum(mass), 1.0), (updates["batch_stats"], total)
+            return total / jnp.maximum(jnp.sum(mass), 1.0), (batch_stats, total)
 
     grads, (batch_stats, total) = jax.grad(loss_fn, has_aux=True)(state.params)
     with jax.named_scope("optimizer"):
@@ -187,28 +218,27 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, use_augment: 
 
 
 def loss_grads(model: nn.Module, state: MemberState, images: jax.Array, labels: jax.Array,
-               idx: jax.Array, weight: jax.Array) -> Params:
+               idx: jax.Array, weight: jax.Array, stats: Stats = CIFAR10_STATS) -> Params:
     """The gradient of one member's weighted cross-entropy sum on ``images[idx]`` (no label
     smoothing, no augmentation; BatchNorm in training mode, its statistics left as they are)
     with respect to its parameters: SalUn's saliency."""
-    x, y = normalize(images[idx]), labels[idx]
+    x, y = normalize(images[idx], stats), labels[idx]
 
     def loss_fn(params):
-        logits, _ = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
-                                train=True, weight=weight, mutable=["batch_stats"])
+        logits, _ = apply_model(model, params, state.batch_stats, x, True, weight)
         return jnp.sum(cross_entropy(logits, y) * weight)
 
     return jax.grad(loss_fn)(state.params)
 
 
 def eval_logits(model: nn.Module, state: MemberState, images: jax.Array,
-                idx: jax.Array, flip: bool = False) -> jax.Array:
+                idx: jax.Array, flip: bool = False, stats: Stats = CIFAR10_STATS) -> jax.Array:
     """Logits ``[b, classes]`` of one member (BatchNorm in inference mode) on ``images[idx]``;
     with ``flip``, the mean of the logits of each image and of its mirror image (test-time
-    augmentation)."""
-    x = normalize(images[idx])
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    logits = model.apply(variables, x, train=False)
+    augmentation, images only); ``stats``: the input normalisation."""
+    x = normalize(images[idx], stats)
+    logits = apply_model(model, state.params, state.batch_stats, x, False)[0]
     if flip:
-        logits = 0.5 * (logits + model.apply(variables, x[:, :, ::-1, :], train=False))
+        mirror = apply_model(model, state.params, state.batch_stats, x[:, :, ::-1, :], False)[0]
+        logits = 0.5 * (logits + mirror)
     return logits

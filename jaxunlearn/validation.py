@@ -10,28 +10,46 @@ the package but the plug-ins declaring settings (`jaxunlearn.config.BUILTIN_PLUG
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from jaxunlearn import config as config_lib, ensemble, evaluators, plans, plugins, sharding
 from jaxunlearn import strategies
 from jaxunlearn.config import Config, ConfigError
-from jaxunlearn.models import ARCHITECTURES
+from jaxunlearn.models import ARCHITECTURES, MODELS, PRECISIONS, check_model
 from jaxunlearn.steps import make_optimizer
 
 
-def check(cfg: Config, n_train: int) -> None:
-    """Rejects settings that cannot work with ``n_train`` training examples, before anything
-    is trained or written (ConfigError saying what to change)."""
+def check(cfg: Config, n_train: int, input_shape: tuple = (32, 32, 3),
+          classes: int = 10) -> None:
+    """Rejects settings that cannot work with ``n_train`` training examples of
+    ``input_shape`` in ``classes`` classes, before anything is trained or written (ConfigError
+    saying what to change)."""
     def need(ok, message):
         if not ok:
             raise ConfigError(message)
 
     wrong = config_lib.problems(cfg)  # every setting against its declared rule
     need(not wrong, "; ".join(wrong))
-    need(cfg.baseline == "none" or cfg.baseline in ARCHITECTURES,
-         f"unknown baseline {cfg.baseline!r}; choose none or one of {sorted(ARCHITECTURES)}")
-    need(cfg.model in ARCHITECTURES, f"unknown model {cfg.model!r}; choose one of "
-                                     f"{sorted(ARCHITECTURES)}")
+    register = "or register yours (jaxunlearn.models.register_model)"
+    need(cfg.baseline == "none" or cfg.baseline in MODELS,
+         f"unknown baseline {cfg.baseline!r}; choose none or one of {sorted(MODELS)}, {register}")
+    need(cfg.model in MODELS, f"unknown model {cfg.model!r}; choose one of {sorted(MODELS)}, "
+                              f"{register}")
+    if len(input_shape) != 3:
+        for name in ("augment", "tta"):
+            need(not getattr(cfg, name),
+                 f"{name}={getattr(cfg, name)} crops and mirrors images [H, W, C], and this "
+                 f"data's examples have shape {list(input_shape)}; set {name}=false")
+    for arch in sorted({cfg.model, cfg.baseline} - {"none"}):
+        if arch in ARCHITECTURES and tuple(input_shape) == (32, 32, 3):
+            continue  # made for these inputs (and tracing a ResNet-152 takes seconds)
+        try:
+            _check_model(arch, MODELS[arch], tuple(input_shape), classes, cfg.stem,
+                         cfg.precision)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if cfg.shadow_members:
         need("lira" in cfg.evaluators,
              f"shadow_members={cfg.shadow_members} trains members for the lira evaluator only; "
@@ -91,3 +109,10 @@ def check(cfg: Config, n_train: int) -> None:
             need(size >= 1, f"plan {plan!r} with fraction {fraction} gives {who} no data in phase "
                             f"{phase} ({n_train - cfg.pretrain} examples in {cfg.phases} "
                             f"phases); raise the fraction")
+
+
+@functools.lru_cache(maxsize=64)
+def _check_model(arch, factory, input_shape, classes, stem, precision) -> None:
+    """`jaxunlearn.models.check_model`, once per model factory and data shape."""
+    del factory  # (a key only: a name registered again is checked again)
+    check_model(arch, input_shape, classes, stem, PRECISIONS[precision])
