@@ -26,10 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxunlearn import auditing, checkpoint, metrics, records, runlock
+from jaxunlearn import auditing, checkpoint, data, metrics, records, runlock, steps
 from jaxunlearn.config import Config
 from jaxunlearn.folder import RunFolder
 from jaxunlearn.group import group_functions
+from jaxunlearn.results import Report
 from jaxunlearn.run import saved_config
 
 GROUPS = ("ensemble", "baseline")
@@ -65,6 +66,12 @@ class TrainedRun:
             self.checkpoint, tree, _ = ckpts.load_latest(lambda line: None)
         finally:
             ckpts.close()
+        # What the members were trained on besides the examples (none recorded: CIFAR-10's).
+        spec = Report.results_in(tree).get("data", data.CIFAR10_SPEC)
+        self.input_shape = tuple(int(d) for d in spec["input_shape"])
+        self.input_dtype = np.dtype(spec["dtype"])
+        self.classes = int(spec["classes"])
+        self.stats = (tuple(spec["mean"]), tuple(spec["std"]))
         self._groups = {name: self._group(name, saved)
                         for name, saved in tree["groups"].items()}
         return self
@@ -73,7 +80,8 @@ class TrainedRun:
         cfg = self.config
         arch = cfg.model if name == "ensemble" else cfg.baseline
         members = cfg.members + cfg.shadow_members if name == "ensemble" else 1
-        fns = group_functions(cfg, arch, members)
+        fns = group_functions(cfg, arch, members, input_shape=self.input_shape,
+                              classes=self.classes, stats=self.stats)
         shape = jax.eval_shape(fns.init, jax.random.PRNGKey(0), members)
         state = flax.serialization.from_state_dict(shape, saved["state"])
         state = jax.tree.map(np.asarray, state)
@@ -117,16 +125,14 @@ class TrainedRun:
     def preprocess(self, inputs) -> jax.Array:
         """``inputs`` as the members see them: checked, then normalised as the run's training
         data was (`jaxunlearn.steps.normalize`)."""
-        from jaxunlearn import steps
-
-        return steps.normalize(jnp.asarray(self._check(inputs)))
+        return steps.normalize(jnp.asarray(self._check(inputs)), self.stats)
 
     # ---- prediction ------------------------------------------------------------------------
 
     def predict(self, inputs, *, per_member: bool = False, group: str = "ensemble",
                 batch_size: int | None = None) -> np.ndarray:
-        """Class probabilities on ``inputs`` (the run's input shape, e.g. uint8 ``[n, 32, 32,
-        3]`` for CIFAR-10 images): ``[n, classes]`` combined by the run's ``aggregation`` over
+        """Class probabilities on ``inputs`` (shaped and typed as the run's training data, e.g.
+        uint8 ``[n, 32, 32, 3]`` for CIFAR-10 images): ``[n, classes]`` combined by the run's ``aggregation`` over
         the members that predict (``mean_logits``: the softmax of the mean logits;
         ``mean_probs`` and ``vote``: the mean of the members' softmaxes), with the run's
         test-time augmentation; with ``per_member``, each member's own ``[m, n, classes]``."""
@@ -147,20 +153,24 @@ class TrainedRun:
             chunk = x[start:start + batch]
             pad = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])
             out.append(np.asarray(g.fns.logits(state, jnp.asarray(pad), idx))[:, :len(chunk)])
-        classes = g.fns.model.num_classes if hasattr(g.fns.model, "num_classes") else None
         if not out:
-            return np.zeros((g.voters.size, 0, classes or 0), np.float32)
+            return np.zeros((g.voters.size, 0, self.classes), np.float32)
         return np.concatenate(out, axis=1)
 
     def _check(self, inputs) -> np.ndarray:
         x = np.asarray(inputs)
-        expected = (32, 32, 3)
+        expected = self.input_shape
         if x.ndim != 1 + len(expected) or x.shape[1:] != expected:
             raise PredictError(f"inputs must be [n, {', '.join(map(str, expected))}] like the "
                                f"run's training data, got shape {x.shape}")
-        if x.dtype != np.uint8:
+        if self.input_dtype == np.uint8 and x.dtype != np.uint8:
             raise PredictError(f"inputs must be uint8 like the run's training data, got "
                                f"{x.dtype}; pass the images as they were given to the run")
+        if self.input_dtype != np.uint8:
+            if not np.issubdtype(x.dtype, np.floating):
+                raise PredictError(f"inputs must be floating point like the run's training "
+                                   f"data ({self.input_dtype}), got {x.dtype}")
+            x = x.astype(self.input_dtype)
         return x
 
     def _get(self, group: str) -> _Group:

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import group_state, results_of
 from jaxunlearn import cli, config, data, driver, forgetting, models, runlock, steps, validation
-from jaxunlearn.audit import audit
+from jaxunlearn.auditing import audit
 from jaxunlearn.config import ConfigError
 
 
@@ -244,6 +244,24 @@ def test_a_feature_vector_run_records_its_data(feature_run):
     assert state["batch_stats"] == {}  # a model without BatchNorm statistics
     assert np.asarray(state["params"]["Dense_1"]["kernel"]).shape == (2, 8, 4)  # 2 members
     assert results["final"]["ensemble"]["test_accuracy"] >= 0
+
+
+def test_a_feature_vector_run_loads_and_predicts_with_its_own_normalisation(feature_run):
+    import jaxunlearn
+
+    out, ds = feature_run
+    run = jaxunlearn.load(out)
+    probs = run.predict(ds.test_images)  # float64 features: cast to the run's float32
+    assert probs.shape == (ds.n_test, 4)
+    final = results_of(out)["final"]["ensemble"]
+    assert np.mean(probs.argmax(1) == ds.test_labels) == pytest.approx(final["test_accuracy"])
+    x = np.asarray(run.preprocess(ds.test_images[:3]))
+    np.testing.assert_allclose(x, (ds.test_images[:3] - np.asarray(ds.mean)) / np.asarray(ds.std),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(jaxunlearn.trained.PredictError, match=r"\[n, 5\]"):
+        run.predict(np.zeros((2, 6), np.float32))
+    with pytest.raises(jaxunlearn.trained.PredictError, match="floating point"):
+        run.predict(np.zeros((2, 5), np.int64))
 
 
 def test_forget_needs_the_runs_data_and_records_nothing_without_it(feature_run, tmp_path):
