@@ -14,6 +14,7 @@ module. The package's own plug-ins are never recorded.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -44,6 +45,9 @@ def _named(cfg: Config) -> list[tuple[str, str]]:
 
 
 def _module_of(obj) -> str:
+    """The module defining ``obj`` (a class, a function, or a `functools.partial` of one)."""
+    while isinstance(obj, functools.partial):
+        obj = obj.func
     return getattr(obj, "__module__", None) or type(obj).__module__
 
 
