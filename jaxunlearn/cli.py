@@ -268,7 +268,9 @@ def cmd_presets(args) -> int:
         if args.verbose:
             for key, value in cfg.to_dict().items():
                 shown = f"{key} = {value}"
-                print(f"{'':{width}s}    {shown:40s} {config_lib.RULES[key].help}")
+                rule = config_lib.RULES[key]
+                each = " (or one per member: a,b,...)" if rule.per_member else ""
+                print(f"{'':{width}s}    {shown:40s} {rule.help}{each}")
     return 0
 
 
