@@ -317,7 +317,9 @@ def cmd_presets(args) -> int:
         if args.verbose:
             for key, value in cfg.to_dict().items():
                 shown = f"{key} = {value}"
-                print(f"{'':{width}s}    {shown:40s} {config_lib.RULES[key].help}")
+                rule = config_lib.RULES[key]
+                each = " (or one per member: a,b,...)" if rule.per_member else ""
+                print(f"{'':{width}s}    {shown:40s} {rule.help}{each}")
     if args.verbose:  # the other plug-ins' settings: a config has them when it uses the plug-in
         others = {k: f for k, f in config_lib.declared().items()
                   if not config_lib.owner(k).startswith("jaxunlearn.")}

@@ -34,7 +34,9 @@ class Rule:
     the run trains, evaluates or is stored, not what its checkpoints mean); ``unlearning``: says
     only how deletions are unlearned (may change while nothing is deleted, and in a `fork`);
     ``trains``: changes the trained models (a `fork` may not change it, even when a resume
-    may); ``compare``: may differ between the runs `jaxunlearn report` compares.
+    may); ``compare``: may differ between the runs `jaxunlearn report` compares;
+    ``per_member``: may take one value per stacked member (`member_values`), each checked
+    against the rule: a stacked run is then a sweep of it.
     """
 
     help: str
@@ -48,6 +50,7 @@ class Rule:
     unlearning: bool = False
     trains: bool = False
     compare: bool = False
+    per_member: bool = False
 
     def problem(self, name: str, value) -> str | None:
         """Why ``value`` is not allowed for setting ``name`` (None when it is)."""
@@ -143,18 +146,18 @@ class Config:
     optimizer: str = setting("adam", "adam, adamw or sgd (Nesterov)",
                              choices=("adam", "adamw", "sgd"))
     learning_rate: float = setting(1e-3, "peak learning rate", above=0, resume=True,
-                                   trains=True)
+                                   trains=True, per_member=True)
     weight_decay: float = setting(0.0, "sgd: added to the gradient; adamw: decoupled",
-                                  at_least=0, resume=True, trains=True)
+                                  at_least=0, resume=True, trains=True, per_member=True)
     momentum: float = setting(0.9, "sgd: Nesterov momentum", at_least=0, below=1, resume=True,
-                              trains=True)
+                              trains=True, per_member=True)
     lr_schedule: str = setting("constant", "constant, or onecycle (warm up, then down to 0, "
                                            "each phase)", choices=("constant", "onecycle"),
                                resume=True, trains=True)
     lr_warmup: float = setting(0.2, "onecycle: the share of a phase spent warming up",
                                at_least=0, below=1, resume=True, trains=True)
     label_smoothing: float = setting(0.0, "label smoothing of the training loss", at_least=0,
-                                     below=1, resume=True, trains=True)
+                                     below=1, resume=True, trains=True, per_member=True)
     tta: bool = setting(False, "scoring averages each image's logits with its mirror image's",
                         resume=True)
     reset_optimizer_each_phase: bool = setting(True, "a fresh optimizer state each phase")
@@ -219,6 +222,15 @@ class Config:
     def _values(self) -> dict:
         unknown = {k: v for k, v in self.plugin_settings.items() if k not in declared()}
         return {**self.to_dict(), **unknown}
+
+    def __post_init__(self):
+        # A per-member setting given as a list (the API, a config.json) is kept as a tuple, so
+        # the config stays hashable; a single value is kept as that value (every member's).
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("rule") and f.metadata["rule"].per_member and isinstance(value, (list, tuple)):
+                value = tuple(value)
+                object.__setattr__(self, f.name, value[0] if len(value) == 1 else value)
 
     def to_dict(self) -> dict:
         """Every setting and its value: the fields, then the declared settings of the package's
@@ -358,6 +370,8 @@ def defaults() -> dict:
     out = {f.name: f.default for f in dataclasses.fields(Config) if f.name != _PLUGIN_FIELD}
     out.update((k, f.default) for k, f in declared().items())
     return out
+# The settings that may take one value per stacked member (`member_values`).
+PER_MEMBER = tuple(k for k, r in RULES.items() if r.per_member)
 
 
 def choices(name: str) -> tuple:
@@ -383,10 +397,64 @@ def problems(cfg: "Config") -> list[str]:
            f"does (--plugin MODULE) or drop it" for k in cfg.plugin_settings if k not in RULES]
     for name, rule in RULES.items():
         value, kind = getattr(cfg, name), kind_of(name)
+        if rule.per_member and isinstance(value, tuple):
+            out += _per_member_problems(cfg, name, rule, value, kind)
+            continue
         problem = (f"{name} takes {kind.__name__}, got {value!r}" if not is_a(value, kind)
                    else rule.problem(name, value))
         if problem is not None:
             out.append(problem)
+    return out
+
+
+def stacked_members(cfg: "Config") -> int:
+    """The members the ensemble stacks: ``members`` predicting, then ``shadow_members``."""
+    return cfg.members + cfg.shadow_members
+
+
+def _per_member_problems(cfg: "Config", name: str, rule: Rule, values: tuple,
+                         kind: type) -> list[str]:
+    """What is wrong with the per-member ``values`` of setting ``name``: their count, or one
+    of them."""
+    out = []
+    stacked = stacked_members(cfg) if is_a(cfg.members, int) and is_a(cfg.shadow_members, int) \
+        else None
+    if stacked is not None and len(values) != stacked:
+        shadow = (f" (members={cfg.members}, then shadow_members={cfg.shadow_members})"
+                  if cfg.shadow_members else "")
+        out.append(f"{name} has {len(values)} values; give one value for every member or "
+                   f"{stacked}, one per stacked member{shadow}")
+    for value in values:
+        problem = (f"{name} takes {kind.__name__} values, got {value!r}" if not is_a(value, kind)
+                   else rule.problem(name, value))
+        if problem is not None:
+            out.append(problem)
+    return out
+
+
+def member_values(cfg: "Config", name: str, members: int) -> tuple:
+    """Each of the ``members`` stacked members' value of the per-member setting ``name``: its
+    one value repeated (also when all its values are equal), or its values, one per member
+    (`ConfigError` when they are not ``members``)."""
+    value = getattr(cfg, name)
+    if not isinstance(value, tuple):
+        return (value,) * members
+    if len(set(value)) == 1:
+        return (value[0],) * members
+    if len(value) != members:
+        raise ConfigError(f"{name} has {len(value)} values, one per member, for a stack of "
+                          f"{members} model(s); give one value for all, or {members}")
+    return value
+
+
+def varying(cfg: "Config", members: int) -> dict[str, tuple]:
+    """The per-member settings whose values differ between the ``members`` stacked members,
+    each with every member's value (empty when all train alike)."""
+    out = {}
+    for name in PER_MEMBER:
+        values = member_values(cfg, name, members)
+        if len(set(values)) > 1:
+            out[name] = values
     return out
 
 
@@ -462,6 +530,13 @@ def epochs_of(cfg: Config, track: str) -> int:
 
 
 def _coerce(field: dataclasses.Field, text: str):
+    if field.metadata["rule"].per_member and "," in text:  # one value per member
+        try:
+            values = tuple(_coerce(field, part) for part in text.split(","))
+        except ConfigError:
+            raise ConfigError(f"{field.name} takes a number, or one per member separated by "
+                              f"commas (e.g. {field.name}=0.1,0.05), got {text!r}") from None
+        return values[0] if len(values) == 1 else values
     kind = kind_of(field.name)
     if kind is bool:
         lowered = text.strip().lower()
@@ -474,6 +549,8 @@ def _coerce(field: dataclasses.Field, text: str):
         return kind(text)
     except ValueError:
         noun = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+        if field.metadata["rule"].per_member:
+            noun += f", or one per member separated by commas (e.g. {field.name}=0.1,0.05)"
         raise ConfigError(f"{field.name} takes {noun}, got {text!r}") from None
 
 
@@ -488,6 +565,9 @@ def apply_overrides(config: Config, overrides: list[str] | dict) -> Config:
             raise ConfigError(f"unknown setting {key!r}; settings are: {', '.join(sorted(fields))}"
                               f" (a plug-in's settings need its module imported: --plugin "
                               f"MODULE)")
+        if isinstance(value, (list, tuple)) and not RULES[key].per_member:
+            raise ConfigError(f"{key} takes one value, got {value!r}; the settings that take "
+                              f"one value per member are {', '.join(PER_MEMBER)}")
         changes[key] = _coerce(fields[key], value) if isinstance(value, str) else value
     return dataclasses.replace(config, **changes)
 

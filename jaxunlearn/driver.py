@@ -58,6 +58,12 @@ def resume(run_dir, overrides=(), allow_config_change: bool = False,
                               stop_after_phase=stop_after_phase)
 
 
+def _tenth(value) -> str:
+    """A learning rate (or one per member) divided by 10, as an override's value."""
+    values = value if isinstance(value, tuple) else (value,)
+    return ",".join(f"{v / 10:g}" for v in values)
+
+
 def run_protocol(run: Run, stop_after_phase: int | None = None) -> dict:
     """The remaining phases, then the end state and the requests queued meanwhile."""
     cfg, last = run.cfg, run.cfg.phases if stop_after_phase is None else stop_after_phase
@@ -74,7 +80,7 @@ def run_protocol(run: Run, stop_after_phase: int | None = None) -> dict:
         message = (f"{e} in phase {run.state.progress.phase_done + 1}; the run stopped. The last "
                    f"good checkpoint is {steps[-1] if steps else 'none'}; resume from it with "
                    f"a lower learning rate: jaxunlearn run --resume {run.out} "
-                   f"learning_rate={cfg.learning_rate / 10:g} --allow-config-change")
+                   f"learning_rate={_tenth(cfg.learning_rate)} --allow-config-change")
         error: records.Error = {"kind": "diverged", "group": e.group, "members": e.members,
                                 "phase": run.state.progress.phase_done + 1, "epoch": e.epoch,
                                 "step": e.step, "message": message}

@@ -169,9 +169,17 @@ def init_ensemble(model: nn.Module, tx: optax.GradientTransformation, key: PRNGK
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, layout: str,
                     use_augment: bool = False, label_smoothing: float = 0.0,
-                    stats: steps.Stats = steps.CIFAR10_STATS) -> Callable:
-    """Returns ``step(state, images, labels, idx, weight, active, lr_scale=None, aux=None, *,
-    hook=None) -> (state, loss_sums)``.
+                    stats: steps.Stats = steps.CIFAR10_STATS,
+                    make_tx: Callable | None = None) -> Callable:
+    """Returns ``step(state, images, labels, idx, weight, active, lr_scale=None, aux=None,
+    hyper=None, *, hook=None) -> (state, loss_sums)``.
+
+    ``make_tx(**settings)``: the optimiser of one member from its own settings; the step then
+    needs ``hyper``, a dict of float32 ``[m]`` arrays (each member's ``learning_rate``,
+    ``weight_decay``, ``momentum`` or ``label_smoothing``, the settings that differ between
+    members), and builds each member's optimiser inside the member step from its own traced
+    values (with the same state structure as ``tx``'s). Without it, every member trains with
+    ``tx`` and ``label_smoothing``.
 
     Shapes: ``idx`` int32 ``[m, b]``, ``weight`` float32 ``[m, b]``, ``active`` bool ``[m]``,
     ``lr_scale`` float32 ``[m]`` (each member's learning-rate multiplier) or None;
@@ -184,13 +192,22 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, layout: 
     member_step = functools.partial(steps.train_step, model, tx, use_augment,
                                     label_smoothing=label_smoothing, stats=stats)
 
-    def step(state, images, labels, idx, weight, active, lr_scale=None, aux=None, *, hook=None):
+    def step(state, images, labels, idx, weight, active, lr_scale=None, aux=None, hyper=None,
+             *, hook=None):
         if lr_scale is None:  # a scale of exactly 1 leaves every update's bits unchanged
             lr_scale = jnp.ones(active.shape, jnp.float32)
+        if (make_tx is None) != (hyper is None):
+            raise ValueError("per-member settings (hyper) go with a step made with make_tx: "
+                             "pass both or neither")
 
-        def one(s, i, w, a, r, x, images, labels):
-            return member_step(s, images, labels, i, w, a, r, hook=hook, aux=x)
-        return over_members(layout, one, (state, idx, weight, active, lr_scale, aux),
+        def one(s, i, w, a, r, x, h, images, labels):
+            if h is None:
+                return member_step(s, images, labels, i, w, a, r, hook=hook, aux=x)
+            h = dict(h)  # this member's own traced settings
+            smoothing = h.pop("label_smoothing", label_smoothing)
+            return steps.train_step(model, make_tx(**h), use_augment, s, images, labels, i, w, a,
+                                    r, label_smoothing=smoothing, hook=hook, aux=x, stats=stats)
+        return over_members(layout, one, (state, idx, weight, active, lr_scale, aux, hyper),
                             images, labels)
 
     return step

@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from jaxunlearn import ensemble, reinit, sharding, xla_options
-from jaxunlearn.config import Config
+from jaxunlearn.config import PER_MEMBER, Config, member_values, varying
 from jaxunlearn.data import CIFAR10_CLASSES, Dataset
 from jaxunlearn.lineage import Lineage
 from jaxunlearn.models import MODELS, PRECISIONS, make_model
@@ -63,11 +63,11 @@ def setup_compiler_options() -> dict | None:
     return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
 
 
-def compile_group(arch: str, stem: str, precision: str, optimizer: str, learning_rate: float,
-                  weight_decay: float, member_parallel: str, augment: bool,
-                  devices: int = 1, members: int = 5, momentum: float = 0.9,
-                  label_smoothing: float = 0.0, tta: bool = False,
-                  input_shape: tuple = (32, 32, 3), classes: int = 10,
+def compile_group(arch: str, stem: str, precision: str, optimizer: str,
+                  learning_rate: float | tuple, weight_decay: float | tuple,
+                  member_parallel: str, augment: bool, devices: int = 1, members: int = 5,
+                  momentum: float | tuple = 0.9, label_smoothing: float | tuple = 0.0,
+                  tta: bool = False, input_shape: tuple = (32, 32, 3), classes: int = 10,
                   stats: tuple = CIFAR10_STATS) -> Compiled:
     """Builds (once per process and setting) the jitted functions of one model group, so that
     repeated runs in one process, as in sweeps and tests, reuse their compilations. Each
@@ -78,14 +78,33 @@ def compile_group(arch: str, stem: str, precision: str, optimizer: str, learning
     only informs ``auto``. ``tta``: logits averaged with the mirror images'. The data's
     ``input_shape`` (one example's), ``classes`` and ``stats`` (the input normalisation
     ``(mean, std)``, `jaxunlearn.data.Dataset.stats`) default to CIFAR-10's.
+
+    ``learning_rate``, ``weight_decay``, ``momentum`` and ``label_smoothing`` may be tuples of
+    one value per member: where the values differ, the step takes them as ``hyper`` arrays
+    (`ModelGroup.member_hyper`) instead of compiling them in, so every sweep of them shares
+    one compilation; ``tx`` then only initialises the optimiser state.
     """
     # One cache entry per setting, however the arguments were passed.
     stats = tuple(tuple(float(v) for v in part) for part in stats)
-    return _compile_group(arch, stem, precision, optimizer, float(learning_rate),
-                          float(weight_decay), member_parallel, bool(augment), int(devices),
-                          int(members), float(momentum), float(label_smoothing), bool(tta),
+    return _compile_group(arch, stem, precision, optimizer, _setting_key(learning_rate),
+                          _setting_key(weight_decay), member_parallel, bool(augment),
+                          int(devices), int(members), _setting_key(momentum),
+                          _setting_key(label_smoothing), bool(tta),
                           tuple(int(d) for d in input_shape), int(classes), stats,
                           MODELS.get(arch))
+
+
+# The cache key of a setting whose values differ between members (they are traced, not
+# compiled in).
+_PER_MEMBER = "per-member"
+
+
+def _setting_key(value):
+    if isinstance(value, (tuple, list)):
+        if len(set(value)) > 1:
+            return _PER_MEMBER
+        value = value[0]
+    return float(value)
 
 
 def group_functions(cfg: Config, arch: str, members: int, devices: int = 1,
@@ -97,10 +116,12 @@ def group_functions(cfg: Config, arch: str, members: int, devices: int = 1,
     # model. (vmap over an axis of one batches the kernels too, and XLA:CPU runs the grouped
     # convolutions that makes at about half the speed of plain ones.)
     parallel = cfg.member_parallel if members > 1 else "unroll"
-    return compile_group(arch, cfg.stem, cfg.precision, cfg.optimizer, cfg.learning_rate,
-                         cfg.weight_decay, parallel, cfg.augment, devices, members,
-                         cfg.momentum, cfg.label_smoothing, cfg.tta, input_shape, classes,
-                         stats)
+    each = {name: member_values(cfg, name, members) for name in PER_MEMBER}
+    each = {name: v if len(set(v)) > 1 else v[0] for name, v in each.items()}
+    return compile_group(arch, cfg.stem, cfg.precision, cfg.optimizer, each["learning_rate"],
+                         each["weight_decay"], parallel, cfg.augment, devices, members,
+                         each["momentum"], each["label_smoothing"], cfg.tta, input_shape,
+                         classes, stats)
 
 
 @functools.lru_cache(maxsize=64)
@@ -109,9 +130,18 @@ def _compile_group(arch, stem, precision, optimizer, learning_rate, weight_decay
                    tta, input_shape, classes, stats, factory) -> Compiled:
     del factory  # (a key only: a model name registered again compiles again)
     model = make_model(arch, stem, classes, dtype=PRECISIONS[precision])
-    tx = make_optimizer(optimizer, learning_rate, weight_decay, momentum)
+    settings = dict(learning_rate=learning_rate, weight_decay=weight_decay, momentum=momentum)
+    traced = _PER_MEMBER in (*settings.values(), label_smoothing)
+    # A setting given per member enters the step traced (`ensemble.make_train_step`); the
+    # optimiser the state is initialised with takes a stand-in for it: only the state's
+    # structure counts (weight decay in the chain: some member has it).
+    settings = {k: 1.0 if v == _PER_MEMBER else v for k, v in settings.items()}
+    tx = make_optimizer(optimizer, **settings)
     layout = ensemble.resolve_layout(member_parallel, arch=arch, stem=stem, members=members)
-    step = ensemble.make_train_step(model, tx, layout, augment, label_smoothing, stats)
+    make_tx = functools.partial(make_optimizer, optimizer, **settings) if traced else None
+    step = ensemble.make_train_step(model, tx, layout, augment,
+                                    0.0 if label_smoothing == _PER_MEMBER else label_smoothing,
+                                    stats, make_tx)
     logits = ensemble.make_eval_logits(model, layout, tta, stats)
     reset = functools.partial(ensemble.reset_optimizer, tx)
     rebase = functools.partial(ensemble.rebase, tx)
@@ -137,7 +167,7 @@ def _compile_group(arch, stem, precision, optimizer, learning_rate, weight_decay
         model=model, tx=tx, layout=layout, mesh=mesh,
         init=jax.jit(init, static_argnums=1, out_shardings=NamedSharding(mesh, M),
                      compiler_options=setup),
-        step=_sharded_step(step, mesh, fast),
+        step=_sharded_step(step, mesh, fast, traced),
         logits=jax.jit(sharding.shard(logits, mesh, (M, R, R), M), compiler_options=fast),
         unlearn=jax.jit(reinit.make_reinit(model, tx, mesh, input_shape), donate_argnums=1),
         reset_optimizer=jax.jit(sharding.shard(reset, mesh, (M, M), M), donate_argnums=0),
@@ -147,24 +177,33 @@ def _compile_group(arch, stem, precision, optimizer, learning_rate, weight_decay
         grads=grads)
 
 
-def _sharded_step(step: Callable, mesh: Mesh, options) -> Callable:
+def _sharded_step(step: Callable, mesh: Mesh, options, per_member: bool) -> Callable:
     """The step sharded over the member mesh, jitted once per `jaxunlearn.steps.StepHook`
-    (and whether it takes auxiliary arrays, sharded like the members); every argument enters
-    as an array: no learning-rate scale means 1."""
+    (and whether it takes auxiliary arrays, sharded like the members); with ``per_member``
+    settings it takes their arrays (``hyper``, sharded like the members) too. Every argument
+    enters as an array: no learning-rate scale means 1."""
     M, R = sharding.MEMBERS, sharding.REPLICATED
 
     @functools.lru_cache(maxsize=None)
     def compiled(hook, with_aux: bool):
-        specs = (M, R, R, M, M, M, M) + ((M,) if with_aux else ())
-        fn = sharding.shard(functools.partial(step, hook=hook), mesh, specs, (M, M))
-        return jax.jit(fn, donate_argnums=0, compiler_options=options)
+        specs = (M, R, R, M, M, M, M) + ((M,) if with_aux else ()) + ((M,) if per_member else ())
 
-    def call(state, images, labels, idx, weight, active, lr_scale=None, aux=None, *,
-             hook=None):
+        def fn(state, images, labels, idx, weight, active, lr_scale, *rest):
+            aux = rest[0] if with_aux else None
+            hyper = rest[-1] if per_member else None
+            return step(state, images, labels, idx, weight, active, lr_scale, aux, hyper,
+                        hook=hook)
+
+        return jax.jit(sharding.shard(fn, mesh, specs, (M, M)), donate_argnums=0,
+                       compiler_options=options)
+
+    def call(state, images, labels, idx, weight, active, lr_scale=None, aux=None, hyper=None,
+             *, hook=None):
         if lr_scale is None:
             lr_scale = jnp.ones(active.shape, jnp.float32)
-        args = (state, images, labels, idx, weight, active, lr_scale)
-        return compiled(hook, aux is not None)(*args, *(() if aux is None else (aux,)))
+        args = ((state, images, labels, idx, weight, active, lr_scale)
+                + (() if aux is None else (aux,)) + (() if hyper is None else (hyper,)))
+        return compiled(hook, aux is not None)(*args)
 
     return call
 
@@ -271,6 +310,9 @@ class ModelGroup:
         if self.mesh is not None:
             sharding.check_divisible(members, self.mesh)
         self.key, self.members = key, members
+        # The per-member settings whose values differ between the members: each member's
+        # value (empty: every member trains alike).
+        self.settings = varying(cfg, members)
         # A pretrained initialisation (one member's params and batch statistics, host arrays)
         # every member starts from instead of its random draw; None: random (`set_base`).
         self.base = None
@@ -365,18 +407,28 @@ class ModelGroup:
                                                                    sharding.REPLICATED))
         self._changed(changed)
 
+    def member_hyper(self, sel: np.ndarray):
+        """The settings given per member (`settings`) of the members ``sel`` (int ``[k]``, a
+        stack's), float32 ``[k]`` arrays on the device sharded like them: `step`'s
+        ``hyper``. None when every member trains alike."""
+        if not self.settings:
+            return None
+        return {name: self.place(np.asarray(values, np.float32)[np.asarray(sel)],
+                                 sharding.MEMBERS) for name, values in self.settings.items()}
+
     def step(self, state, idx, weight, active, lr_scale=None, labels=None, hook=None,
-             aux=None):
+             aux=None, hyper=None):
         """One optimiser step of the ``active`` members (device mask ``[k]``) of the stack
         ``state`` on their batches ``idx``/``weight`` ``[k, b]``, their updates scaled by
         ``lr_scale`` ``[k]`` (None: 1); returns the new stack and the loss sums ``[k]``. The
         group's own state is the stack of all its members. ``labels``: resident labels (from
         `Resident.relabelled`) in place of the true ones; ``hook``: a strategy's
         `jaxunlearn.steps.StepHook`, given ``aux`` (each leaf ``[k, ...]``: the stack's
-        rows)."""
+        rows); ``hyper``: the stack's own per-member settings (`member_hyper`), which a group
+        with `settings` needs."""
         images = self.data.images
         labels = self.data.labels if labels is None else labels
-        return self._fns.step(state, images, labels, idx, weight, active, lr_scale, aux,
+        return self._fns.step(state, images, labels, idx, weight, active, lr_scale, aux, hyper,
                               hook=hook)
 
     def gradients(self, ids: list[np.ndarray], batch_size: int):

@@ -48,6 +48,8 @@ class MemberScore(TypedDict):
     valid: bool  # its lineage holds no id deleted at this point
     born: int  # the phase its current training began
     shadow: NotRequired[bool]  # trained for evaluation only; never predicts
+    # its own values of the settings given per member whose values differ (learning_rate, ...)
+    settings: NotRequired[dict[str, float]]
 
 
 class Work(TypedDict):

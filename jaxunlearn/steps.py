@@ -36,13 +36,18 @@ def make_optimizer(name: str, learning_rate: float, weight_decay: float = 0.0,
                    momentum: float = 0.9) -> optax.GradientTransformation:
     """Optimiser recipes: ``adam`` (the original study: Adam, constant lr), ``adamw``, ``sgd``
     (Nesterov momentum, decoupled from nothing: weight decay adds to the gradient). A learning
-    rate schedule multiplies the final update (`train_step`'s ``lr_scale``)."""
+    rate schedule multiplies the final update (`train_step`'s ``lr_scale``).
+
+    The settings may be traced scalars (one member's own values, inside the stacked step): the
+    optimiser state's structure does not depend on them, except that a traced ``weight_decay``
+    puts `sgd`'s weight decay in the chain (it is traced when some member has one)."""
     if name == "adam":
         return optax.adam(learning_rate)
     if name == "adamw":
         return optax.adamw(learning_rate, weight_decay=weight_decay)
     if name == "sgd":
-        chain = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
+        decays = isinstance(weight_decay, jax.Array) or weight_decay
+        chain = [optax.add_decayed_weights(weight_decay)] if decays else []
         return optax.chain(*chain, optax.sgd(learning_rate, momentum=momentum, nesterov=True))
     raise ValueError(f"unknown optimizer {name!r}; choose adam, adamw or sgd")
 
@@ -104,8 +109,9 @@ def apply_model(model: nn.Module, params: Params, batch_stats: Any, x: jax.Array
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
     """Per-example cross-entropy ``[b]`` (natural log), against labels smoothed by
-    ``smoothing`` (the true label keeps ``1 - smoothing`` plus its share of the rest)."""
-    if not smoothing:
+    ``smoothing`` (the true label keeps ``1 - smoothing`` plus its share of the rest; a traced
+    scalar, one member's own, takes the smoothed path whatever its value)."""
+    if isinstance(smoothing, (int, float)) and not smoothing:
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     classes = logits.shape[-1]
     target = optax.smooth_labels(jax.nn.one_hot(labels, classes), smoothing)
@@ -176,7 +182,8 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, use_augment: 
         the step ascend that example's loss (BatchNorm and the mean use its absolute value).
       active: bool scalar; an inactive member (or an all-padding batch) is returned unchanged.
       lr_scale: float scalar multiplying the update (a learning-rate schedule); None: 1.
-      label_smoothing: smoothing of the training labels (static).
+      label_smoothing: smoothing of the training labels (static, or the member's own traced
+        scalar).
       hook: a strategy's `StepHook` (static), given this member's ``aux``; None: plain
         cross-entropy and the optimiser's updates.
       stats: the input normalisation ``(mean, std)`` (`normalize`; static).

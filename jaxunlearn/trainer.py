@@ -159,6 +159,7 @@ class Trainer:
             raise ValueError("per-step callbacks need the whole group training")
         stacks = [group.state] if whole else [group.gather(sel) for sel in parts]
         actives = [group.place_members(members[sel]) for sel in parts]
+        hypers = [group.member_hyper(sel) for sel in parts]  # per-member settings, or None
         seed_key = (cfg.seed, TRACKS[stage.track], stage.t, round_)
         per_step = P(None, sharding.MEMBER_AXIS)
         labels = None
@@ -200,7 +201,8 @@ class Trainer:
                 for j, (idx_dev, weight_dev, scale_dev) in enumerate(batches):
                     lr = None if scale_dev is None else scale_dev[s]
                     stacks[j], loss = group.step(stacks[j], idx_dev[s], weight_dev[s], actives[j],
-                                                 lr, labels=labels, hook=hook, aux=auxes[j])
+                                                 lr, labels=labels, hook=hook, aux=auxes[j],
+                                                 hyper=hypers[j])
                     losses[j].append(loss)
                 group.lineage.record(idx[s], weight[s], members)
                 if whole:

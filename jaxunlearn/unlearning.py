@@ -26,10 +26,13 @@ from jaxunlearn.strategies.base import at_path
 
 
 def member_records(logits, labels, valid, group) -> list[records.MemberScore]:
-    """Each member's test scores, validity and birth phase (shadow members marked)."""
+    """Each member's test scores, validity and birth phase (shadow members marked), and its own
+    values of the settings given per member (`ModelGroup.settings`), when they differ."""
     return [dict(member=i, **metrics.score(logits[i], labels), valid=bool(valid[i]),
                  born=int(group.lineage.born[i]),
-                 **({} if group.predicting[i] else {"shadow": True}))
+                 **({} if group.predicting[i] else {"shadow": True}),
+                 **({"settings": {k: v[i] for k, v in group.settings.items()}}
+                    if group.settings else {}))
             for i in range(logits.shape[0])]
 
 

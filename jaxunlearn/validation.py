@@ -59,6 +59,22 @@ def check(cfg: Config, n_train: int, input_shape: tuple = (32, 32, 3),
         need(not (cfg.plan == "subset" and cfg.fraction >= 1),
              "shadow members need examples they did not train on, and plan subset with "
              "fraction 1 trains every member on every example; lower the fraction")
+    each = [n for n in config_lib.PER_MEMBER if isinstance(getattr(cfg, n), tuple)
+            and len(set(getattr(cfg, n))) > 1]  # given per member, with values that differ
+    if each:
+        listed = ", ".join(each)
+        need(cfg.baseline == "none",
+             f"{listed} differ(s) between members, but the baseline is one model trained with "
+             f"one value; set baseline=none for a per-member sweep, or give one value")
+        need(not cfg.pretrain or cfg.pretrain_lr or "learning_rate" not in each,
+             f"pretrain={cfg.pretrain} trains one model for every member to start from, with "
+             f"one learning rate (pretrain_lr=0 means learning_rate, which differs between "
+             f"members); set pretrain_lr, e.g. pretrain_lr="
+             f"{max(np.atleast_1d(cfg.learning_rate)):g}")
+        others = [n for n in each if n != "learning_rate"]
+        need(not cfg.pretrain or not others,
+             f"pretrain={cfg.pretrain} trains one model with the members' recipe, but "
+             f"{', '.join(others)} differ(s) between members; give one value, or set pretrain=0")
     need(cfg.slices == 1 or cfg.plan == "shards",
          f"slices={cfg.slices} needs plan=shards (the other plans have one stage per phase)")
     need(cfg.plan != "shards" or cfg.fraction == 1,
@@ -85,7 +101,7 @@ def check(cfg: Config, n_train: int, input_shape: tuple = (32, 32, 3),
             mesh = sharding.member_mesh(cfg.devices)
             sharding.check_divisible(stacked, mesh)
             per_device = stacked // mesh.size
-        make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
+        make_optimizer(cfg.optimizer, 1.0)  # the name (the values are checked by their rules)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     k = ensemble.hybrid_group_size(member_parallel)
