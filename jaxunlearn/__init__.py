@@ -26,6 +26,7 @@ _EXPORTS = {
     "Config": ("config", "Config"),
     "PRESETS": ("config", "PRESETS"),
     "apply_overrides": ("config", "apply_overrides"),
+    "setting": ("config", "setting"),
     # Runs
     "train": ("driver", "train_and_evaluate"),
     "resume": ("driver", "resume"),
@@ -37,10 +38,15 @@ _EXPORTS = {
     "report": ("comparison", "report"),
     # Data
     "Dataset": ("data", "Dataset"),
+    "from_arrays": ("data", "from_arrays"),
     "load_dataset": ("data", "load_dataset"),
+    "register_dataset": ("data", "register_dataset"),
+    # Models
+    "register_model": ("models", "register_model"),
     # Unlearning methods and their evaluation
     "Strategy": ("strategies", "Strategy"),
     "Evaluator": ("evaluators", "Evaluator"),
+    "StepHook": ("steps", "StepHook"),
     # The device-level pieces: one stacked state, trained and unlearned by pure functions
     "MemberState": ("steps", "MemberState"),
     "init_ensemble": ("ensemble", "init_ensemble"),

@@ -54,8 +54,8 @@ def _module_of(obj) -> str:
 def record(cfg: Config) -> list[dict]:
     """``{"kind", "name", "module"}`` of each plug-in ``cfg`` names that a module outside the
     package registered (registered names only: `jaxunlearn.validation` refuses the others).
-    Raises ConfigError for one another process could not import by its module's name (one
-    defined in a script run as ``__main__``)."""
+    One defined in a script or notebook (``__main__``) is recorded too: the process that
+    registered it reopens the run as it is, another must register it first (`load` says so)."""
     out = []
     for kind, name in _named(cfg):
         obj = registry(kind).get(name)
@@ -65,17 +65,8 @@ def record(cfg: Config) -> list[dict]:
         if module == "jaxunlearn" or module.startswith("jaxunlearn."):
             continue
         entry = {"kind": kind, "name": name, "module": module}
-        if entry in out:
-            continue
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if module == "__main__" or not found:
-            raise ConfigError(f"the {kind} {name!r} is defined in {module!r}, which another "
-                              f"process cannot import by name, so the run could not be reopened; "
-                              f"move it to a module on the Python path and import that")
-        out.append(entry)
+        if entry not in out:
+            out.append(entry)
     return out
 
 
@@ -116,6 +107,15 @@ def load(entries, where) -> None:
                           f"with kind one of {', '.join(REGISTRIES)}; put back the run's own file")
     for e in entries:
         kind, name, module = e["kind"], e["name"], e["module"]
+        if name in registry(kind):  # registered in this process already (as by its script)
+            continue
+        if module == "__main__" or importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                f"{where} uses the {kind} {name!r}, defined in {module!r}"
+                + (" (a script or notebook)" if module == "__main__" else "")
+                + f", which this process cannot import; register the {kind} here before opening "
+                f"the run, or move it to a module on the Python path (a run using it then "
+                f"records that module and every command imports it)")
         try:
             importlib.import_module(module)
         except Exception as error:

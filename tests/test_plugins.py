@@ -226,3 +226,23 @@ def test_the_step_hook_changes_the_loss_and_updates_with_each_members_aux():
     jax.tree.map(np.testing.assert_array_equal, row(scaled.params, 0), row(plain.params, 0))
     jax.tree.map(np.testing.assert_array_equal, row(scaled.params, 1), row(before.params, 1))
     assert scaled_loss[0] == plain_loss[0] and scaled_loss[1] == 0
+
+
+def test_a_plugin_of_a_script_is_recorded_and_reopened_only_where_it_is_registered():
+    from jaxunlearn import models
+
+    def factory(num_classes, **_):
+        return make_model("tiny", num_classes=num_classes)
+
+    factory.__module__ = "__main__"  # as a script or notebook defines it
+    models.MODELS["script-net"] = factory
+    try:
+        cfg = apply_overrides(get_preset("smoke"), {"model": "script-net"})
+        entries = plugins.record(cfg)
+        assert entries == [{"kind": "model", "name": "script-net", "module": "__main__"}]
+        plugins.load(entries, "config.json")  # registered here: nothing to import
+    finally:
+        del models.MODELS["script-net"]
+    with pytest.raises(ConfigError, match=r"defined in '__main__' \(a script or notebook\).*"
+                                          r"register the model here before opening the run"):
+        plugins.load(entries, "config.json")
