@@ -189,6 +189,22 @@ def test_retrain_cost(tmp_path, capsys):
     assert "k=3 s (/ all 3)" in capsys.readouterr().out
 
 
+def test_lr_sweep(tmp_path, capsys):
+    import lr_sweep
+
+    out = tmp_path / "s.json"
+    assert lr_sweep.main(["--model", "tiny", "--lrs", "0.1", "0.02", "--n-train", "40",
+                          "--n-test", "20", "--epochs", "1", "--batch", "20", "--layout",
+                          "unroll", "--out", str(out)]) == 0
+    record = _record(out)
+    assert [r["learning_rate"] for r in record["rows"]] == [0.1, 0.02]
+    for row in record["rows"]:  # the same member, data order and values on both sides
+        assert row["max_param_difference"] < 1e-4
+        assert abs(row["stacked_test_accuracy"] - row["separate_test_accuracy"]) <= 0.05
+    assert record["stacked"]["seconds"] > 0 and record["separate"]["seconds"] > 0
+    assert "one stacked run" in capsys.readouterr().out
+
+
 def test_auto_layouts_are_the_fastest_measured():
     """`auto` on a CPU picks, for every measured model, stem and member count, the layout the
     committed benchmark JSON found fastest."""
