@@ -4,12 +4,14 @@ tests/test_sharding.py, which starts it in a subprocess with fake CPU devices.
     python tests/multidevice_worker.py OUT_DIR DEVICES [COORDINATOR NUM_PROCESSES PROCESS_ID]
     python tests/multidevice_worker.py unlearn-check
     python tests/multidevice_worker.py substack-check
+    python tests/multidevice_worker.py per-member-check
 
 The first writes OUT_DIR/run (the run folder) and OUT_DIR/params.npz (every member's
 parameters) from process 0. The second checks, on 4 devices, that a sharded unlearn changes
 only the shards of invalid members and equals the unsharded one; the third, that retraining 2
 of 8 members sharded over 4 devices (a sub-stack of 4, padded with 2 inactive members) leaves
-the others bit-identical and equals the unsharded retraining. They exit non-zero otherwise.
+the others bit-identical and equals the unsharded retraining; the fourth, the same with each
+member's own learning rate, momentum and weight decay. They exit non-zero otherwise.
 """
 
 import pathlib
@@ -80,7 +82,7 @@ def unlearn_check() -> None:
     print("unlearn-check ok")
 
 
-def substack_check() -> None:
+def substack_check(per_member: bool = False) -> None:
     import jax
     import numpy as np
 
@@ -101,7 +103,11 @@ def substack_check() -> None:
         cfg = config.apply_overrides(config.get_preset("smoke"), {
             "members": 8, "model": "tiny", "stem": "cifar", "member_parallel": "vmap",
             "substacks": policy, "batch_size": 8, "epochs": 2, "devices": devices,
-            "eval_every_epoch": False, "optimizer": "sgd", "learning_rate": 0.05})
+            "eval_every_epoch": False, "optimizer": "sgd", "learning_rate": 0.05,
+            **({"learning_rate": [0.05, 0.02, 0.1, 0.05, 0.01, 0.2, 0.03, 0.05],
+                "momentum": [0.9, 0.8, 0.9, 0.5, 0.9, 0.9, 0.7, 0.9],
+                "weight_decay": [0.0, 1e-3, 0.0, 0.0, 5e-4, 0.0, 0.0, 1e-2]}
+               if per_member else {})})
         group = ModelGroup("ensemble", "ensemble", "tiny", 8, cfg, jax.random.PRNGKey(0),
                            arrays, devices=devices)
         if devices == 4:
@@ -114,7 +120,7 @@ def substack_check() -> None:
         trained[devices] = after.params
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a[chosen], b[chosen], rtol=1e-4,
                                                          atol=1e-5), trained[4], trained[1])
-    print("substack-check ok")
+    print(f"{'per-member' if per_member else 'substack'}-check ok")
 
 
 if __name__ == "__main__":
@@ -124,5 +130,8 @@ if __name__ == "__main__":
         sys.exit(0)
     if args == ["substack-check"]:
         substack_check()
+        sys.exit(0)
+    if args == ["per-member-check"]:  # the same, each member with its own settings
+        substack_check(per_member=True)
         sys.exit(0)
     main(args[0], int(args[1]), *(args[2:3]), *(int(a) for a in args[3:5]))

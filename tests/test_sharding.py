@@ -83,3 +83,7 @@ def test_sharded_unlearn_touches_only_invalid_members_shards():
 
 def test_sharded_sub_stack_retrains_only_its_members():
     assert "substack-check ok" in _wait(_run(["substack-check"], 4))
+
+
+def test_sharded_per_member_settings_train_each_member_as_unsharded():
+    assert "per-member-check ok" in _wait(_run(["per-member-check"], 4))
