@@ -71,8 +71,11 @@ class Dataset:
         both splits.
       mean, std: the input normalisation per last axis (channel or feature): a model sees
         ``(x - mean) / std``, with ``x`` the pixel / 255 for uint8 inputs and the value itself
-        for float inputs; None: the statistics of the training inputs (a feature that never
-        varies gets std 1). The CIFAR-10 sources carry `CIFAR10_MEAN` and `CIFAR10_STD`.
+        for float inputs; None: the statistics of the test inputs (a feature that never
+        varies gets std 1). Not the training inputs': every member sees the normalisation, so
+        statistics of examples that may be deleted would keep a trace of each of them (their
+        sum gives a deleted row back) in every member and every checkpoint; the test split is
+        never deleted. The CIFAR-10 sources carry `CIFAR10_MEAN` and `CIFAR10_STD`.
 
     Shapes, dtypes, labels and statistics are checked on construction (ValueError saying what
     to change); `from_arrays` converts common dtypes first.
@@ -126,11 +129,11 @@ class Dataset:
 
     def _statistic(self, name: str, value) -> tuple[float, ...]:
         width = self.train_images.shape[-1]
-        if value is None:
-            if not self.n_train:
-                raise ValueError(f"no training examples to compute the input {name} from; "
-                                 f"declare mean and std")
-            value = _input_statistics(self.train_images)[name == "std"]
+        if value is None:  # the test split's: no deletion ever touches it (see the docstring)
+            if not self.n_test:
+                raise ValueError(f"no test examples to compute the input {name} from; declare "
+                                 f"mean and std (from data that is never deleted)")
+            value = _input_statistics(self.test_images)[name == "std"]
         try:
             value = np.broadcast_to(np.asarray(value, np.float64), (width,))
         except ValueError:
@@ -208,7 +211,7 @@ def from_arrays(train_images, train_labels, test_images, test_labels, *,
     Args:
       classes: the number of classes; None: the largest label + 1 over both splits.
       mean, std: the normalisation per last axis (uint8 inputs in pixel / 255 units); None:
-        the training inputs' own statistics.
+        the test inputs' statistics (never the training inputs': see `Dataset`).
       source: a description, recorded in ``results.json``.
     Floats are stored as float32, labels as int32. Raises ValueError saying what to change.
     A run trained on it keeps only its fingerprint: `forget` and `resume` need the same data
@@ -642,8 +645,9 @@ DATASETS: dict[str, Callable[[], Dataset]] = {"sample": load_sample, "cifar10": 
 
 def register_dataset(name: str, loader: Callable[[], Dataset]) -> Callable[[], Dataset]:
     """Makes ``data=NAME`` load ``loader()``, a `Dataset` (e.g. `from_arrays` of your arrays),
-    in every command that loads data (run, resume, forget). Register it in every process that
-    opens the run, before it does. Returns ``loader`` (so it can decorate it).
+    in every command that loads data (run, resume, forget). A run using it records the loader's
+    module, and every command that reopens the run imports it again (`jaxunlearn.plugins`).
+    Returns ``loader`` (so it can decorate it).
 
     A name is a word that is not a path: no ``/``, not ``tfds...``, not ``*.npz``; a name taken
     by another loader is refused (ValueError)."""

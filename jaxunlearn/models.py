@@ -288,9 +288,11 @@ ModelFactory = Callable[..., nn.Module]
 
 def register_model(name: str, factory: ModelFactory) -> ModelFactory:
     """Makes ``factory`` the model called ``name``: usable wherever a built-in model is (the
-    ``model`` and ``baseline`` settings, the command line, resume, forget, audit). Register it
-    in every process that opens a run using it, before it does. Returns ``factory`` (so it
-    can decorate it). A name taken by another factory is refused (ValueError).
+    ``model`` and ``baseline`` settings, the command line, resume, forget, audit). A run using
+    it records the factory's module, and every command that reopens the run imports it again
+    (`jaxunlearn.plugins`; one defined in a script or notebook must be registered again in
+    another process). Returns ``factory`` (so it can decorate it). A name taken by another
+    factory is refused (ValueError).
 
     The contract:
 

@@ -94,14 +94,20 @@ def test_classes_and_normalisation_come_from_the_data():
     ds = data.from_arrays(train, ytrain, test, ytest)
     assert ds.classes == int(max(ytrain.max(), ytest.max())) + 1 == 12
     assert ds.input_shape == (28, 28, 1) and ds.train_images.dtype == np.uint8
-    pixels = train.reshape(-1, 1) / 255.0
+    # The test split's statistics: no deletion touches them (the training split's would keep a
+    # trace of every deleted example in every member).
+    pixels = test.reshape(-1, 1) / 255.0
     np.testing.assert_allclose(ds.mean, pixels.mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(ds.std, pixels.std(axis=0), rtol=1e-9)
+    other = data.from_arrays(train // 2, ytrain, test, ytest)  # other training pixels
+    assert (other.mean, other.std) == (ds.mean, ds.std)
     assert data.from_arrays(train, ytrain, test, ytest, classes=20).classes == 20
     feats = features()
-    x = feats.train_images.astype(np.float64)
+    x = feats.test_images.astype(np.float64)
     np.testing.assert_allclose(feats.mean, x.mean(axis=0), rtol=1e-6)  # per feature, no /255
     np.testing.assert_allclose(feats.std, x.std(axis=0), rtol=1e-5)
+    with pytest.raises(ValueError, match="no test examples.*declare mean and std"):
+        data.from_arrays(x[:4], [0, 1, 0, 1], x[:0], np.zeros(0, int))
     constant = data.from_arrays(np.ones((4, 2)), [0, 1, 0, 1], np.ones((2, 2)), [0, 1])
     assert constant.std == (1.0, 1.0)  # a feature that never varies is left unscaled
     declared = features(mean=0.5, std=[1, 2, 3, 4, 5])

@@ -32,6 +32,17 @@ def test_bring_your_own_data_model_and_strategy(tmp_path):
     assert accuracy > 80  # three well-separated blobs
 
 
+def test_a_learning_rate_sweep_as_one_stacked_run(tmp_path):
+    out = run_example("lr_sweep.py", "--lrs", "0.3,0.01", "--epochs", "2", "--out", "run",
+                      cwd=tmp_path)
+    members = json.loads((tmp_path / "run" / "results.json").read_text())["final"]["members"]
+    assert [m["settings"] for m in members] == [{"learning_rate": 0.3},
+                                                {"learning_rate": 0.01}]
+    for m in members:  # the printed table is results.json's
+        assert f"{m['settings']['learning_rate']:>14g}  {m['test_accuracy']:.1%}" in out
+    assert "one stacked run of 2 members" in out
+
+
 def test_load_and_predict(tmp_path):
     out = run_example("load_and_predict.py", "--out", "run", cwd=tmp_path)
     assert "ensemble accuracy" in out and "largest difference from predict" in out
