@@ -477,9 +477,17 @@ def _restore(run: Run, changes: dict, log: Callable[[str], None]) -> None:
         for bad in run.disk.ckpts.damaged:  # useless, and perhaps holding deleted ids
             run.disk.ckpts.delete(bad)
             log(f"removed damaged checkpoint {bad}")
-        if changes:  # the accepted configuration is the run's from now on
-            atomic_write(run.disk.folder.config, plugins.config_json(run.cfg))
-    run.state.load_state_dict(tree, run.context(run.state.units["ensemble"]))
+    try:
+        run.state.load_state_dict(tree, run.context(run.state.units["ensemble"]))
+    except ValueError as e:  # flax: the saved state's structure is not the configured one
+        if not changes:
+            raise
+        raise ConfigError(f"checkpoint {step} of {run.out} does not fit the changed "
+                          f"{', '.join(changes)} ({e}); the change alters the shape of the "
+                          f"saved state (sgd's weight decay from 0 adds an optimiser step, "
+                          f"say): resume without it. Nothing was changed") from None
+    if run.primary and changes:  # the accepted configuration is the run's from now on
+        atomic_write(run.disk.folder.config, plugins.config_json(run.cfg))
     run.t0 = time.perf_counter()
     run.load_logits()
     if unlearning:  # nothing deleted yet: the strategies start afresh

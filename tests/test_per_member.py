@@ -199,3 +199,19 @@ def test_uniform_values_record_no_settings(tmp_path, sample):
                               progress=False)
     results = results_of(tmp_path / "u")
     assert all("settings" not in m for m in results["final"]["members"])
+
+
+def test_a_resume_whose_settings_change_the_saved_states_shape_is_refused_unchanged(tmp_path,
+                                                                                  sample):
+    cfg = _smoke(optimizer="sgd", weight_decay=0.0, phases=2, deletion_rate=0.0,
+                 oracle_reference="none")
+    out = tmp_path / "run"
+    driver.train_and_evaluate(cfg, out, dataset=sample, log=lambda s: None, progress=False,
+                              stop_after_phase=1)
+    saved = (out / "config.json").read_text()
+    with pytest.raises(config.ConfigError, match="does not fit the changed weight_decay.*"
+                                                 "resume without it. Nothing was changed"):
+        driver.resume(out, ["weight_decay=0,5e-4,0"], allow_config_change=True, dataset=sample,
+                      log=lambda s: None, progress=False)
+    assert (out / "config.json").read_text() == saved  # the run still opens as it was
+    assert driver.resume(out, dataset=sample, log=lambda s: None, progress=False)["complete"]
