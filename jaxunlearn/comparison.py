@@ -18,11 +18,12 @@ folders that do not.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import pathlib
 
 from jaxunlearn import config as config_lib, plugins, records
-from jaxunlearn.config import COMPARABLE_CHANGES
+from jaxunlearn.config import COMPARABLE_CHANGES, Config
 from jaxunlearn.folder import RunFolder
 
 COLUMNS = ("method", "exact", "forget_acc", "retain_acc", "test_acc", "mia_auc", "lira_auc",
@@ -76,11 +77,15 @@ def check(runs: dict[str, records.Results]) -> None:
         # A setting a run's version did not have yet had its default.
         defaults = config_lib.defaults()
         setting = lambda results, k: results["config"].get(k, defaults.get(k))
+        # A plug-in's setting only one of the runs has belongs to a plug-in only it uses (its
+        # strategy, say), which the runs may differ in.
+        core = {f.name for f in dataclasses.fields(Config)}
         differ = sorted(k for k in set(first["config"]) | set(other["config"])
                         if k not in COMPARABLE_CHANGES and k != plugins.KEY
+                        and (k in core or (k in first["config"] and k in other["config"]))
                         and setting(other, k) != setting(first, k))
         if differ:
-            shown = ", ".join(f"{k}={other['config'].get(k)!r} vs {first['config'][k]!r}"
+            shown = ", ".join(f"{k}={other['config'].get(k)!r} vs {first['config'].get(k)!r}"
                               for k in differ[:5])
             raise ReportError(f"{name} differs from {names[0]} in settings that change the "
                               f"trained models or the deletions ({shown}); compare runs that "

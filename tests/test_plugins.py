@@ -246,3 +246,17 @@ def test_a_plugin_of_a_script_is_recorded_and_reopened_only_where_it_is_register
     with pytest.raises(ConfigError, match=r"defined in '__main__' \(a script or notebook\).*"
                                           r"register the model here before opening the run"):
         plugins.load(entries, "config.json")
+
+
+def test_report_compares_a_plugin_strategys_run_with_a_builtin_ones():
+    from jaxunlearn import comparison
+
+    base = get_preset("smoke").to_dict()
+    rewind = {"data_fingerprint": "f", "data_source": "s", "config": {**base}}
+    mine = {"data_fingerprint": "f", "data_source": "s",
+            "config": {**base, "strategy": "mine", "mine_weight": 2.0}}  # its own setting
+    comparison.check({"rewind": rewind, "mine": mine})  # in either order
+    comparison.check({"mine": mine, "rewind": rewind})
+    longer = {**rewind, "config": {**base, "epochs": 9}}
+    with pytest.raises(comparison.ReportError, match="epochs=9 vs 1"):
+        comparison.check({"rewind": rewind, "longer": longer})
