@@ -132,16 +132,24 @@ class TrainedRun:
     def predict(self, inputs, *, per_member: bool = False, group: str = "ensemble",
                 batch_size: int | None = None) -> np.ndarray:
         """Class probabilities on ``inputs`` (shaped and typed as the run's training data, e.g.
-        uint8 ``[n, 32, 32, 3]`` for CIFAR-10 images): ``[n, classes]`` combined by the run's ``aggregation`` over
-        the members that predict (``mean_logits``: the softmax of the mean logits;
-        ``mean_probs`` and ``vote``: the mean of the members' softmaxes), with the run's
-        test-time augmentation; with ``per_member``, each member's own ``[m, n, classes]``."""
+        uint8 ``[n, 32, 32, 3]`` for CIFAR-10 images): ``[n, classes]`` combined by the run's
+        ``aggregation`` over the members that predict, with the run's test-time augmentation:
+        ``mean_logits``, the softmax of the mean logits; ``mean_probs``, the mean of the
+        members' softmaxes; ``vote``, each class's share of the members' votes, ties broken
+        by the mean softmax as the run's scores break them (its argmax is the vote). With
+        ``per_member``, each stacked member's own softmax ``[m, n, classes]`` (shadow members
+        included: rows ``cfg.members`` on)."""
         g = self._get(group)
         logits = self._logits(g, self._check(inputs), batch_size or self.config.eval_batch_size)
         if per_member:
             return np.exp(metrics.log_softmax(logits)).astype(np.float32)
         method = self.config.aggregation if g.voters.size > 1 else "mean_logits"
-        return np.exp(metrics.ensemble_log_probs(logits, g.voters, method)).astype(np.float32)
+        probs = np.exp(metrics.ensemble_log_probs(logits, g.voters, method))
+        if method == "vote":  # as `jaxunlearn.metrics.aggregate` decides
+            votes = np.eye(self.classes)[logits[g.voters].argmax(axis=-1)].sum(axis=0)
+            shares = votes + probs * 1e-3
+            probs = shares / shares.sum(axis=-1, keepdims=True)
+        return probs.astype(np.float32)
 
     def _logits(self, g: _Group, x: np.ndarray, batch_size: int) -> np.ndarray:
         n = len(x)

@@ -1,6 +1,7 @@
 """The public surface: `jaxunlearn.__all__` is exactly what docs/api.md documents, every
 snippet there runs, and a trained run loads read-only and predicts what its results say."""
 
+import dataclasses
 import json
 import pathlib
 import re
@@ -83,6 +84,16 @@ def test_a_loaded_run_predicts_what_its_results_recorded(finished, sample, capsy
     base = run.predict(x, group="baseline")
     assert np.mean(base.argmax(1) == y) == pytest.approx(
         results["final"]["baseline"]["test_accuracy"])
+    # A vote, as the run's scores count it (`metrics.aggregate`): its argmax is the majority.
+    from jaxunlearn import metrics
+
+    run.config = dataclasses.replace(run.config, aggregation="vote")
+    votes = run.predict(x)
+    assert votes.shape == (100, 10) and np.allclose(votes.sum(axis=1), 1, atol=1e-5)
+    scored = metrics.aggregate(np.log(each), y, None, "vote")["test_accuracy"]
+    assert np.mean(votes.argmax(1) == y) == pytest.approx(scored)
+    majority = np.eye(10)[each.argmax(-1)].sum(0)
+    assert (majority[np.arange(100), votes.argmax(1)] == majority.max(1)).all()
     stacked = run.variables()
     assert jax_leaves_first_axis(stacked) == {3}
     with pytest.raises(IndexError, match="members 0..2"):
