@@ -24,7 +24,7 @@ EPILOG = """examples:
   jaxunlearn audit runs/demo-20261127-101500-seed0
   jaxunlearn log runs/demo-20261127-101500-seed0
   jaxunlearn predict runs/demo-20261127-101500-seed0 --inputs images.npy --out probs.npy
-  jaxunlearn run --plugin mystrategies --preset smoke strategy=gradascent ascent_scale=2
+  jaxunlearn run --plugin mystrategies --preset smoke strategy=gradascent ascent_weight=2
 """
 
 PLUGIN_HELP = ("import MODULE first (may repeat): its strategies, evaluators, models and "

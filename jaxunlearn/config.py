@@ -291,6 +291,10 @@ def declare(settings: Mapping[str, dataclasses.Field], owner: str, registry: str
         if rule is None:
             raise ConfigError(f"{owner} declares {key!r} without config.setting(default, help, "
                               f"...); declare it with config.setting")
+        if rule.per_member:
+            raise ConfigError(f"{owner} declares {key!r} per_member: only the core optimiser "
+                              f"settings ({', '.join(PER_MEMBER)}) take one value per member; "
+                              f"declare it with one value")
         if key in _CORE or key == _PLUGIN_FIELD:
             raise ConfigError(f"{owner} declares setting {key!r}, which the core configuration "
                               f"has; give the plug-in's setting another name")

@@ -29,6 +29,7 @@ import io
 import os
 import pickle
 import socket
+import sys
 import tarfile
 import threading
 import zlib
@@ -640,6 +641,7 @@ def load_cifar10() -> Dataset:
 
 # Named datasets (the `data` setting): name -> a loader taking no arguments that returns a
 # `Dataset`. `register_dataset` adds to it.
+ORIGINS: dict[str, str] = {}  # name -> the module that called `register_dataset` for it
 DATASETS: dict[str, Callable[[], Dataset]] = {"sample": load_sample, "cifar10": load_cifar10}
 
 
@@ -662,6 +664,9 @@ def register_dataset(name: str, loader: Callable[[], Dataset]) -> Callable[[], D
         raise ValueError(f"dataset name {name!r} is taken by {DATASETS[name]!r}; choose another "
                          f"name")
     DATASETS[name] = loader
+    # The module that registered it: what another process imports to have it again
+    # (`jaxunlearn.plugins`), also when the loader is a partial of someone else's function.
+    ORIGINS[name] = sys._getframe(1).f_globals.get("__name__", "")
     return loader
 
 

@@ -201,6 +201,9 @@ def _sharded_step(step: Callable, mesh: Mesh, options, per_member: bool) -> Call
              *, hook=None):
         if lr_scale is None:
             lr_scale = jnp.ones(active.shape, jnp.float32)
+        if per_member != (hyper is not None):
+            raise ValueError("a group with per-member settings steps with their arrays "
+                             "(hyper=ModelGroup.member_hyper(...)), and only such a group")
         args = ((state, images, labels, idx, weight, active, lr_scale)
                 + (() if aux is None else (aux,)) + (() if hyper is None else (hyper,)))
         return compiled(hook, aux is not None)(*args)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import sys
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -326,6 +327,9 @@ def register_model(name: str, factory: ModelFactory) -> ModelFactory:
     if MODELS.get(name, factory) is not factory:
         raise ValueError(f"model name {name!r} is taken by {MODELS[name]!r}; choose another name")
     MODELS[name] = factory
+    # The module that registered it: what another process imports to have it again
+    # (`jaxunlearn.plugins`), also when the factory is a partial of someone else's function.
+    ORIGINS[name] = sys._getframe(1).f_globals.get("__name__", "")
     return factory
 
 
@@ -337,6 +341,7 @@ def _builtin(name: str, num_classes: int = 10, stem: str = "imagenet",
 
 
 # Every model by name (`register_model`): the built-in ones (`ARCHITECTURES`), then yours.
+ORIGINS: dict[str, str] = {}  # name -> the module that called `register_model` for it
 MODELS: dict[str, ModelFactory] = {name: functools.partial(_builtin, name)
                                    for name in ARCHITECTURES}
 

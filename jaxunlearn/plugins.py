@@ -44,6 +44,20 @@ def _named(cfg: Config) -> list[tuple[str, str]]:
     return names
 
 
+def _findable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package that is missing, say
+        return False
+
+
+def _origin(kind: str, name: str) -> str | None:
+    """The module that registered a model or dataset (`register_model`, `register_dataset`
+    note it), None for the kinds whose plug-ins are classes."""
+    module, _ = REGISTRIES[kind]
+    return getattr(importlib.import_module(module), "ORIGINS", {}).get(name)
+
+
 def _module_of(obj) -> str:
     """The module defining ``obj`` (a class, a function, or a `functools.partial` of one)."""
     while isinstance(obj, functools.partial):
@@ -61,7 +75,7 @@ def record(cfg: Config) -> list[dict]:
         obj = registry(kind).get(name)
         if obj is None:
             continue
-        module = _module_of(obj)
+        module = _origin(kind, name) or _module_of(obj)
         if module == "jaxunlearn" or module.startswith("jaxunlearn."):
             continue
         entry = {"kind": kind, "name": name, "module": module}
@@ -109,13 +123,13 @@ def load(entries, where) -> None:
         kind, name, module = e["kind"], e["name"], e["module"]
         if name in registry(kind):  # registered in this process already (as by its script)
             continue
-        if module == "__main__" or importlib.util.find_spec(module) is None:
+        if module == "__main__" or not _findable(module):
             raise ConfigError(
-                f"{where} uses the {kind} {name!r}, defined in {module!r}"
+                f"{where} uses the {kind} {name!r}, defined in module {module!r}"
                 + (" (a script or notebook)" if module == "__main__" else "")
-                + f", which this process cannot import; register the {kind} here before opening "
-                f"the run, or move it to a module on the Python path (a run using it then "
-                f"records that module and every command imports it)")
+                + f", which this process cannot import; make the module importable (install "
+                f"it, or put its folder on PYTHONPATH), or register the {kind} here before "
+                f"opening the run")
         try:
             importlib.import_module(module)
         except Exception as error:

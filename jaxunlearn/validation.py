@@ -71,6 +71,12 @@ def check(cfg: Config, n_train: int, input_shape: tuple = (32, 32, 3),
              f"one learning rate (pretrain_lr=0 means learning_rate, which differs between "
              f"members); set pretrain_lr, e.g. pretrain_lr="
              f"{max(np.atleast_1d(cfg.learning_rate)):g}")
+        ignored = {"momentum": cfg.optimizer != "sgd", "weight_decay": cfg.optimizer == "adam"}
+        idle = [n for n in each if ignored.get(n)]
+        need(not idle, f"{', '.join(idle)} differ(s) between members, but optimizer="
+                       f"{cfg.optimizer} does not use {' or '.join(idle)}: every member would "
+                       f"train alike; use optimizer=sgd (momentum, weight decay) or adamw "
+                       f"(weight decay), or give one value")
         others = [n for n in each if n != "learning_rate"]
         need(not cfg.pretrain or not others,
              f"pretrain={cfg.pretrain} trains one model with the members' recipe, but "

@@ -75,8 +75,10 @@ def test_per_member_problems_name_the_count_and_each_value(changes, message):
 @pytest.mark.parametrize("changes, message", [
     ({"baseline": "tiny"}, "set baseline=none"),
     ({"pretrain": 60}, "set pretrain_lr, e.g. pretrain_lr=0.1"),
-    ({"pretrain": 60, "pretrain_lr": 0.05, "momentum": "0.9,0.8,0.7"},
+    ({"pretrain": 60, "pretrain_lr": 0.05, "momentum": "0.9,0.8,0.7", "optimizer": "sgd"},
      "momentum differ.* give one value, or set pretrain=0"),
+    ({"momentum": "0.9,0.8,0.7"}, "optimizer=adam does not use momentum"),  # a sweep of nothing
+    ({"weight_decay": "0,1e-4,1e-3"}, "optimizer=adam does not use weight_decay"),
 ])
 def test_what_trains_one_model_asks_for_one_value(changes, message):
     cfg = apply_overrides(get_preset("smoke"), {"learning_rate": "0.1,0.05,0.02",

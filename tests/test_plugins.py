@@ -243,8 +243,8 @@ def test_a_plugin_of_a_script_is_recorded_and_reopened_only_where_it_is_register
         plugins.load(entries, "config.json")  # registered here: nothing to import
     finally:
         del models.MODELS["script-net"]
-    with pytest.raises(ConfigError, match=r"defined in '__main__' \(a script or notebook\).*"
-                                          r"register the model here before opening the run"):
+    with pytest.raises(ConfigError, match=r"defined in module '__main__' \(a script or "
+                                          r"notebook\).*register the model here before opening"):
         plugins.load(entries, "config.json")
 
 
@@ -260,3 +260,19 @@ def test_report_compares_a_plugin_strategys_run_with_a_builtin_ones():
     longer = {**rewind, "config": {**base, "epochs": 9}}
     with pytest.raises(comparison.ReportError, match="epochs=9 vs 1"):
         comparison.check({"rewind": rewind, "longer": longer})
+
+
+def test_a_partial_of_a_package_function_is_recorded_as_its_registrants():
+    import functools
+
+    from jaxunlearn import models
+
+    models.register_model("tiny-partial", functools.partial(models.make_model, "tiny"))
+    try:
+        cfg = apply_overrides(get_preset("smoke"), {"model": "tiny-partial"})
+        assert plugins.record(cfg) == [{"kind": "model", "name": "tiny-partial",
+                                        "module": __name__}]
+    finally:
+        del models.MODELS["tiny-partial"], models.ORIGINS["tiny-partial"]
+    with pytest.raises(ConfigError, match="'no_such_package.sub', which this process cannot"):
+        plugins.load([{"kind": "model", "name": "x", "module": "no_such_package.sub"}], "f")
