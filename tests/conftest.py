@@ -53,11 +53,13 @@ def pytest_unconfigure(config):
 # file's tests and fixtures took). Workers take whole files in collection order, so handing out
 # the long ones first keeps both busy to the end, instead of one finishing a long file alone;
 # the files not listed (a few seconds each) follow in their own order.
-SLOWEST_FIRST = ("test_durability.py", "test_faults.py", "test_strategies.py",
-                 "test_benchmarks.py", "test_unlearning_methods.py", "test_sharding.py",
-                 "test_experiment.py", "test_privacy_trained.py", "test_ensemble.py",
-                 "test_default_opt.py", "test_data.py", "test_cli.py", "test_substacks.py",
-                 "test_pretraining.py", "test_models.py", "test_sweep.py", "test_serving.py")
+SLOWEST_FIRST = ("test_durability.py", "test_faults.py", "test_per_member.py",
+                 "test_strategies.py", "test_plugins.py", "test_benchmarks.py",
+                 "test_unlearning_methods.py", "test_sharding.py", "test_api.py",
+                 "test_experiment.py", "test_examples.py", "test_privacy_trained.py",
+                 "test_ensemble.py", "test_default_opt.py", "test_custom_data.py", "test_data.py",
+                 "test_cli.py", "test_substacks.py", "test_pretraining.py", "test_models.py",
+                 "test_sweep.py", "test_serving.py")
 
 
 def pytest_collection_modifyitems(config, items):
