@@ -276,3 +276,18 @@ def test_a_partial_of_a_package_function_is_recorded_as_its_registrants():
         del models.MODELS["tiny-partial"], models.ORIGINS["tiny-partial"]
     with pytest.raises(ConfigError, match="'no_such_package.sub', which this process cannot"):
         plugins.load([{"kind": "model", "name": "x", "module": "no_such_package.sub"}], "f")
+
+
+def test_a_plugin_may_not_take_a_builtins_name():
+    from jaxunlearn.evaluators import REGISTRY as EVALUATORS, Evaluator
+    from jaxunlearn.strategies import Strategy
+    from jaxunlearn.strategies.base import REGISTRY as STRATEGIES
+
+    builtin = STRATEGIES["rewind"]
+    with pytest.raises(TypeError, match="strategy name 'rewind' is taken by "
+                                        "jaxunlearn.strategies.rewind.Rewind"):
+        type("Mine", (Strategy,), {"name": "rewind", "__module__": "mine"})
+    assert STRATEGIES["rewind"] is builtin
+    with pytest.raises(TypeError, match="evaluator name 'mia' is taken"):
+        type("Mine", (Evaluator,), {"name": "mia", "__module__": "mine"})
+    assert EVALUATORS["mia"].__module__ == "jaxunlearn.evaluators.membership"

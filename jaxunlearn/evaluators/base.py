@@ -209,6 +209,7 @@ class Evaluator:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "name" in cls.__dict__:
+            _check_free(REGISTRY, cls, "evaluator")
             REGISTRY[cls.name] = cls
         declare_class(cls, "evaluators", cls.__dict__.get("name", ""))
 
@@ -241,3 +242,14 @@ def retain_ids(cfg: Config, chunks: list[np.ndarray], phase: int,
     everyone = np.concatenate(chunks[:phase])
     order = everyone[plans.stream(cfg.seed, "eval", phase).permutation(len(everyone))]
     return np.sort(order[~deleted[order]][:cfg.retain_eval])
+
+
+def _check_free(registry: dict, cls: type, kind: str) -> None:
+    """A name is one plug-in's: another module's class may not take it (a run would record
+    the wrong module, and every built-in's user would get it). The same module may define it
+    again (a reloaded module, a notebook cell run twice)."""
+    old = registry.get(cls.name)
+    if old is not None and old.__module__ != cls.__module__:
+        raise TypeError(f"the {kind} name {cls.name!r} is taken by "
+                        f"{old.__module__}.{old.__qualname__}; give {cls.__qualname__} another "
+                        f"name")

@@ -74,6 +74,7 @@ class Strategy:
         super().__init_subclass__(**kwargs)
         named = "name" in cls.__dict__ and cls.__dict__.get("selectable", True)
         if named:
+            _check_free(REGISTRY, cls, "strategy")
             REGISTRY[cls.name] = cls
         config_lib.declare_class(cls, "strategies", cls.__dict__["name"] if named else "")
 
@@ -132,3 +133,14 @@ def replay(ctx: Context, members: np.ndarray, points: np.ndarray, upto: int, kin
         if on_stage is not None:
             on_stage(stage, active)
     return cost
+
+
+def _check_free(registry: dict, cls: type, kind: str) -> None:
+    """A name is one plug-in's: another module's class may not take it (a run would record
+    the wrong module, and every built-in's user would get it). The same module may define it
+    again (a reloaded module, a notebook cell run twice)."""
+    old = registry.get(cls.name)
+    if old is not None and old.__module__ != cls.__module__:
+        raise TypeError(f"the {kind} name {cls.name!r} is taken by "
+                        f"{old.__module__}.{old.__qualname__}; give {cls.__qualname__} another "
+                        f"name")
