@@ -179,8 +179,6 @@ def resolve_config(args) -> config_lib.Config:
         changes["deletions"] = str(pathlib.Path(args.deletions).resolve())
     cfg = config_lib.apply_overrides(cfg, list(args.overrides) + list(args.sets))
     cfg = config_lib.apply_overrides(cfg, changes)
-    if cfg.data.endswith(".npz"):  # found again from any folder (resume, forget)
-        cfg = config_lib.apply_overrides(cfg, {"data": str(pathlib.Path(cfg.data).expanduser().resolve())})
     return cfg
 
 

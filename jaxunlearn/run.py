@@ -326,6 +326,7 @@ def open_run(cfg: Config, workdir, dataset: data_lib.Dataset | None = None,
     ``allow_config_change`` or cannot change at all), DataError (the data is missing or not the
     run's), ScheduleError, `RunLocked` (another process has the run), or CheckpointError (no
     usable checkpoint)."""
+    cfg = _located(cfg)
     out = pathlib.Path(workdir)
     folder = RunFolder(out)
     existing = folder.config.is_file()
@@ -398,6 +399,15 @@ def run_dataset(cfg: Config, run_dir, dataset: data_lib.Dataset | None = None,
 
 _PASS_DATA = ("pass the run's dataset (dataset=... in Python, as when it was trained from data "
               "in memory), or its data setting (data=PATH --allow-config-change)")
+
+
+def _located(cfg: Config) -> Config:
+    """``cfg`` with a relative ``.npz`` data path made absolute: the run records it, and finds
+    its data again from any folder (resume, forget)."""
+    path = pathlib.Path(cfg.data).expanduser()
+    if cfg.data.endswith(".npz") and not path.is_absolute():
+        return dataclasses.replace(cfg, data=str(path.resolve()))
+    return cfg
 
 
 def _check_data(out: pathlib.Path, saved: records.Results, found: records.Header) -> None:

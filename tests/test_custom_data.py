@@ -300,13 +300,15 @@ def test_forget_needs_the_runs_data_and_records_nothing_without_it(feature_run, 
     assert again["deleted_ids"] == [1, 2, 3]
 
 
-def test_an_image_run_from_an_npz_file_on_the_command_line(tmp_path, capsys):
+def test_an_image_run_from_an_npz_file_on_the_command_line(tmp_path, capsys, monkeypatch):
     """A small CNN with Flax's BatchNorm on 28x28x1 images in 12 classes, as members and as
-    the baseline: run, forget and audit through the command line."""
+    the baseline: run (the file named relative to the working folder), forget and audit
+    through the command line from another folder."""
     path = tmp_path / "digits.npz"
     np.savez(path, **dict(zip(data.NPZ_ARRAYS, images())))
+    monkeypatch.chdir(tmp_path)
     code = cli.main(["run", "--quiet", "--preset", "smoke", "--out", str(tmp_path / "runs"),
-                     "--data", str(path), "model=test-cnn", "baseline=test-cnn", "members=2",
+                     "--data", "digits.npz", "model=test-cnn", "baseline=test-cnn", "members=2",
                      "phases=2", "train_limit=0", "test_limit=0", "deletion_rate=0",
                      "batch_size=16", "eval_batch_size=32"])
     assert code == 0
@@ -316,6 +318,7 @@ def test_an_image_run_from_an_npz_file_on_the_command_line(tmp_path, capsys):
     assert json.loads((pathlib.Path(run_dir) / "config.json").read_text())["data"] == \
         str(path.resolve())  # found again from any folder
     assert set(group_state(run_dir, "baseline")["batch_stats"]) == {"BatchNorm_0"}
+    monkeypatch.chdir(tmp_path / "runs")  # elsewhere: the recorded path still finds the file
     assert cli.main(["forget", run_dir, "--ids", "4,5"]) == 0
     assert results_of(run_dir)["deleted_ids"] == [4, 5]
     assert cli.main(["audit", run_dir]) == 0
