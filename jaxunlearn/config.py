@@ -249,9 +249,12 @@ _CORE = tuple(f.name for f in dataclasses.fields(Config) if f.name != _PLUGIN_FI
 _dataclass_init = Config.__init__
 
 
-def _init(self, plugin_settings: dict | None = None, **settings):
+def _init(self, *positional, plugin_settings: dict | None = None, **settings):
     """`Config`'s constructor: its fields by name, and any other ``name=value`` as a plug-in's
     setting (checked by `problems` once the plug-ins are imported)."""
+    if positional:
+        raise TypeError(f"Config takes settings by name (Config(members=3, ...)), got "
+                        f"{len(positional)} positional argument(s)")
     extra = dict(plugin_settings or {})
     extra.update({k: settings.pop(k) for k in list(settings) if k not in _CORE})
     _dataclass_init(self, **settings, plugin_settings=extra)

@@ -291,3 +291,8 @@ def test_a_plugin_may_not_take_a_builtins_name():
     with pytest.raises(TypeError, match="evaluator name 'mia' is taken"):
         type("Mine", (Evaluator,), {"name": "mia", "__module__": "mine"})
     assert EVALUATORS["mia"].__module__ == "jaxunlearn.evaluators.membership"
+
+
+def test_a_config_takes_settings_by_name_only():
+    with pytest.raises(TypeError, match="Config takes settings by name"):
+        config.Config("smoke")
